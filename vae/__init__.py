@@ -1,0 +1,1 @@
+"""The original Variational Autoencoder (Kingma & Welling, 2014) for Flowers102 images."""

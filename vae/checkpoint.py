@@ -1,0 +1,96 @@
+"""Checkpoints: plain dicts of tensors and JSON types that load with torch.load(..., weights_only=True).
+
+Written atomically (temporary file in the same folder, then rename), so a kill mid-write leaves the
+previous checkpoint intact.
+"""
+
+import os
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vae.errors import UserError
+
+FORMAT_VERSION = 1
+MODEL_TYPE = "vae"
+
+
+def unwrap(model):
+    """The plain model under DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions():
+    import torchvision
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__}
+
+
+def rng_state():
+    numpy_state = np.random.get_state()
+    state = {
+        "python": pickle.dumps(random.getstate()).hex(),  # a str keeps the checkpoint weights_only-loadable
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "position": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(pickle.loads(bytes.fromhex(state["python"])))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, **contents):
+    """Write {format_version, model_type, versions, git_sha, **contents} to path atomically."""
+    path = Path(path)
+    checkpoint = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "versions": library_versions(),
+                  "git_sha": git_sha(), **contents}
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint safely (weights_only: no code in the file runs) and check it is this project's."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the checkpoint.pt of a training run")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(f"refusing to load {path}: it holds more than tensors and plain types "
+                        f"({str(error).splitlines()[0]}); only checkpoints written by vae_training.py load") from None
+    except Exception as error:
+        raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: {error}); "
+                        f"it is damaged or not a PyTorch file") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("model_type") != MODEL_TYPE or "config" not in checkpoint:
+        raise UserError(f"{path} is not a checkpoint of this project's VAE (no model_type 'vae' and config); "
+                        f"pass a checkpoint.pt written by vae_training.py")
+    if checkpoint.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {checkpoint['format_version']}, newer than this code "
+                        f"({FORMAT_VERSION}); update the repository")
+    return checkpoint

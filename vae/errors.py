@@ -1,0 +1,5 @@
+"""Errors a user can fix: the command-line scripts print their message on one line, without a traceback."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (data, arguments, files); the message names it and the fix."""

@@ -1,0 +1,356 @@
+"""Train the original VAE on Flowers102.
+
+    python vae_training.py                        # the seed's run: train split, 32x32, latent 10, beta 0.1
+    python vae_training.py --resolution 64 --run-name flowers64
+    python vae_training.py --resume auto --run-name flowers64
+    tensorboard --logdir runs
+"""
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from datasets.preprocessing import ImageBatches, cached_images, holdout_split, to_float
+from vae.checkpoint import (git_sha, library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                            unwrap)
+from vae.config import TrainConfig, build_parser, config_from_args
+from vae.errors import UserError
+from vae.losses import ELBOLoss, kl_per_dimension, reconstruction_loss, reconstruction_nll, sum_squared_error
+from vae.metrics import active_units, posterior_variance, psnr_db
+from vae.schedules import schedule_for
+from vae.training import StopRequest, Timer, pick_device, validate_config
+from vae.vae import build_model
+
+# Flags that may change when a run is resumed; any other difference would silently make it another run.
+RESUMABLE_FLAGS = {"epochs", "max_steps", "log_dir", "num_workers", "device", "checkpoint_every", "run_name",
+                   "cache_dir"}
+
+
+class TrainingDiverged(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    """(config, args, names of the config flags given explicitly on the command line)."""
+    parser = build_parser(TrainConfig, description="Train the original VAE (Kingma & Welling) on Flowers102.")
+    parser.add_argument("--resume", default="", help="continue a run from its checkpoint: a path, or 'auto' "
+                        "for LOG_DIR/RUN_NAME/checkpoint.pt (starts afresh when there is none yet)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    args = parser.parse_args(argv)
+    unset = object()
+    parser.set_defaults(**{f.name: unset for f in dataclasses.fields(TrainConfig)})
+    explicit = {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+    return config_from_args(args), args, explicit
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_data(config):
+    """uint8 image tensors (train, eval); eval is None with --eval-split none."""
+    images = cached_images(config.data_dir, config.split, config.resolution, config.cache_dir,
+                           config.num_workers, config.skip_bad_images)
+    if config.holdout > 0:
+        train_index, eval_index = holdout_split(len(images), config.holdout, config.seed)
+        train_images, eval_images = images[train_index], images[eval_index]
+    else:
+        train_images = images
+        eval_images = None if config.eval_split == "none" else cached_images(
+            config.data_dir, config.eval_split, config.resolution, config.cache_dir, config.num_workers,
+            config.skip_bad_images)
+    if config.batch_size > len(train_images):
+        raise UserError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} training images; "
+                        f"use --batch-size {len(train_images)} or less")
+    if eval_images is not None and config.eval_size:
+        eval_images = eval_images[:config.eval_size]
+    return train_images, eval_images
+
+
+def train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, schedule=None, writer=None, stop=None,
+                    on_timer=None, max_steps=0):
+    """One pass over the training batches, starting at state['batch'] (non-zero when resumed mid-epoch).
+
+    Updates state['step'] and state['batch'] after every step; returns the last step's losses and the mean
+    gradient norm. Stops early (state['batch'] then tells where) when `stop` is requested or max_steps is reached.
+    """
+    model.train()
+    progress = tqdm(batches.epoch(epoch, start_batch=state["batch"]), total=len(batches), initial=state["batch"],
+                    desc=f"epoch {epoch + 1}", leave=False, mininterval=1.0, dynamic_ncols=True)
+    losses, grad_norms = {}, []
+    for x in progress:
+        if schedule is not None:
+            loss_fn.beta = schedule(state["step"])
+        _, kl, reconstruction, total = loss_fn(x, *model(x), log_sigma=unwrap(model).log_sigma())
+        if not torch.isfinite(total):
+            raise TrainingDiverged(f"the loss became {total.item()} at step {state['step'] + 1} (epoch {epoch + 1})")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
+        optimizer.step()
+        state["step"] += 1
+        state["batch"] += 1
+        losses = {"KL Loss": kl.item(), "Reconstruction Loss": reconstruction.item(), "Total Loss": total.item()}
+        if writer is not None:
+            writer.add_scalars("loss", losses, state["step"])
+        progress.set_postfix(rec=f"{losses['Reconstruction Loss']:.1f}", kl=f"{losses['KL Loss']:.2f}",
+                             total=f"{losses['Total Loss']:.1f}", refresh=False)
+        if (stop is not None and stop.requested) or (max_steps and state["step"] >= max_steps):
+            break
+        if on_timer is not None:
+            on_timer()
+    progress.close()
+    losses["grad_norm"] = torch.stack(grad_norms).mean().item() if grad_norms else math.nan
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model, batches, beta):
+    """Held-out measurements under model.eval() and no_grad, averaged per image (nats unless named otherwise).
+
+    kl and reconstruction are the training terms and total = beta * kl + reconstruction (no free bits);
+    neg_elbo_nats is the beta = 1 negative ELBO under the model's likelihood (one z per image); psnr_db
+    compares reconstructions decoded from the posterior mean; active_units, kl_per_dim and posterior_std
+    diagnose posterior collapse.
+    """
+    was_training = model.training
+    model.eval()
+    model = unwrap(model)
+    log_sigma = model.log_sigma()
+    totals = {"kl": 0.0, "reconstruction": 0.0, "neg_elbo_nats": 0.0, "squared_error": 0.0, "posterior_std": 0.0}
+    means, kl_dims, count = [], 0.0, 0
+    for x in batches.epoch(0):
+        mean, log_var = model.encode(x)
+        reconstruction = model.decode(model.sample_latent(mean, log_var))
+        kl = kl_per_dimension(mean, log_var)
+        totals["kl"] += kl.sum().item()
+        totals["reconstruction"] += reconstruction_loss(x, reconstruction, model.likelihood, log_sigma).sum().item()
+        totals["neg_elbo_nats"] += (reconstruction_nll(x, reconstruction, model.likelihood, log_sigma)
+                                    + kl.sum(dim=1)).sum().item()
+        totals["squared_error"] += sum_squared_error(x, model.decode(mean)).sum().item()
+        totals["posterior_std"] += log_var.mul(0.5).exp().mean(dim=1).sum().item()
+        kl_dims = kl_dims + kl.sum(dim=0)
+        means.append(mean.cpu())
+        count += len(x)
+    model.train(was_training)
+    metrics = {name: value / count for name, value in totals.items()}
+    metrics["total"] = beta * metrics["kl"] + metrics["reconstruction"]
+    metrics["psnr_db"] = psnr_db(metrics.pop("squared_error") / x[0].numel())
+    means = torch.cat(means)
+    metrics["active_units"] = active_units(means)
+    metrics["kl_per_dim"] = (kl_dims / count).cpu().tolist()
+    metrics["posterior_mean_variance"] = posterior_variance(means).tolist()
+    return metrics
+
+
+@torch.no_grad()
+def log_grids(writer, model, fixed_images, fixed_noise, epoch):
+    """originals, reconstructions (decoded from the posterior mean) and prior samples, same inputs every epoch."""
+    was_training = model.training
+    model.eval()
+    nrow = max(1, int(math.sqrt(len(fixed_images))))
+    reconstructions = model.decode(model.encode(fixed_images)[0])
+    writer.add_image("originals", make_grid(fixed_images, nrow=nrow), epoch)
+    writer.add_image("reconstructions", make_grid(reconstructions, nrow=nrow), epoch)
+    writer.add_image("samples", make_grid(model.decode(fixed_noise), nrow=nrow), epoch)
+    model.train(was_training)
+
+
+def log_diagnostics(writer, epoch, sigma=None, **scalars):
+    for name, value in scalars.items():
+        writer.add_scalar(f"train/{name}", value, epoch)
+    if sigma is not None:
+        writer.add_scalar("train/decoder_sigma", sigma.exp().item(), epoch)
+
+
+def log_evaluation(writer, epoch, metrics):
+    for name, value in metrics.items():
+        if isinstance(value, list):
+            writer.add_histogram(f"eval/{name}", torch.tensor(value), epoch)
+        else:
+            writer.add_scalar(f"eval/{name}", value, epoch)
+
+
+def resolve_resume(resume, config, explicit):
+    """(checkpoint or None, config). A resumed run takes its settings from the checkpoint; flags given
+    explicitly must agree with it, except RESUMABLE_FLAGS."""
+    if not resume:
+        return None, config
+    if resume == "auto":
+        if not config.run_name:
+            raise UserError("--resume auto needs --run-name to find LOG_DIR/RUN_NAME/checkpoint.pt")
+        path = Path(config.log_dir) / config.run_name / "checkpoint.pt"
+        if not path.exists():
+            print(f"no checkpoint at {path} yet: starting the run")
+            return None, config
+    else:
+        path = Path(resume)
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["config"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise UserError(f"{path} has settings this code does not know ({', '.join(unknown)}); it comes from "
+                        f"another version or model: start a new run")
+    resumed = TrainConfig(**{**dataclasses.asdict(config), **saved})
+    for name in sorted(explicit):
+        value = getattr(config, name)
+        if name in RESUMABLE_FLAGS:
+            setattr(resumed, name, value)
+        elif value != saved.get(name, value):
+            flag = "--" + name.replace("_", "-")
+            allowed = ", ".join("--" + f.replace("_", "-") for f in sorted(RESUMABLE_FLAGS))
+            raise UserError(f"{path} was trained with {flag} {saved[name]}, not {value}; drop {flag} to resume "
+                            f"(only {allowed} may change) or start a new run")
+    if "run_name" not in explicit and "log_dir" not in explicit:
+        resumed.run_name, resumed.log_dir = path.parent.name, str(path.parent.parent)
+    return checkpoint, resumed
+
+
+def check_writable(run_dir):
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write the run folder {run_dir} ({error.strerror}); pass a writable --log-dir") from None
+
+
+def write_manifest(run_dir, config, resumed_from):
+    manifest = {"config": dataclasses.asdict(config), "versions": library_versions(), "git_sha": git_sha(),
+                "command": sys.argv, "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+                "resumed_from": str(resumed_from) if resumed_from else None}
+    name = "run.json" if not resumed_from else f"run-resumed-{datetime.now():%Y%m%d-%H%M%S}.json"
+    (run_dir / name).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def train(config, resume="", explicit=None):
+    """The whole run. Returns the exit code: 0, or 130/143 when stopped by SIGINT/SIGTERM.
+
+    explicit: the flags the user gave (None: every field of config counts as given, as from Python).
+    """
+    explicit = {f.name for f in dataclasses.fields(TrainConfig)} if explicit is None else explicit
+    checkpoint, config = resolve_resume(resume, config, explicit)
+    validate_config(config)
+    if not config.run_name:
+        config.run_name = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    run_dir = Path(config.log_dir) / config.run_name
+    check_writable(run_dir)
+    device = pick_device(config.device)
+    seed_everything(config.seed)
+
+    train_images, eval_images = load_data(config)
+    model = build_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    loss_fn = ELBOLoss(config.beta, config.likelihood, config.free_bits)
+    batches = ImageBatches(train_images, config.batch_size, device, shuffle=True, seed=config.seed)
+    schedule = schedule_for(config, len(batches))
+    state = {"epoch": 0, "step": 0, "batch": 0, "best_eval": math.inf}
+    metrics = None
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:
+            raise UserError(f"{resume} does not fit the model its config describes ({str(error).splitlines()[0]}); "
+                            f"start a new run") from None
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        state.update({k: checkpoint[k] for k in state})
+        metrics = checkpoint.get("eval")
+        set_rng_state(checkpoint["rng"])
+        print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
+    write_manifest(run_dir, config, resumed_from=resume if checkpoint is not None else None)
+
+    eval_batches = None if eval_images is None else ImageBatches(eval_images, 256, device, shuffle=False)
+    grid_source = eval_images if eval_images is not None else train_images
+    fixed_images = to_float(grid_source[:config.grid_size].to(device))
+    fixed_noise = torch.randn(config.grid_size, config.latent_size,
+                              generator=torch.Generator().manual_seed(config.seed)).to(device)
+    print(f"training on {len(train_images)} images ({device}), evaluating on "
+          f"{len(eval_images) if eval_images is not None else 0}; "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; run folder {run_dir}")
+
+    def save(path):
+        save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                        rng=rng_state(), config=dataclasses.asdict(config), eval=metrics, **state)
+
+    timer = Timer(config.checkpoint_every)
+    # purge_step drops events a crashed run logged after its last checkpoint, so resumed curves have no duplicates.
+    writer = SummaryWriter(str(run_dir), purge_step=state["step"] + 1 if checkpoint is not None else None)
+    try:
+        with StopRequest() as stop:
+            while state["epoch"] < config.epochs:
+                epoch = state["epoch"]
+                started, first_step = time.perf_counter(), state["step"]
+                losses = train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, schedule, writer, stop,
+                                         on_timer=lambda: timer.due() and save(run_dir / "checkpoint.pt"),
+                                         max_steps=config.max_steps)
+                elapsed = time.perf_counter() - started
+                if stop.requested:
+                    save(run_dir / "checkpoint.pt")
+                    writer.close()
+                    print(f"\nstopped at step {state['step']}; checkpoint saved. Resume with: python vae_training.py "
+                          f"--resume {run_dir / 'checkpoint.pt'}", file=sys.stderr)
+                    return stop.exit_code
+                finished_epoch = state["batch"] >= len(batches)
+                if finished_epoch:
+                    state["epoch"], state["batch"] = epoch + 1, 0
+                images_per_s = (state["step"] - first_step) * config.batch_size / max(elapsed, 1e-9)
+                log_diagnostics(writer, epoch + 1, images_per_s=images_per_s, kl_weight=loss_fn.beta,
+                                grad_norm=losses.pop("grad_norm"), lr=optimizer.param_groups[0]["lr"],
+                                sigma=unwrap(model).log_sigma())
+                line = (f"epoch {epoch + 1}/{config.epochs} step {state['step']}: reconstruction "
+                        f"{losses.get('Reconstruction Loss', math.nan):.2f}  KL {losses.get('KL Loss', math.nan):.3f}  "
+                        f"total {losses.get('Total Loss', math.nan):.2f}")
+                if eval_batches is not None:
+                    metrics = evaluate(model, eval_batches, config.beta)
+                    log_evaluation(writer, epoch + 1, metrics)
+                    line += (f" | eval -ELBO {metrics['neg_elbo_nats']:.1f} nats, {metrics['active_units']}/"
+                             f"{config.latent_size} active units")
+                    if metrics["neg_elbo_nats"] < state["best_eval"]:
+                        state["best_eval"] = metrics["neg_elbo_nats"]
+                        save(run_dir / "best.pt")
+                log_grids(writer, model, fixed_images, fixed_noise, epoch + 1)
+                writer.flush()
+                save(run_dir / "checkpoint.pt")
+                print(line + f"  ({images_per_s:.0f} img/s)")
+                if config.max_steps and state["step"] >= config.max_steps:
+                    break
+    except TrainingDiverged as error:
+        writer.close()
+        raise UserError(f"{error}; training stopped and {run_dir / 'checkpoint.pt'} keeps the last good state. "
+                        f"Lower --lr or --beta, or check the data") from None
+    writer.close()
+    return 0
+
+
+def main(argv=None):
+    config, args, explicit = parse_args(argv)
+    try:
+        return train(config, resume=args.resume, explicit=explicit)
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted before training started; nothing to save", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
