@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ class TrainConfig:
                             "the loss the seed's sum of squared error), gaussian-learned (one shared learned "
                             "sigma), bernoulli (summed binary cross-entropy)",
                             choices=("gaussian", "gaussian-learned", "bernoulli"))
-    sigma: float = _flag(0.7071067811865476, "sigma of the gaussian likelihood (initial sigma for gaussian-learned)")
+    sigma: float = _flag(1 / math.sqrt(2), "sigma of the gaussian likelihood (initial sigma for gaussian-learned)")
     beta: float = _flag(0.1, "weight of the KL term: loss = beta * KL + reconstruction (the top weight of a "
                         "KL schedule)")
     kl_schedule: str = _flag("constant", "how the KL weight moves from 0 to --beta: constant, linear or sigmoid "

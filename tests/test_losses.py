@@ -1,0 +1,89 @@
+"""The loss terms against independent computations (torch.distributions, Monte Carlo, hand arithmetic)."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Independent, Normal, kl_divergence as torch_kl
+
+from vae.losses import (SEED_SIGMA, ELBOLoss, gaussian_nll_from_sse, kl_divergence, kl_per_dimension,
+                        reconstruction_loss, reconstruction_nll)
+
+
+def test_closed_form_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mean, log_var = torch.randn(6, 4), torch.randn(6, 4)
+    q = Independent(Normal(mean, (0.5 * log_var).exp()), 1)
+    p = Independent(Normal(torch.zeros(4), torch.ones(4)), 1)
+    assert torch.allclose(kl_divergence(mean, log_var), torch_kl(q, p), atol=1e-5)
+
+
+def test_closed_form_kl_matches_monte_carlo():
+    torch.manual_seed(0)
+    mean, log_var = torch.tensor([[0.7, -1.2]]), torch.tensor([[-0.5, 0.8]])
+    q = Normal(mean, (0.5 * log_var).exp())
+    z = q.sample((400_000,))
+    monte_carlo = (q.log_prob(z) - Normal(0.0, 1.0).log_prob(z)).sum(-1).mean()
+    assert kl_divergence(mean, log_var).item() == pytest.approx(monte_carlo.item(), abs=0.01)
+
+
+def test_seed_loss_is_sum_of_squared_error_plus_beta_kl_by_hand():
+    x = torch.tensor([[[[0.0, 1.0], [0.5, 0.25]]]])          # one 1x2x2 image
+    reconstruction = torch.tensor([[[[0.5, 0.5], [0.5, 0.5]]]])
+    mean, log_var = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(2.0)]])
+    beta, kl, rec, total = ELBOLoss(0.1)(x, reconstruction, mean, log_var)
+    sse = 0.25 + 0.25 + 0.0 + 0.0625
+    kl_by_hand = 0.5 * (1 + 1 - 1 - 0) + 0.5 * (0 + 2 - 1 - math.log(2.0))
+    assert beta == 0.1
+    assert rec.item() == pytest.approx(sse)
+    assert kl.item() == pytest.approx(kl_by_hand)
+    assert total.item() == pytest.approx(0.1 * kl_by_hand + sse)
+
+
+def test_losses_average_over_the_batch():
+    x, r = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    r[0] = 1.0  # image 0 has SSE 48, image 1 has 0
+    mean = torch.zeros(2, 2)
+    _, kl, rec, _ = ELBOLoss()(x, r, mean, mean)
+    assert rec.item() == pytest.approx(24.0) and kl.item() == 0
+
+
+@pytest.mark.parametrize("sigma", [SEED_SIGMA, 0.1, 2.0])
+def test_gaussian_nll_matches_torch_distributions(sigma):
+    torch.manual_seed(1)
+    x, r = torch.rand(3, 3, 4, 4), torch.rand(3, 3, 4, 4)
+    log_sigma = torch.tensor(math.log(sigma))
+    expected = -Independent(Normal(r, sigma), 3).log_prob(x)
+    assert torch.allclose(reconstruction_nll(x, r, "gaussian", log_sigma), expected, atol=1e-4)
+    assert torch.allclose(reconstruction_nll(x, r, "gaussian-learned", log_sigma), expected, atol=1e-4)
+    # The trained fixed-sigma term drops only the constant D * log(sigma * sqrt(2 pi)).
+    constant = 48 * math.log(sigma * math.sqrt(2 * math.pi))
+    assert torch.allclose(reconstruction_loss(x, r, "gaussian", log_sigma) + constant, expected, atol=1e-4)
+    sse = (x - r).pow(2).flatten(1).sum(1)
+    assert torch.allclose(gaussian_nll_from_sse(sse, math.log(sigma), 48), expected, atol=1e-4)
+
+
+def test_bernoulli_matches_torch_distributions_on_binary_pixels():
+    torch.manual_seed(2)
+    x = (torch.rand(2, 3, 4, 4) > 0.5).float()
+    p = torch.rand(2, 3, 4, 4).clamp(0.01, 0.99)
+    expected = -Independent(Bernoulli(probs=p), 3).log_prob(x)
+    assert torch.allclose(reconstruction_loss(x, p, "bernoulli"), expected, atol=1e-4)
+
+
+def test_free_bits_floor_each_dimension_in_the_loss_but_kl_is_reported_raw():
+    x = torch.zeros(2, 3, 8, 8)
+    mean = torch.tensor([[0.1, 2.0], [0.1, 2.0]])  # dimension 0 has KL 0.005, dimension 1 has KL 2
+    log_var = torch.zeros(2, 2)
+    _, kl, rec, total = ELBOLoss(beta=1.0, free_bits=0.5)(x, x, mean, log_var)
+    assert kl.item() == pytest.approx(0.005 + 2.0)
+    assert total.item() == pytest.approx(0.5 + 2.0)
+    raw_dims = kl_per_dimension(mean, log_var).mean(0)
+    assert raw_dims.tolist() == pytest.approx([0.005, 2.0])
+
+
+def test_learned_sigma_gets_a_gradient_towards_the_error_scale():
+    x, r = torch.zeros(4, 3, 8, 8), torch.full((4, 3, 8, 8), 0.1)
+    log_sigma = torch.tensor(0.0, requires_grad=True)
+    ELBOLoss(1.0, "gaussian-learned")(x, r, torch.zeros(4, 2), torch.zeros(4, 2), log_sigma=log_sigma)[3].backward()
+    assert log_sigma.grad > 0  # sigma 1 is far above the 0.1 error: the loss wants it smaller
