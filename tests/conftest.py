@@ -1,16 +1,23 @@
 """Shared fixtures: a small Flowers102-format root built from real images, and a tiny trained checkpoint."""
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
+# Tiny models gain nothing from several threads, and OpenMP threads that spin while other processes hold the
+# cores slow a test down many times over; children (the CLI runs) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
+import torch
 from scipy.io import savemat
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_FLOWERS = REPO.parent / "shared" / "data" / "flowers102-train" / "flowers-102"
 sys.path.insert(0, str(REPO))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def real_flower_files(count):

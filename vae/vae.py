@@ -31,7 +31,9 @@ class VAE(nn.Module):
         self.likelihood = likelihood
         self.sigma = sigma
         if likelihood == "gaussian-learned":
-            self.raw_log_sigma = nn.Parameter(torch.tensor(math.log(sigma)))
+            # The inverse of log_sigma()'s soft floor, so training starts at exactly `sigma`.
+            start = math.log(sigma) - MIN_LOG_SIGMA
+            self.raw_log_sigma = nn.Parameter(torch.tensor(MIN_LOG_SIGMA + start + math.log(-math.expm1(-start))))
         self.image_resolution = tuple(image_resolution)
         self.image_channels = image_channels
         self.latent_size = latent_size
