@@ -4,6 +4,7 @@ Written atomically (temporary file in the same folder, then rename), so a kill m
 previous checkpoint intact.
 """
 
+import contextlib
 import os
 import pickle
 import random
@@ -74,13 +75,21 @@ def save_checkpoint(path, **contents):
     os.replace(temporary, path)
 
 
+def _allow_torch_version():
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    return safe_globals([torch.torch_version.TorchVersion]) if safe_globals else contextlib.nullcontext()
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint safely (weights_only: no code in the file runs) and check it is this project's."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the checkpoint.pt of a training run")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        # Checkpoints written before library_versions() stored str(torch.__version__) hold a TorchVersion, a
+        # plain str subclass: allowing it keeps those runs loadable without allowing any code.
+        with _allow_torch_version():
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise UserError(f"refusing to load {path}: it holds more than tensors and plain types "
                         f"({str(error).splitlines()[0]}); only checkpoints written by vae_training.py load") from None

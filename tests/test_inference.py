@@ -1,0 +1,379 @@
+"""vae_inference.py and the evaluation maths: every subcommand on a checkpoint trained here, the IWAE bound,
+discretized bits/dim by hand, active units, variations, and the errors a user sees."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import norm
+from torch.distributions import Normal
+
+from datasets.preprocessing import cached_images, holdout_split, to_float
+from vae import inference
+from vae.losses import ELBOLoss, reconstruction_nll
+from vae.metrics import (active_units, bits_per_dim, discretized_gaussian_log_likelihood, iwae_log_likelihood,
+                         standard_error)
+from vae.vae import VAE
+from vae_inference import main
+
+REPO = Path(__file__).resolve().parent.parent
+# One thread per process: the machines that run the tests are shared, and oversubscribed threads are slower.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(flowers_root, tmp_path_factory):
+    """A 32x32 model trained for 12 steps at a high learning rate: enough for its latents to carry signal."""
+    log_dir = tmp_path_factory.mktemp("inference-runs")
+    command = [sys.executable, "vae_training.py", "--data-dir", str(flowers_root), "--epochs", "3",
+               "--batch-size", "8", "--lr", "1e-2", "--log-dir", str(log_dir), "--run-name", "t", "--eval-size",
+               "0", "--grid-size", "8", "--device", "cpu", "--num-workers", "1"]
+    result = subprocess.run(command, cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return log_dir / "t" / "checkpoint.pt"
+
+
+@pytest.fixture(scope="session")
+def flower_files(flowers_root):
+    return sorted((flowers_root / "flowers-102" / "jpg").glob("*.jpg"))
+
+
+def png_size(path):
+    with Image.open(path) as image:
+        return image.size  # (width, height)
+
+
+def expected_grid(num_images, nrow, resolution=32, scale=1):
+    height, width = inference.grid_shape(num_images, nrow, resolution, resolution, scale)
+    return width, height
+
+
+def run_cli(*args):
+    """vae_inference.py in a fresh process: (exit code, stdout, stderr)."""
+    result = subprocess.run([sys.executable, "vae_inference.py", *map(str, args)], cwd=REPO, env=ONE_THREAD,
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stdout, result.stderr
+
+
+# ------------------------------------------------------------------------------------------ subcommands
+
+def test_grid_shape_matches_make_grid_arithmetic():
+    assert inference.grid_shape(10, 4, 32, 32) == (3 * 34 + 2, 4 * 34 + 2)
+    assert inference.grid_shape(3, 8, 32, 32, scale=2) == (66 + 2, 3 * 66 + 2)
+
+
+def test_sample_grid_single_files_and_seed(checkpoint, tmp_path):
+    common = ["sample", "--checkpoint", checkpoint, "--num", "10", "--nrow", "4", "--device", "cpu"]
+    assert main(list(map(str, common + ["--out", tmp_path / "a.png", "--out-dir", tmp_path / "each"]))) == 0
+    assert main(list(map(str, common + ["--out", tmp_path / "b.png", "--temperature", "0.5"]))) == 0
+    assert main(list(map(str, common + ["--out", tmp_path / "c.png", "--scale", "2"]))) == 0
+    assert png_size(tmp_path / "a.png") == expected_grid(10, 4)
+    assert png_size(tmp_path / "c.png") == expected_grid(10, 4, scale=2)
+    singles = sorted((tmp_path / "each").glob("sample_*.png"))
+    assert len(singles) == 10 and png_size(singles[0]) == (32, 32)
+    assert main(list(map(str, common + ["--out", tmp_path / "a2.png"]))) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "a2.png").read_bytes(), "--seed must reproduce"
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
+
+
+def test_reconstruct_from_files_and_from_a_split(checkpoint, flowers_root, flower_files, tmp_path, capsys):
+    out = tmp_path / "files.png"
+    assert main(["reconstruct", "--checkpoint", str(checkpoint), "--images", *map(str, flower_files[:3]),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert png_size(out) == expected_grid(6, 3)  # one row of originals above one row of reconstructions
+    out = tmp_path / "split.png"
+    assert main(["reconstruct", "--checkpoint", str(checkpoint), "--data-dir", str(flowers_root), "--split", "val",
+                 "--num", "5", "--nrow", "3", "--out", str(out)]) == 0
+    assert png_size(out) == expected_grid(10, 3)
+    assert "PSNR" in capsys.readouterr().out
+
+
+def test_reconstruction_rows_interleave():
+    top, bottom = torch.zeros(5, 1), torch.ones(5, 1)
+    grid = inference.interleave_rows(top, bottom, nrow=3)
+    assert grid.flatten().tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
+
+
+def test_variations_of_any_user_image_with_nearest_training_distances(checkpoint, flowers_root, tmp_path, capsys):
+    # A user's photo: odd size, greyscale with alpha, PNG.
+    user_image = tmp_path / "my flower.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 2), dtype=np.uint8), "LA").save(user_image)
+    out = tmp_path / "variations.png"
+    assert main(["variations", "--checkpoint", str(checkpoint), "--image", str(user_image), "--num", "6",
+                 "--nrow", "4", "--out", str(out), "--data-dir", str(flowers_root)]) == 0
+    assert png_size(out) == expected_grid(8, 4)  # input, reconstruction, 6 variations
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.strip().startswith(("input", "reconstruction",
+                                                                                 "variation"))]
+    assert len(lines) == 8 and "variation 6" in lines[-1]
+    assert all(float(line.split()[-3]) > 0 for line in lines), "distances are positive for a new image"
+    assert "32 training images" in printed
+
+
+def test_variations_use_only_the_images_a_holdout_run_trained_on(checkpoint, flowers_root, flower_files, tmp_path,
+                                                                   capsys):
+    held_out_checkpoint = with_config(checkpoint, tmp_path / "holdout.pt", holdout=0.25, seed=3)
+    held_out = holdout_split(32, 0.25, 3)[1]
+    image = flower_files[held_out[0].item()]  # files sort in split order: image_00001.jpg is train[0]
+    assert main(["variations", "--checkpoint", str(held_out_checkpoint), "--image", str(image), "--num", "2",
+                 "--out", str(tmp_path / "v.png"), "--data-dir", str(flowers_root)]) == 0
+    printed = capsys.readouterr().out
+    assert "24 training images" in printed
+    input_line = next(line for line in printed.splitlines() if line.strip().startswith("input"))
+    assert float(input_line.split()[1]) > 0, "a held-out image is not among the training images"
+
+
+@pytest.fixture(scope="module")
+def small_trained_model(flowers_root):
+    """An 8x8 VAE fitted for a moment to the 32 training images: its decoder follows its latents."""
+    torch.manual_seed(0)
+    images = torch.nn.functional.interpolate(to_float(cached_images(flowers_root, "train", 32)), size=8,
+                                             mode="area")
+    model = VAE((8, 8), latent_size=4, channels=[8])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    loss = ELBOLoss(beta=0.1)
+    for _ in range(80):
+        total = loss(images, *model(images))[-1]
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    return model.eval(), images
+
+
+def test_variations_differ_and_stay_closer_to_their_input_than_prior_samples(small_trained_model):
+    model, images = small_trained_model
+    generator = torch.Generator().manual_seed(0)
+    latent_ratio, pixel_ratio = [], []
+    for x in images[:16].split(1):
+        varied, z, mean = inference.variations(model, x, 8, 1.0, generator)
+        prior, z_prior = inference.sample_prior(model, 8, 1.0, generator)
+        assert torch.pdist(varied.flatten(1)).min() > 0, "variations must differ from each other"
+        latent_ratio.append((z - mean).norm(dim=1).mean() / (z_prior - mean).norm(dim=1).mean())
+        pixel_ratio.append((varied - x).pow(2).mean() / (prior - x).pow(2).mean())
+    assert torch.stack(latent_ratio).mean() < 0.5
+    assert torch.stack(pixel_ratio).mean() < 0.7
+
+
+def test_interpolate_endpoints_are_the_reconstructions(checkpoint, flower_files, tmp_path):
+    for extra in ([], ["--slerp"]):
+        out = tmp_path / f"interpolate{len(extra)}.png"
+        assert main(["interpolate", "--checkpoint", str(checkpoint), "--images", str(flower_files[0]),
+                     str(flower_files[1]), "--steps", "5", "--out", str(out), *extra]) == 0
+        assert png_size(out) == expected_grid(7, 7)  # A, 5 points, B in one row
+    model, _ = inference.load_model(checkpoint, "cpu")
+    x = inference.load_images(flower_files[:2], model, "cpu")
+    for spherical in (False, True):
+        path = inference.interpolate(model, x[:1], x[1:], 4, spherical)
+        torch.testing.assert_close(path[[0, -1]], inference.reconstruct(model, x), atol=1e-5, rtol=0)
+
+
+def test_slerp_keeps_the_norm_between_equal_norm_vectors():
+    a, b = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 3.0])
+    assert inference.slerp(a, b, 0.5).norm().item() == pytest.approx(3.0)
+    assert inference.lerp(a, b, 0.5).norm().item() < 3.0
+    torch.testing.assert_close(inference.slerp(a, 2 * a, 0.5), 1.5 * a)  # parallel: falls back to lerp
+
+
+def test_traverse_one_row_per_latent_dimension(checkpoint, flower_files, tmp_path):
+    out = tmp_path / "traverse.png"
+    assert main(["traverse", "--checkpoint", str(checkpoint), "--steps", "5", "--out", str(out)]) == 0
+    assert png_size(out) == expected_grid(10 * 5, 5)
+    assert main(["traverse", "--checkpoint", str(checkpoint), "--image", str(flower_files[0]), "--steps", "3",
+                 "--range", "2", "--out", str(out)]) == 0
+    assert png_size(out) == expected_grid(10 * 3, 3)
+    model, _ = inference.load_model(checkpoint, "cpu")
+    center = torch.randn(model.latent_size)
+    images = inference.traverse(model, center, 3.0, 3).view(model.latent_size, 3, 3, 32, 32)
+    # The middle of every row is the center itself.
+    torch.testing.assert_close(images[:, 1], model.decode(center[None]).expand(model.latent_size, -1, -1, -1))
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+
+def with_config(checkpoint_path, new_path, **changes):
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    checkpoint["config"].update(changes)
+    torch.save(checkpoint, new_path)
+    return new_path
+
+
+def test_evaluate_writes_the_honest_numbers(checkpoint, flowers_root, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(flowers_root), "--split", "val",
+                 "--iw-samples", "20", "--batch-size", "3", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["num_images"] == 8
+    for key in ("neg_elbo_nats", "kl_nats", "reconstruction_nats", "iwae_nll_nats", "iwae_nll_stderr",
+                "bits_per_dim", "psnr_db"):
+        assert math.isfinite(results[key]), key
+    assert results["neg_elbo_nats"] == pytest.approx(results["kl_nats"] + results["reconstruction_nats"])
+    assert results["iwae_nll_nats"] <= results["neg_elbo_nats"] + 3 * results["iwae_nll_stderr"]
+    assert 0 < results["bits_per_dim"] < 20 and "IWAE" in results["bits_per_dim_note"]
+    assert len(results["kl_per_dim"]) == 10 and 0 <= results["active_units"] <= 10
+    assert "IWAE NLL (K = 20)" in capsys.readouterr().out
+
+
+def test_evaluate_on_the_held_out_images_of_a_run(checkpoint, flowers_root, tmp_path):
+    held_out_checkpoint = with_config(checkpoint, tmp_path / "holdout.pt", holdout=0.25, seed=5)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(held_out_checkpoint), "--holdout-from-checkpoint",
+                 "--data-dir", str(flowers_root), "--iw-samples", "2", "--json", str(out)]) == 0
+    from_checkpoint = json.loads(out.read_text())
+    assert from_checkpoint["num_images"] == 8 and "--holdout 0.25 --seed 5" in from_checkpoint["data"]
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(flowers_root), "--split", "train",
+                 "--holdout", "0.25", "--holdout-seed", "5", "--iw-samples", "2", "--json", str(out)]) == 0
+    explicit = json.loads(out.read_text())
+    assert explicit["psnr_db"] == pytest.approx(from_checkpoint["psnr_db"])
+    images, names = inference.dataset_images(flowers_root, "train", 32, subset="held-out", holdout=0.25,
+                                             holdout_seed=5)
+    expected = holdout_split(32, 0.25, 5)[1]
+    assert torch.equal(images, cached_images(flowers_root, "train", 32)[expected])
+    assert names == [f"image_{i + 1:05d}.jpg" for i in expected.tolist()]
+
+
+def test_holdout_from_a_checkpoint_without_one_is_an_error(checkpoint, flowers_root, capsys):
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--holdout-from-checkpoint",
+                 "--data-dir", str(flowers_root)]) == 2
+    assert "trained without --holdout" in capsys.readouterr().err
+
+
+def test_bernoulli_model_has_no_bits_per_dim():
+    model = VAE((8, 8), latent_size=2, channels=[4], likelihood="bernoulli").eval()
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    results = inference.evaluate_images(model, images, iw_samples=3, progress=False)
+    assert results["bits_per_dim"] is None and "not a normalized" in results["bits_per_dim_note"]
+    assert math.isfinite(results["iwae_nll_nats"])
+
+
+# ----------------------------------------------------------------------------------------- the maths
+
+def test_iwae_with_one_sample_is_the_single_sample_elbo_on_the_same_z():
+    torch.manual_seed(0)
+    model = VAE((8, 8), latent_size=3, channels=[4], sigma=0.3).eval()
+    x = torch.rand(4, 3, 8, 8)
+    eps = torch.randn(1, 4, 3)
+    log_weights, _ = inference.importance_log_weights(model, x, 1, eps=eps)
+    with torch.no_grad():
+        mean, log_var = model.encode(x)
+        std = (0.5 * log_var).exp()
+        z = mean + std * eps[0]
+        log_p_x_given_z = -reconstruction_nll(x, model.decode(z), "gaussian", model.log_sigma())
+        log_p_z = Normal(0.0, 1.0).log_prob(z).sum(dim=1)
+        log_q_z = Normal(mean, std).log_prob(z).sum(dim=1)
+    elbo = (log_p_x_given_z + log_p_z - log_q_z).double()
+    torch.testing.assert_close(iwae_log_likelihood(log_weights), elbo, rtol=1e-6, atol=1e-3)
+
+
+def test_iwae_bound_does_not_rise_as_k_grows():
+    torch.manual_seed(0)
+    model = VAE((8, 8), latent_size=3, channels=[4], sigma=0.1).eval()  # a wide gap between ELBO and log p(x)
+    x = torch.rand(32, 3, 8, 8)
+    generator = torch.Generator().manual_seed(1)
+    nll = [-iwae_log_likelihood(inference.importance_log_weights(model, x, k, generator)[0]).mean().item()
+           for k in (1, 10, 100)]
+    assert nll[0] >= nll[1] >= nll[2]
+
+
+def test_iwae_of_equal_weights_is_that_weight():
+    log_weights = torch.full((7, 2), -3.0, dtype=torch.float64)
+    torch.testing.assert_close(iwae_log_likelihood(log_weights), torch.full((2,), -3.0, dtype=torch.float64))
+
+
+def test_discretized_bits_per_dim_by_hand():
+    # One 2x2 RGB image: levels 0 and 255 take the open-ended end bins.
+    levels = torch.tensor([[[0, 255], [128, 3]], [[64, 200], [255, 0]], [[17, 90], [250, 5]]], dtype=torch.float64)
+    x = (levels / 255)[None]
+    mean = torch.tensor([[[0.1, 0.8], [0.5, 0.02]], [[0.3, 0.7], [0.9, 0.4]], [[0.0, 0.35], [1.0, 0.05]]],
+                        dtype=torch.float64)[None]
+    sigma = 0.2
+    lower = np.where(levels.numpy() == 0, -np.inf, (x[0].numpy() - 1 / 510 - mean[0].numpy()) / sigma)
+    upper = np.where(levels.numpy() == 255, np.inf, (x[0].numpy() + 1 / 510 - mean[0].numpy()) / sigma)
+    by_hand = np.log(norm.cdf(upper) - norm.cdf(lower)).sum()
+    ours = discretized_gaussian_log_likelihood(x, mean, math.log(sigma))
+    assert ours.shape == (1,) and ours.item() == pytest.approx(by_hand, rel=1e-9)
+    assert bits_per_dim(-ours.item(), 12) == pytest.approx(-by_hand / (12 * math.log(2)))
+
+
+def test_discretized_likelihood_sums_to_one_over_the_256_levels():
+    for sigma in (0.002, 0.05, 0.7):
+        x = (torch.arange(256, dtype=torch.float64) / 255).view(256, 1, 1, 1)
+        mean = torch.full_like(x, 0.3)
+        total = discretized_gaussian_log_likelihood(x, mean, math.log(sigma)).exp().sum()
+        assert total.item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_discretized_likelihood_is_finite_far_in_the_tails():
+    x = torch.tensor([0.9, 0.1]).view(2, 1, 1, 1)
+    mean = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+    log_p = discretized_gaussian_log_likelihood(x, mean, math.log(0.0025))
+    assert torch.isfinite(log_p).all() and (log_p < -1e4).all()
+
+
+def test_active_units_of_an_encoder_built_to_use_exactly_k_dimensions():
+    torch.manual_seed(0)
+    k = 3
+    model = VAE((8, 8), latent_size=6, channels=[4]).eval()
+    with torch.no_grad():  # dimensions k.. get no weights: their posterior mean is the same for every image
+        model.encoder.mean.weight[k:] = 0
+        model.encoder.mean.bias[k:] = 0.5
+        model.encoder.mean.weight[:k] *= 20  # and the used ones vary well above the 0.01 threshold
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    results = inference.evaluate_images(model, images, iw_samples=2, batch_size=16, progress=False)
+    assert results["active_units"] == k
+    assert active_units(torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 0.5]])) == 1
+
+
+def test_standard_error():
+    assert standard_error(torch.tensor([1.0, 3.0])) == pytest.approx(math.sqrt(2) / math.sqrt(2))
+    assert standard_error(torch.tensor([5.0])) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def test_an_image_that_is_not_an_image_is_a_one_line_error(checkpoint, tmp_path):
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not pixels")
+    code, _, stderr = run_cli("variations", "--checkpoint", checkpoint, "--image", not_an_image, "--out",
+                              tmp_path / "v.png")
+    assert code != 0 and "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(not_an_image) in lines[0], stderr
+
+
+def test_a_missing_checkpoint_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "nowhere" / "checkpoint.pt"
+    code, _, stderr = run_cli("sample", "--checkpoint", missing, "--out", tmp_path / "s.png")
+    assert code != 0 and "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(missing) in lines[0], stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from vae.errors import UserError
+
+    with pytest.raises(UserError):
+        main(["sample", "--checkpoint", str(tmp_path / "missing.pt"), "--debug"])
+    assert main(["sample", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_checkpoints_that_stored_torch_version_objects_still_load(checkpoint, tmp_path):
+    older = torch.load(checkpoint, weights_only=True)
+    older["versions"]["torch"] = torch.__version__  # a TorchVersion, as runs saved before it became a str
+    torch.save(older, tmp_path / "older.pt")
+    assert main(["sample", "--checkpoint", str(tmp_path / "older.pt"), "--num", "2",
+                 "--out", str(tmp_path / "s.png")]) == 0

@@ -1,0 +1,321 @@
+"""Use a trained VAE: new flowers, reconstructions, variations of your own photo, interpolation, latent
+traversals, and honest evaluation. The checkpoint's config rebuilds the model; no training flag is repeated.
+
+    python vae_inference.py sample --checkpoint runs/NAME/checkpoint.pt --num 64 --out samples.png
+    python vae_inference.py reconstruct --checkpoint C --data-dir DIR --split test --num 16 --out rec.png
+    python vae_inference.py variations --checkpoint C --image my_flower.jpg --num 14 --out variations.png
+    python vae_inference.py interpolate --checkpoint C --images a.jpg b.jpg --steps 10 --slerp --out path.png
+    python vae_inference.py traverse --checkpoint C --image a.jpg --range 3 --steps 9 --out traverse.png
+    python vae_inference.py evaluate --checkpoint C --data-dir DIR --split train --holdout-from-checkpoint
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from datasets.preprocessing import to_float
+from vae import inference
+from vae.metrics import psnr_db
+from vae.errors import UserError
+from vae.training import pick_device
+
+SPLITS = ("train", "val", "test")
+
+
+# ------------------------------------------------------------------------------------------- arguments
+
+def add_common(parser, makes_images=True, default_out=None):
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt (or best.pt) of a training run")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="where to run (auto: cuda, then mps, then cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw, for reproducible output")
+    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights, if it has them")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    if makes_images:
+        parser.add_argument("--out", default=default_out, help="PNG file the image grid is written to")
+        parser.add_argument("--scale", type=int, default=1,
+                            help="upscale each image by this integer factor (nearest neighbour) in the grid")
+
+
+def add_data(parser, split_default, what):
+    parser.add_argument("--data-dir", default=None,
+                        help=f"Flowers102 root of the {what} (default: the checkpoint's --data-dir)")
+    default_text = split_default or "the checkpoint's split with a hold-out, else test"
+    parser.add_argument("--split", default=split_default, choices=SPLITS,
+                        help=f"split of the {what} (default: {default_text})")
+    parser.add_argument("--cache-dir", default="", help="where the decoded-image cache goes when DATA_DIR is "
+                        "not writable (empty: ~/.cache/vae-flowers)")
+
+
+def add_holdout(parser):
+    group = parser.add_argument_group("hold-out (the images a training run with --holdout kept aside)")
+    group.add_argument("--holdout-from-checkpoint", action="store_true",
+                       help="use exactly the held-out images of the checkpoint's run (its --holdout and --seed)")
+    group.add_argument("--holdout", type=float, default=0.0,
+                       help="use the fraction HOLDOUT held out of the split by a run with --holdout HOLDOUT "
+                            "(0: the whole split)")
+    group.add_argument("--holdout-seed", type=int, default=None,
+                       help="--seed of that training run (default: the checkpoint's seed)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+
+    sample = commands.add_parser("sample", help="new images from the prior", formatter_class=defaults)
+    add_common(sample, default_out="samples.png")
+    sample.add_argument("--num", type=int, default=64, help="number of images")
+    sample.add_argument("--temperature", type=float, default=1.0, help="z ~ N(0, T^2 I); below 1 trades "
+                        "variety for typical images")
+    sample.add_argument("--out-dir", default=None, help="also write each image to OUT_DIR/sample_NNN.png")
+    sample.add_argument("--nrow", type=int, default=8, help="images per grid row")
+
+    reconstruct = commands.add_parser("reconstruct", help="originals above their reconstructions",
+                                      formatter_class=defaults)
+    add_common(reconstruct, default_out="reconstructions.png")
+    reconstruct.add_argument("--images", nargs="+", default=None, help="image files (any size or format); "
+                             "else --num images of --data-dir/--split")
+    add_data(reconstruct, None, "images")
+    add_holdout(reconstruct)
+    reconstruct.add_argument("--num", type=int, default=16, help="images taken from the split (its first NUM)")
+    reconstruct.add_argument("--nrow", type=int, default=8, help="images per grid row")
+
+    variations = commands.add_parser("variations", help="new images around the encoding of your image",
+                                     formatter_class=defaults)
+    add_common(variations, default_out="variations.png")
+    variations.add_argument("--image", required=True, help="any image file: JPEG/PNG, any size, RGBA or grey")
+    variations.add_argument("--num", type=int, default=14, help="number of variations")
+    variations.add_argument("--temperature", type=float, default=1.0,
+                            help="z = mean + T * std * eps around the image's posterior")
+    variations.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    variations.add_argument("--data-dir", default=None, help="Flowers102 root: print each variation's distance "
+                            "to its nearest training image (the images the checkpoint was trained on)")
+    variations.add_argument("--split", default="train", choices=SPLITS, help="split of those training images")
+    variations.add_argument("--cache-dir", default="", help="image cache folder when DATA_DIR is not writable")
+
+    interpolate = commands.add_parser("interpolate", help="decode the path between two encodings",
+                                      formatter_class=defaults)
+    add_common(interpolate, default_out="interpolation.png")
+    interpolate.add_argument("--images", nargs=2, required=True, metavar=("A", "B"), help="two image files")
+    interpolate.add_argument("--steps", type=int, default=10, help="decoded points, endpoints included")
+    interpolate.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
+
+    traverse = commands.add_parser("traverse", help="sweep each latent dimension, one row each",
+                                   formatter_class=defaults)
+    add_common(traverse, default_out="traverse.png")
+    traverse.add_argument("--image", default=None, help="sweep around this image's posterior mean (else z = 0)")
+    traverse.add_argument("--range", type=float, default=3.0, help="each dimension goes from -RANGE to +RANGE")
+    traverse.add_argument("--steps", type=int, default=9, help="images per row")
+
+    evaluate = commands.add_parser("evaluate", help="ELBO, IWAE bound, bits/dim, PSNR, active units",
+                                   formatter_class=defaults)
+    add_common(evaluate, makes_images=False)
+    add_data(evaluate, None, "evaluation images")
+    add_holdout(evaluate)
+    evaluate.add_argument("--iw-samples", type=int, default=100, help="importance samples K of the IWAE bound")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
+    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def check_positive(**values):
+    for name, value in values.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def holdout_settings(args, config):
+    """(fraction, seed) of the held-out set asked for; fraction 0 means the whole split."""
+    if args.holdout_from_checkpoint:
+        if not config.get("holdout"):
+            raise UserError(f"{args.checkpoint} was trained without --holdout, so it has no held-out images; "
+                            f"drop --holdout-from-checkpoint and pass --split")
+        return config["holdout"], config["seed"] if args.holdout_seed is None else args.holdout_seed
+    if not 0 <= args.holdout < 1:
+        raise UserError(f"--holdout must be in [0, 1), got {args.holdout}")
+    return args.holdout, config.get("seed", 0) if args.holdout_seed is None else args.holdout_seed
+
+
+def split_images(args, checkpoint, subset):
+    """(uint8 images, names, description) of --data-dir/--split, restricted to the hold-out when asked."""
+    config = checkpoint["config"]
+    data_dir = args.data_dir or config.get("data_dir")
+    holdout, seed = holdout_settings(args, config) if hasattr(args, "holdout") else (0.0, 0)
+    split = args.split or (config.get("split", "train") if holdout > 0 else "test")
+    images, names = inference.dataset_images(data_dir, split, config["resolution"], subset=subset,
+                                             holdout=holdout, holdout_seed=seed, cache_dir=args.cache_dir)
+    described = f"{data_dir} split {split}"
+    if holdout > 0:
+        described += f", the {len(images)} images held out by --holdout {holdout} --seed {seed}"
+    return images, names, described
+
+
+def generator_for(args):
+    return torch.Generator().manual_seed(args.seed)
+
+
+def report_grid(path, count, nrow, what):
+    print(f"wrote {path}: {what} ({count} images, {min(nrow, count)} per row)")
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+def run_sample(args, model, checkpoint):
+    check_positive(num=args.num, nrow=args.nrow)
+    images, _ = inference.sample_prior(model, args.num, args.temperature, generator_for(args))
+    path = inference.save_grid(images, args.out, args.nrow, args.scale)
+    report_grid(path, args.num, args.nrow, f"samples at temperature {args.temperature}")
+    if args.out_dir:
+        for i, image in enumerate(images):
+            inference.save_grid(image[None], Path(args.out_dir) / f"sample_{i:03d}.png", 1, args.scale)
+        print(f"wrote {args.num} single images to {args.out_dir}")
+
+
+def run_reconstruct(args, model, checkpoint):
+    check_positive(num=args.num, nrow=args.nrow)
+    if args.images:
+        x = inference.load_images(args.images, model, next(model.parameters()).device)
+        source = f"{len(args.images)} image file(s)"
+    else:
+        images, _, source = split_images(args, checkpoint, subset="held-out")
+        x = to_float(images[:args.num]).to(next(model.parameters()).device)
+    reconstructions = inference.reconstruct(model, x)
+    nrow = min(args.nrow, len(x))
+    grid = inference.interleave_rows(x, reconstructions, nrow)
+    path = inference.save_grid(grid, args.out, nrow, args.scale)
+    mse = (reconstructions - x).pow(2).mean().item()
+    report_grid(path, len(grid), nrow, f"originals (odd rows) above reconstructions (even rows) of {source}; "
+                f"PSNR {psnr_db(mse):.2f} dB")
+
+
+def run_variations(args, model, checkpoint):
+    check_positive(num=args.num, nrow=args.nrow)
+    x = inference.load_images([args.image], model, next(model.parameters()).device)
+    images, z, mean = inference.variations(model, x, args.num, args.temperature, generator_for(args))
+    reconstruction = inference.reconstruct(model, x)
+    grid = torch.cat([x, reconstruction, images])
+    path = inference.save_grid(grid, args.out, args.nrow, args.scale)
+    report_grid(path, len(grid), args.nrow, f"the input, its reconstruction, then {args.num} variations at "
+                f"temperature {args.temperature}")
+    if args.data_dir:
+        print_nearest_training_images(args, checkpoint, x, reconstruction, images)
+
+
+def print_nearest_training_images(args, checkpoint, x, reconstruction, variations):
+    """How far each image is from the closest image the model trained on (RMSE, 0-255 scale)."""
+    config = checkpoint["config"]
+    trained_on_split = args.split == config.get("split", "train")
+    holdout = config.get("holdout", 0.0) if trained_on_split else 0.0
+    training, names = inference.dataset_images(args.data_dir, args.split, config["resolution"],
+                                               subset="train", holdout=holdout,
+                                               holdout_seed=config.get("seed", 0), cache_dir=args.cache_dir)
+    kept_aside = f" (its {holdout:g} hold-out excluded, as in training)" if holdout else ""
+    print(f"distance to the nearest of {len(training)} training images of {args.data_dir} split {args.split}"
+          f"{kept_aside}: RMSE per pixel, 0-255 scale")
+    rows = [("input", x), ("reconstruction", reconstruction)] + \
+           [(f"variation {i + 1}", image[None]) for i, image in enumerate(variations)]
+    for label, image in rows:
+        distance, index = inference.nearest_distances(image, training)
+        print(f"  {label:<16} {distance.item():7.2f}   nearest: {names[index.item()]}")
+
+
+def run_interpolate(args, model, checkpoint):
+    check_positive(steps=args.steps)
+    x = inference.load_images(args.images, model, next(model.parameters()).device)
+    path_images = inference.interpolate(model, x[:1], x[1:], args.steps, spherical=args.slerp)
+    grid = torch.cat([x[:1], path_images, x[1:]])
+    path = inference.save_grid(grid, args.out, len(grid), args.scale)
+    kind = "spherical" if args.slerp else "linear"
+    report_grid(path, len(grid), len(grid), f"image A, {args.steps} decoded points of the {kind} path between "
+                f"the posterior means, image B")
+
+
+def run_traverse(args, model, checkpoint):
+    check_positive(steps=args.steps)
+    device = next(model.parameters()).device
+    if args.image:
+        x = inference.load_images([args.image], model, device)
+        center = inference.posterior(model, x)[0][0]
+        around = f"the posterior mean of {args.image}"
+    else:
+        center = torch.zeros(model.latent_size, device=device)
+        around = "z = 0"
+    images = inference.traverse(model, center, args.range, args.steps)
+    path = inference.save_grid(images, args.out, args.steps, args.scale)
+    report_grid(path, len(images), args.steps, f"row d sweeps latent dimension d from -{args.range:g} to "
+                f"+{args.range:g} around {around}")
+
+
+def run_evaluate(args, model, checkpoint):
+    check_positive(iw_samples=args.iw_samples, batch_size=args.batch_size)
+    images, _, described = split_images(args, checkpoint, subset="held-out")
+    print(f"evaluating {args.checkpoint} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('step')}) on "
+          f"{len(images)} images: {described}")
+    results = inference.evaluate_images(model, images, args.iw_samples, args.batch_size, generator_for(args))
+    results = {"checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
+               "data": described, "seed": args.seed, **results}
+    print(format_table(results))
+    if args.json:
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        except OSError as error:
+            raise UserError(f"cannot write {args.json} ({error.strerror}); pass a writable --json path") from None
+        print(f"wrote {args.json}")
+    return results
+
+
+def format_table(results):
+    """The headline numbers as a fixed-width table (nats per image unless a unit says otherwise)."""
+    def number(value, digits=2):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    bpd = results["bits_per_dim"]
+    rows = [
+        ("-ELBO (beta = 1)", f"{number(results['neg_elbo_nats'])} nats"),
+        ("  reconstruction -log p(x|z)", f"{number(results['reconstruction_nats'])} nats"),
+        ("  KL(q(z|x) || p(z))", f"{number(results['kl_nats'])} nats"),
+        (f"IWAE NLL (K = {results['iw_samples']})",
+         f"{number(results['iwae_nll_nats'])} +- {number(results['iwae_nll_stderr'])} nats"),
+        ("bits/dim (discretized, IWAE)",
+         "n/a" if bpd is None else f"{number(bpd, 4)} +- {number(results['bits_per_dim_stderr'], 4)}"),
+        ("PSNR (posterior mean)", f"{number(results['psnr_db'])} dB"),
+        ("active units", f"{results['active_units']} / {results['latent_size']}"),
+        ("KL per dimension", " ".join(f"{v:.2f}" for v in results["kl_per_dim"]) + " nats"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    if bpd is None:
+        lines.append(f"note: {results['bits_per_dim_note']}")
+    return "\n".join(lines)
+
+
+COMMANDS = {"sample": run_sample, "reconstruct": run_reconstruct, "variations": run_variations,
+            "interpolate": run_interpolate, "traverse": run_traverse, "evaluate": run_evaluate}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "scale", 1) < 1:
+            raise UserError(f"--scale must be at least 1, got {args.scale}")
+        device = pick_device(args.device)
+        model, checkpoint = inference.load_model(args.checkpoint, device, use_ema=args.ema)
+        COMMANDS[args.command](args, model, checkpoint)
+        return 0
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
