@@ -42,16 +42,12 @@ def load_model(checkpoint_path, device, use_ema=False):
     return model.to(device).eval(), checkpoint
 
 
-def resolution_of(model):
-    return model.image_resolution
-
-
 def load_images(paths, model, device):
     """Image files (any size or format) preprocessed exactly as training did, as floats (N, 3, H, W)."""
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"image {path} does not exist")
-    return to_float(torch.stack([load_image(path, resolution_of(model)) for path in paths])).to(device)
+    return to_float(torch.stack([load_image(path, model.image_resolution) for path in paths])).to(device)
 
 
 def dataset_images(data_dir, split, resolution, subset="all", holdout=0.0, holdout_seed=0, cache_dir="",
@@ -186,7 +182,7 @@ def nearest_distances(images, reference_uint8, chunk=256):
 
     RMSE is per pixel and channel on the 0-255 scale. reference_uint8: (M, 3, H, W) uint8.
     """
-    queries = images.flatten(1).double().cpu() * 255
+    queries = images.flatten(1).cpu().double() * 255
     best = torch.full((len(queries),), math.inf, dtype=torch.float64)
     best_index = torch.zeros(len(queries), dtype=torch.long)
     for start in range(0, len(reference_uint8), chunk):
@@ -229,9 +225,11 @@ def importance_log_weights(model, x, num_samples, generator=None, eps=None, disc
             log_likelihood = discretized_gaussian_log_likelihood(targets, decoded, log_sigma)
         else:
             log_likelihood = -reconstruction_nll(targets, decoded, model.likelihood, log_sigma)
-        log_likelihood = log_likelihood.view(k, len(x)).double()
-        log_prior = log_normal(z, torch.zeros_like(z), torch.ones_like(z)).double()
-        log_posterior = log_normal(z, mean, std).double()
+        # Summed in float64 on the CPU: log-weights of thousands of nats keep their small differences, and MPS
+        # has no float64.
+        log_likelihood = log_likelihood.view(k, len(x)).cpu().double()
+        log_prior = log_normal(z, torch.zeros_like(z), torch.ones_like(z)).cpu().double()
+        log_posterior = log_normal(z, mean, std).cpu().double()
         log_weights.append(log_likelihood + log_prior - log_posterior)
         log_likelihoods.append(log_likelihood)
     return torch.cat(log_weights), torch.cat(log_likelihoods)
@@ -251,7 +249,7 @@ def evaluate_images(model, images_uint8, iw_samples=100, batch_size=64, generato
         x = to_float(images_uint8[start:start + batch_size].to(device))
         mean, log_var = model.encode(x)
         kl = kl_per_dimension(mean, log_var)
-        kl_dims = kl_dims + kl.double().sum(dim=0)
+        kl_dims = kl_dims + kl.cpu().double().sum(dim=0)
         sums["kl"] += kl.sum().item()
         sums["squared_error"] += sum_squared_error(x, model.decode(mean)).sum().item()
         means.append(mean.cpu())
