@@ -25,20 +25,16 @@ from datasets.preprocessing import ImageBatches, cached_images, holdout_split, t
 from vae.checkpoint import (git_sha, library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                             unwrap)
 from vae.config import TrainConfig, build_parser, config_from_args
-from vae.errors import UserError
+from vae.errors import TrainingDiverged, UserError
 from vae.losses import ELBOLoss, kl_per_dimension, reconstruction_loss, reconstruction_nll, sum_squared_error
 from vae.metrics import active_units, posterior_variance, psnr_db
 from vae.schedules import schedule_for
-from vae.training import StopRequest, Timer, pick_device, validate_config
+from vae.training import StopRequest, Timer, pick_device, purge_scalar_curves, rng_untouched, validate_config
 from vae.vae import build_model
 
 # Flags that may change when a run is resumed; any other difference would silently make it another run.
 RESUMABLE_FLAGS = {"epochs", "max_steps", "log_dir", "num_workers", "device", "checkpoint_every", "run_name",
                    "cache_dir"}
-
-
-class TrainingDiverged(Exception):
-    pass
 
 
 def parse_args(argv=None):
@@ -50,7 +46,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     unset = object()
     parser.set_defaults(**{f.name: unset for f in dataclasses.fields(TrainConfig)})
-    explicit = {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+    # --resume and --debug are not settings of the run: only config flags count as given explicitly.
+    explicit = {name for name, value in vars(parser.parse_args(argv)).items()
+                if value is not unset and name in TrainConfig.__dataclass_fields__}
     return config_from_args(args), args, explicit
 
 
@@ -291,6 +289,8 @@ def train(config, resume="", explicit=None):
     timer = Timer(config.checkpoint_every)
     # purge_step drops events a crashed run logged after its last checkpoint, so resumed curves have no duplicates.
     writer = SummaryWriter(str(run_dir), purge_step=state["step"] + 1 if checkpoint is not None else None)
+    if checkpoint is not None:  # the per-curve sub-runs of add_scalars("loss", ...) need the purge marker too
+        purge_scalar_curves(writer, "loss", ("KL Loss", "Reconstruction Loss", "Total Loss"), state["step"] + 1)
     try:
         with StopRequest() as stop:
             while state["epoch"] < config.epochs:
@@ -317,7 +317,8 @@ def train(config, resume="", explicit=None):
                         f"{losses.get('Reconstruction Loss', math.nan):.2f}  KL {losses.get('KL Loss', math.nan):.3f}  "
                         f"total {losses.get('Total Loss', math.nan):.2f}")
                 if eval_batches is not None:
-                    metrics = evaluate(model, eval_batches, config.beta)
+                    with rng_untouched(device):  # evaluating must not move the training RNG stream
+                        metrics = evaluate(model, eval_batches, config.beta)
                     log_evaluation(writer, epoch + 1, metrics)
                     line += (f" | eval -ELBO {metrics['neg_elbo_nats']:.1f} nats, {metrics['active_units']}/"
                              f"{config.latent_size} active units")
@@ -332,8 +333,9 @@ def train(config, resume="", explicit=None):
                     break
     except TrainingDiverged as error:
         writer.close()
-        raise UserError(f"{error}; training stopped and {run_dir / 'checkpoint.pt'} keeps the last good state. "
-                        f"Lower --lr or --beta, or check the data") from None
+        kept = (f"{run_dir / 'checkpoint.pt'} keeps the last good state" if (run_dir / "checkpoint.pt").exists()
+                else "no checkpoint had been saved yet")
+        raise UserError(f"{error}; training stopped and {kept}. Lower --lr or --beta, or check the data") from None
     writer.close()
     return 0
 

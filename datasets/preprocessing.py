@@ -11,6 +11,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -39,23 +40,68 @@ def flowers102_urls():
     return [Flowers102._download_url_prefix + name for name, _ in Flowers102._file_dict.values()]
 
 
-def download_flowers102(data_dir):
-    """Download and verify Flowers102 into DATA_DIR/flowers-102 with torchvision (once)."""
+def download_flowers102(data_dir, missing="no data"):
+    """Download and verify Flowers102 into DATA_DIR/flowers-102 with torchvision.
+
+    torchvision checks a file's md5 only after writing it in place and extracts the archive straight into
+    its folder, so a failed or killed download can leave a jpg/ folder and .mat files that look complete.
+    Everything therefore lands in DATA_DIR/.flowers-102-download first and moves into flowers-102 only once
+    every file has passed its checksum, setid.mat last (its presence is what marks the folder complete).
+    Files that fail their checksum are deleted, so the next attempt fetches them again.
+    `missing` says what was absent, for the error message.
+    """
     from torchvision.datasets import Flowers102
 
     target = flowers_folder(data_dir)
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    staging_root = Path(data_dir) / ".flowers-102-download"
+    staged = flowers_folder(staging_root)
     try:
-        Flowers102(root=str(data_dir), split="train", download=True)
-    except (OSError, RuntimeError) as error:
-        urls = " ".join(flowers102_urls())
+        staging_root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"Flowers102 is not in {target} ({missing}) and {staging_root} cannot be created to "
+                        f"download it ({error.strerror}); pass a writable --data-dir") from None
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # offline or a dead mirror fails within a minute, never hangs
+    try:
+        Flowers102(root=str(staging_root), split="train", download=True)
+    except Exception as error:  # urllib, http.client, tarfile and torchvision's checksum error have no common base
+        corrupt = _remove_corrupt_downloads(staged)
+        for folder in (staged, staging_root):  # keep what a retry can reuse, but leave no empty folders behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        reason = (f"checksum mismatch for {', '.join(corrupt)}, deleted" if corrupt
+                  else f"{type(error).__name__}: {error}")
         raise UserError(
-            f"Flowers102 is not in {target} and could not be downloaded ({error}). Download {urls} by hand, "
-            f"extract 102flowers.tgz into {target} (giving {target / 'jpg'}) and put the two .mat files beside "
-            f"it, or pass --data-dir pointing at a folder that holds flowers-102/") from None
+            f"Flowers102 is not in {target} ({missing}) and could not be downloaded ({reason}). Download "
+            f"{' '.join(flowers102_urls())} by hand, extract 102flowers.tgz into {target} (giving "
+            f"{target / 'jpg' / 'image_00001.jpg'} ...) and put imagelabels.mat and setid.mat beside jpg/, "
+            f"or pass --data-dir pointing at a folder that holds flowers-102/") from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
+    _move_into_place(staged, target)
+    shutil.rmtree(staging_root, ignore_errors=True)  # the verified archive is no longer needed
+
+
+def _remove_corrupt_downloads(folder):
+    """Delete downloaded files whose md5 is not torchvision's; returns their names."""
+    from torchvision.datasets import Flowers102
+    from torchvision.datasets.utils import check_integrity
+
+    corrupt = []
+    for name, md5 in Flowers102._file_dict.values():
+        path = Path(folder) / name
+        if path.is_file() and not check_integrity(str(path), md5):
+            path.unlink()
+            corrupt.append(name)
+    return corrupt
+
+
+def _move_into_place(staged, target):
+    (target / "jpg").mkdir(parents=True, exist_ok=True)
+    for image in (staged / "jpg").iterdir():
+        os.replace(image, target / "jpg" / image.name)
+    for name in ("imagelabels.mat", "setid.mat"):
+        os.replace(staged / name, target / name)
 
 
 def flowers102_files(data_dir, split, download=True):
@@ -64,25 +110,30 @@ def flowers102_files(data_dir, split, download=True):
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLIT_KEYS)}")
     folder = flowers_folder(data_dir)
     setid_path = folder / "setid.mat"
-    if not setid_path.is_file() or not (folder / "jpg").is_dir():
+    absent = [name for name, present in (("setid.mat", setid_path.is_file()), ("jpg/", (folder / "jpg").is_dir()))
+              if not present]
+    if absent:
+        missing = f"no {' and no '.join(absent)} there"
         if not download:
-            raise UserError(f"no Flowers102 data in {folder}: expected setid.mat and jpg/ there")
-        download_flowers102(data_dir)
+            raise UserError(f"no Flowers102 data in {folder} ({missing}); place setid.mat and jpg/ there or pass "
+                            f"--data-dir pointing at a folder that holds flowers-102/")
+        download_flowers102(data_dir, missing)
     from scipy.io import loadmat
 
     try:
         ids = loadmat(setid_path, squeeze_me=True)[SPLIT_KEYS[split]]
     except Exception as error:  # scipy raises several types for a damaged or foreign .mat file
-        raise UserError(f"cannot read the split {split!r} from {setid_path} ({error}); replace it with "
-                        f"Flowers102's official setid.mat") from None
+        raise UserError(f"cannot read the split {split!r} from {setid_path} ({type(error).__name__}: {error}); "
+                        f"replace it with Flowers102's official setid.mat") from None
     files = [folder / "jpg" / f"image_{int(i):05d}.jpg" for i in np.atleast_1d(ids)]
+    if not files:
+        raise UserError(f"the {split!r} split in {setid_path} lists no images; replace it with Flowers102's "
+                        f"official setid.mat or choose another split")
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise UserError(f"{len(missing)} of the {len(files)} images of the {split!r} split are missing, e.g. "
                         f"{missing[0]}; re-extract 102flowers.tgz into {folder}, or train/evaluate on a split "
                         f"that is complete (--split, --eval-split, --holdout)")
-    if not files:
-        raise UserError(f"the {split!r} split in {setid_path} lists no images")
     return files
 
 

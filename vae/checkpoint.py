@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae.errors import UserError
+from vae.errors import TrainingDiverged, UserError
 
 FORMAT_VERSION = 1
 MODEL_TYPE = "vae"
@@ -38,14 +38,17 @@ def git_sha():
 def library_versions():
     import torchvision
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "numpy": np.__version__}
 
 
 def rng_state():
     numpy_state = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     state = {
-        "python": pickle.dumps(random.getstate()).hex(),  # a str keeps the checkpoint weights_only-loadable
+        # Plain ints and a tensor, never pickled bytes: restoring must not unpickle anything a file supplies.
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
         "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "position": int(numpy_state[2]),
                   "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
         "torch": torch.get_rng_state(),
@@ -55,8 +58,33 @@ def rng_state():
     return state
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Reads pickles of tuples, ints, floats and None only: any class or function reference is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's RNG state")
+
+
+def _python_rng_state(saved):
+    if isinstance(saved, dict):
+        return saved["version"], tuple(int(v) for v in saved["internal"].tolist()), saved["gauss_next"]
+    # Checkpoints of format 1 written before this change stored random.getstate() as a hex-encoded pickle;
+    # it is read with an unpickler that can build plain data but can never import and call anything.
+    import io
+
+    try:
+        return _PlainDataUnpickler(io.BytesIO(bytes.fromhex(saved))).load()
+    except (pickle.UnpicklingError, ValueError, EOFError, TypeError) as error:
+        raise UserError(f"the checkpoint's Python RNG state is not plain data ({error}); "
+                        f"it was not written by vae_training.py") from None
+
+
 def set_rng_state(state):
-    random.setstate(pickle.loads(bytes.fromhex(state["python"])))
+    try:
+        random.setstate(_python_rng_state(state["python"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise UserError(f"the checkpoint's Python RNG state is malformed ({error}); it was not written by "
+                        f"vae_training.py") from None
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
@@ -68,11 +96,24 @@ def set_rng_state(state):
 def save_checkpoint(path, **contents):
     """Write {format_version, model_type, versions, git_sha, **contents} to path atomically."""
     path = Path(path)
+    # A checkpoint with NaN or infinite weights would overwrite the last good one with a run that cannot recover.
+    model = contents.get("model") or {}
+    broken = next((name for name, tensor in model.items()
+                   if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if broken is not None:
+        raise TrainingDiverged(f"the parameter {broken} became non-finite by step {contents.get('step', '?')}")
     checkpoint = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "versions": library_versions(),
                   "git_sha": git_sha(), **contents}
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _allow_torch_version():

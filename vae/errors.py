@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A problem with the user's input (data, arguments, files); the message names it and the fix."""
+
+
+class TrainingDiverged(Exception):
+    """The loss or the parameters became NaN or infinite; the run stops before saving them."""

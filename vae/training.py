@@ -90,3 +90,36 @@ class Timer:
             return False
         self.last = time.monotonic()
         return True
+
+
+def rng_untouched(device):
+    """A context that restores the global torch RNG (CPU, and the CUDA device in use) on exit.
+
+    Evaluation samples z from the same generator as training; inside this context it leaves the training
+    stream where it was, so an evaluation after a mid-epoch stop (--max-steps) cannot make the resumed run
+    diverge from an uninterrupted one, and evaluating more or less never changes what training does.
+    """
+    device = torch.device(device)
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda_devices)
+
+
+def purge_scalar_curves(writer, main_tag, names, purge_step):
+    """Make TensorBoard drop the `add_scalars(main_tag, ...)` points at or after purge_step from earlier sessions.
+
+    SummaryWriter(purge_step=...) writes that marker into the main run only, but add_scalars gives every curve
+    a sub-run of its own (LOG_DIR/RUN/<main_tag>_<name>/). A run that crashed after its last checkpoint had
+    already logged the steps the resumed run repeats; without the marker each of those would appear twice.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+    from torch.utils.tensorboard.writer import FileWriter
+
+    log_dir = writer._get_file_writer().get_logdir()
+    for name in names:
+        # The sub-run's folder exactly as SummaryWriter.add_scalars names it, so later points go to this writer.
+        folder = log_dir + "/" + main_tag.replace("/", "_") + "_" + name
+        if folder not in writer.all_writers:
+            writer.all_writers[folder] = FileWriter(folder, writer.max_queue, writer.flush_secs,
+                                                    writer.filename_suffix)
+        writer.all_writers[folder].add_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
