@@ -98,8 +98,8 @@ def save_checkpoint(path, **contents):
     path = Path(path)
     # A checkpoint with NaN or infinite weights would overwrite the last good one with a run that cannot recover.
     model = contents.get("model") or {}
-    broken = next((name for name, tensor in model.items()
-                   if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    broken = next((name for name, tensor in model.items() if torch.is_tensor(tensor)
+                   and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
     if broken is not None:
         raise TrainingDiverged(f"the parameter {broken} became non-finite by step {contents.get('step', '?')}")
     checkpoint = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "versions": library_versions(),
