@@ -11,8 +11,10 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from vae.errors import UserError
 
 SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
 RESIZE_METHOD = "jpeg-draft-2x+bilinear-antialias"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # bumped whenever the cached payload changes, so old files are rebuilt
 DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -139,47 +141,82 @@ def flowers102_files(data_dir, split, download=True):
 
 # --------------------------------------------------------------------------------------------- images
 
+def _height_width(resolution):
+    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+
+
+def decode_rgb(path, resolution):
+    """Decode an image file to a uint8 numpy array (H, W, 3): JPEG draft, then antialiased bilinear resize.
+
+    Transparent pixels are composited on white. Raises UserError naming the file when it cannot be decoded.
+    """
+    height, width = _height_width(resolution)
+    try:
+        with Image.open(path) as image:
+            # JPEG only (a no-op otherwise): let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below twice the
+            # target, so the antialiased resize still sees enough pixels and the result stays within about
+            # 1/255 of resizing the full-size image, at a fraction of the decoding time.
+            image.draft("RGB", (2 * width, 2 * height))
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            # PIL's bilinear resize widens its kernel when shrinking (antialiasing), as torchvision's Resize does.
+            image = image.convert("RGB").resize((width, height), Image.BILINEAR)
+            return np.array(image)  # a writable copy, which torch.from_numpy expects
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"cannot read image {path}: {error}. Replace or delete the file") from None
+
+
 def load_image(path, resolution):
     """Decode an image file (any size; JPEG, PNG, ...; RGBA and greyscale too) to a uint8 (3, H, W) tensor.
 
     This is the preprocessing of training, so a user's photo is seen exactly as the training images were.
     """
-    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (2 * width, 2 * height))  # JPEG only: decode at a reduced scale, >= 2x target
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            image = image.convert("RGB").resize((width, height), Image.BILINEAR)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise UserError(f"cannot read image {path}: {error}. Replace or delete the file") from None
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return torch.from_numpy(decode_rgb(path, resolution)).permute(2, 0, 1)
 
 
-def _load_or_none(job):
+def _decode_or_none(job):
+    # Runs in the worker processes. It returns a numpy array, not a tensor: torch would send a tensor between
+    # processes through a shared-memory segment per image, which costs more than decoding a 32x32 image.
     path, resolution, skip_bad = job
     try:
-        return load_image(path, resolution)
+        return decode_rgb(path, resolution)
     except UserError:
         if skip_bad:
             return None
         raise
 
 
+def _pool_context():
+    # fork starts workers in milliseconds and they inherit the imports; spawn is the fallback where there is
+    # no fork (Windows).
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
 def decode_images(files, resolution, num_workers=1, skip_bad_images=False, description="decoding"):
-    """Decode files in parallel into a uint8 tensor (N, 3, H, W); returns (images, files kept)."""
+    """Decode files (in num_workers processes) into a uint8 tensor (N, 3, H, W); returns (images, files kept).
+
+    Unreadable files raise UserError naming the file, or are left out with skip_bad_images.
+    """
     jobs = [(f, resolution, skip_bad_images) for f in files]
     progress = dict(total=len(jobs), desc=description, unit="img", leave=False)
-    if num_workers > 1 and len(jobs) > 64:
-        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            decoded = list(tqdm(pool.imap(_load_or_none, jobs, chunksize=16), **progress))
+    num_workers = max(1, min(num_workers, len(jobs) // 64))  # a pool does not pay for itself on a few images
+    if num_workers > 1:
+        # Large chunks keep the inter-process traffic low; about 8 chunks per worker still balances the load
+        # and lets the progress bar move.
+        chunksize = max(1, min(256, len(jobs) // (8 * num_workers)))
+        with _pool_context().Pool(num_workers) as pool:
+            decoded = list(tqdm(pool.imap(_decode_or_none, jobs, chunksize=chunksize), **progress))
     else:
-        decoded = [_load_or_none(job) for job in tqdm(jobs, **progress)]
-    kept = [(f, image) for f, image in zip(files, decoded) if image is not None]
+        decoded = [_decode_or_none(job) for job in tqdm(jobs, **progress)]
+    kept = [i for i, image in enumerate(decoded) if image is not None]
     if not kept:
         raise UserError(f"none of the {len(files)} images could be read, e.g. {files[0]}")
-    return torch.stack([image for _, image in kept]), [f for f, _ in kept]
+    height, width = _height_width(resolution)
+    images = torch.empty((len(kept), 3, height, width), dtype=torch.uint8)
+    for row, i in enumerate(kept):
+        images[row] = torch.from_numpy(decoded[i]).permute(2, 0, 1)
+    return images, [files[i] for i in kept]
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -189,38 +226,118 @@ def default_cache_dir():
 
 
 def cache_key(split, resolution, files, skip_bad_images=False):
-    """Changes whenever the split, resolution, resize method or any file (name, size, mtime) changes."""
-    stats = [(Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    """16 hex digits that change whenever the split, resolution, resize method or any file (its name, size in
+    bytes or modification time in ns) changes."""
+    stats = []
+    for f in files:  # os.path, not pathlib: building 8,189 Path objects would take longer than loading the cache
+        stat = os.stat(f)
+        stats.append((os.path.basename(f), stat.st_size, stat.st_mtime_ns))
     payload = json.dumps([CACHE_FORMAT, split, resolution, RESIZE_METHOD, skip_bad_images, stats])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def cache_path(data_dir, split, resolution, files, cache_dir="", skip_bad_images=False):
-    """Next to the data when that folder is writable, else in cache_dir (default ~/.cache/vae-flowers)."""
-    folder = flowers_folder(data_dir) / "cache"
-    if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
-        folder = Path(cache_dir) if cache_dir else default_cache_dir()
+def _may_write(folder):
+    """Whether files may be created in folder. A folder without any write-permission bit counts as read-only
+    even for root (whom os.access lets write anywhere), so a data set marked read-only is never written into."""
+    try:
+        return os.access(folder, os.W_OK) and bool(os.stat(folder).st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def _cache_prefix(data_dir, split, resolution, in_shared_folder):
+    size = "x".join(map(str, _height_width(resolution)))
+    prefix = f"flowers102-{split}-{size}px"
+    if in_shared_folder:
+        # One cache folder serves every data root that is not writable; the root's own id keeps their caches
+        # apart, so refreshing one root's cache never evicts another's.
+        root = str(flowers_folder(data_dir).resolve())
+        prefix += "-" + hashlib.sha256(root.encode()).hexdigest()[:8]
+    return prefix
+
+
+def _cache_locations(data_dir, split, resolution, key, cache_dir="", next_to_data=True):
+    """(paths to look for the cache in, paths to write it to), each in order of preference."""
+    shared_folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    in_shared = shared_folder / f"{_cache_prefix(data_dir, split, resolution, True)}-{key}.pt"
+    if not next_to_data:
+        return [in_shared], [in_shared]
+    data_folder = flowers_folder(data_dir)
+    beside = data_folder / "cache" / f"{_cache_prefix(data_dir, split, resolution, False)}-{key}.pt"
+    writable = _may_write(data_folder) and (not beside.parent.exists() or _may_write(beside.parent))
+    return [beside, in_shared], ([beside] if writable else []) + [in_shared]
+
+
+def cache_path(data_dir, split, resolution, files, cache_dir="", skip_bad_images=False, next_to_data=True):
+    """Where the cache of these files is written: DATA_DIR/flowers-102/cache/ when the data folder is writable,
+    else cache_dir (default ~/.cache/vae-flowers). next_to_data=False always picks cache_dir."""
     key = cache_key(split, resolution, files, skip_bad_images)
-    return folder / f"flowers102-{split}-{resolution}px-{key}.pt"
+    return _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data)[1][0]
 
 
-def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip_bad_images=False):
-    """The split as a uint8 tensor (N, 3, R, R), decoded once and then loaded from the on-disk cache."""
+def _read_cache(path, key, resolution):
+    """The cached uint8 images (N, 3, H, W), or None when path is missing, damaged or holds another cache."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception:  # torch.load raises many types for a truncated or foreign file; such a cache is rebuilt
+        print(f"the image cache {path} is damaged; rebuilding it", file=sys.stderr)
+        return None
+    images = payload.get("images") if isinstance(payload, dict) else None
+    if (not isinstance(payload, dict) or payload.get("key") != key or not isinstance(images, torch.Tensor)
+            or images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, *_height_width(resolution))):
+        return None
+    return images
+
+
+def _write_cache(path, payload):
+    """Write atomically (a reader never sees half a file), then delete this split and resolution's older caches
+    in the same folder, so rebuilding after a data change does not leave the old file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    prefix = path.name[:-len("-0123456789abcdef.pt")]
+    pattern = re.compile(re.escape(prefix) + r"-[0-9a-f]{16}\.pt")
+    for old in path.parent.glob(prefix + "-*.pt"):
+        if old != path and pattern.fullmatch(old.name):
+            old.unlink(missing_ok=True)
+
+
+def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip_bad_images=False,
+                  next_to_data=True):
+    """The split as a uint8 tensor (N, 3, H, W), decoded once and then loaded from the on-disk cache.
+
+    The cache (N * 3 * H * W bytes: 25 MB for 8,189 images at 32x32) lies next to the data when that folder is
+    writable, else in cache_dir; it is rebuilt whenever cache_key changes. next_to_data=False keeps it in
+    cache_dir. A cache that cannot be written is reported and the decoded images are returned anyway.
+    """
     files = flowers102_files(data_dir, split)
-    path = cache_path(data_dir, split, resolution, files, cache_dir, skip_bad_images)
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=True)["images"]
-        except Exception:  # an unreadable cache is rebuilt, never trusted
-            pass
+    key = cache_key(split, resolution, files, skip_bad_images)
+    read_from, write_to = _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data)
+    for path in read_from:
+        images = _read_cache(path, key, resolution)
+        if images is not None:
+            return images
     images, kept = decode_images(files, resolution, num_workers, skip_bad_images,
                                  description=f"caching {split} {resolution}px")
     if len(kept) < len(files):
-        print(f"skipped {len(files) - len(kept)} unreadable image(s) of the {split!r} split")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"images": images, "files": [f.name for f in kept]}, temporary)
-    os.replace(temporary, path)
+        print(f"skipped {len(files) - len(kept)} unreadable image(s) of the {split!r} split", file=sys.stderr)
+    payload = {"key": key, "images": images, "files": [f.name for f in kept]}
+    errors = []
+    for path in write_to:
+        try:
+            _write_cache(path, payload)
+            break
+        except OSError as error:
+            errors.append(f"{path}: {error.strerror or error}")
+    else:
+        print(f"could not write the image cache ({'; '.join(errors)}); the images will be decoded again next "
+              f"time. Pass a writable --cache-dir", file=sys.stderr)
     return images
 
 
@@ -248,6 +365,8 @@ class ImageBatches:
     """
 
     def __init__(self, images, batch_size, device, shuffle=True, seed=0, rank=0, world_size=1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         # On a GPU the whole uint8 set (100 MB for 8,189 images at 64x64) lives there: no copy per batch.
         self.images = images.to(device) if torch.device(device).type == "cuda" else images
         self.batch_size = batch_size
@@ -258,6 +377,7 @@ class ImageBatches:
         self.world_size = world_size
 
     def indices(self, epoch):
+        """This rank's image indices for the epoch, in the order they are served."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(len(self.images), generator=generator)
@@ -266,9 +386,14 @@ class ImageBatches:
         return order[self.rank::self.world_size]
 
     def __len__(self):
-        return math.ceil(len(self.indices(0)) / self.batch_size)
+        """Batches per epoch on this rank (the last one may be smaller)."""
+        return math.ceil(len(range(self.rank, len(self.images), self.world_size)) / self.batch_size)
 
     def epoch(self, epoch, start_batch=0):
+        """Yield the epoch's float batches (B, 3, H, W) in [0, 1] on the device, skipping the first start_batch.
+
+        The uint8 batch crosses to the device and is converted there: a quarter of the bytes of a float copy.
+        """
         order = self.indices(epoch)
         for start in range(start_batch * self.batch_size, len(order), self.batch_size):
             batch = self.images[order[start:start + self.batch_size]]
