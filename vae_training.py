@@ -43,13 +43,34 @@ def parse_args(argv=None):
     parser.add_argument("--resume", default="", help="continue a run from its checkpoint: a path, or 'auto' "
                         "for LOG_DIR/RUN_NAME/checkpoint.pt (starts afresh when there is none yet)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--config", default="", help="a JSON file of settings (e.g. recipes/recommended.json); "
+                        "flags on the command line override it")
+    from_file = load_config_file(parser, parser.parse_known_args(argv)[0].config)
+    parser.set_defaults(**from_file)
     args = parser.parse_args(argv)
     unset = object()
     parser.set_defaults(**{f.name: unset for f in dataclasses.fields(TrainConfig)})
     # --resume and --debug are not settings of the run: only config flags count as given explicitly.
     explicit = {name for name, value in vars(parser.parse_args(argv)).items()
                 if value is not unset and name in TrainConfig.__dataclass_fields__}
-    return config_from_args(args), args, explicit
+    return config_from_args(args), args, explicit | set(from_file)
+
+
+def load_config_file(parser, path):
+    """Settings from a JSON file ({"likelihood": "gaussian-learned", "batch-norm": true, ...}); {} without one."""
+    if not path:
+        return {}
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"cannot read --config {path}: {error}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path} must hold a JSON object of settings")
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        parser.error(f"--config {path} has unknown settings: {', '.join(unknown)} (see --help for the flags)")
+    return values
 
 
 def seed_everything(seed):

@@ -109,3 +109,16 @@ def test_batch_norm_models_evaluate_with_running_statistics():
     after = [m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert model.training  # evaluate puts the mode back
+
+
+def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    from vae_training import parse_args
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text('{"likelihood": "gaussian-learned", "batch-norm": true, "beta": 1.0}')
+    config, _, explicit = parse_args(["--config", str(recipe), "--beta", "0.5"])
+    assert (config.likelihood, config.batch_norm, config.beta, config.latent_size) == ("gaussian-learned", True, 0.5, 10)
+    assert {"likelihood", "batch_norm", "beta"} <= explicit
+    recipe.write_text('{"latent-sise": 3}')
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(recipe)])
