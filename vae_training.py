@@ -24,17 +24,18 @@ from tqdm import tqdm
 from datasets.preprocessing import ImageBatches, cached_images, holdout_split, to_float
 from vae.checkpoint import (git_sha, library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                             unwrap)
+from vae import distributed
 from vae.config import TrainConfig, build_parser, config_from_args
 from vae.errors import TrainingDiverged, UserError
 from vae.losses import ELBOLoss, kl_per_dimension, reconstruction_loss, reconstruction_nll, sum_squared_error
-from vae.metrics import active_units, posterior_variance, psnr_db
+from vae.metrics import ACTIVE_UNIT_THRESHOLD, psnr_db
 from vae.schedules import schedule_for
-from vae.training import StopRequest, Timer, pick_device, purge_scalar_curves, rng_untouched, validate_config
+from vae.training import StopRequest, Timer, purge_scalar_curves, rng_untouched, validate_config
 from vae.vae import build_model
 
 # Flags that may change when a run is resumed; any other difference would silently make it another run.
 RESUMABLE_FLAGS = {"epochs", "max_steps", "log_dir", "num_workers", "device", "checkpoint_every", "run_name",
-                   "cache_dir"}
+                   "cache_dir", "amp", "compile"}
 
 
 def parse_args(argv=None):
@@ -100,20 +101,24 @@ def load_data(config):
 
 
 def train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, schedule=None, writer=None, stop=None,
-                    on_timer=None, max_steps=0):
+                    on_timer=None, max_steps=0, amp=False, show_progress=True):
     """One pass over the training batches, starting at state['batch'] (non-zero when resumed mid-epoch).
 
     Updates state['step'] and state['batch'] after every step; returns the last step's losses and the mean
-    gradient norm. Stops early (state['batch'] then tells where) when `stop` is requested or max_steps is reached.
+    gradient norm. Stops early (state['batch'] then tells where) when `stop` is requested on any process or
+    max_steps is reached. amp runs the model under bf16 autocast; the loss is always computed in float32.
     """
     model.train()
     progress = tqdm(batches.epoch(epoch, start_batch=state["batch"]), total=len(batches), initial=state["batch"],
-                    desc=f"epoch {epoch + 1}", leave=False, mininterval=1.0, dynamic_ncols=True)
+                    desc=f"epoch {epoch + 1}", leave=False, mininterval=1.0, dynamic_ncols=True,
+                    disable=not show_progress)
     losses, grad_norms = {}, []
     for x in progress:
         if schedule is not None:
             loss_fn.beta = schedule(state["step"])
-        _, kl, reconstruction, total = loss_fn(x, *model(x), log_sigma=unwrap(model).log_sigma())
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = model(x)
+        _, kl, reconstruction, total = loss_fn(x, *(t.float() for t in outputs), log_sigma=unwrap(model).log_sigma())
         if not torch.isfinite(total):
             raise TrainingDiverged(f"the loss became {total.item()} at step {state['step'] + 1} (epoch {epoch + 1})")
         optimizer.zero_grad(set_to_none=True)
@@ -127,7 +132,8 @@ def train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, schedule=N
             writer.add_scalars("loss", losses, state["step"])
         progress.set_postfix(rec=f"{losses['Reconstruction Loss']:.1f}", kl=f"{losses['KL Loss']:.2f}",
                              total=f"{losses['Total Loss']:.1f}", refresh=False)
-        if (stop is not None and stop.requested) or (max_steps and state["step"] >= max_steps):
+        if distributed.any_process(stop is not None and stop.requested, x.device) or \
+                (max_steps and state["step"] >= max_steps):
             break
         if on_timer is not None:
             on_timer()
@@ -143,41 +149,51 @@ def evaluate(model, batches, beta):
     kl and reconstruction are the training terms and total = beta * kl + reconstruction (no free bits);
     neg_elbo_nats is the beta = 1 negative ELBO under the model's likelihood (one z per image); psnr_db
     compares reconstructions decoded from the posterior mean; active_units, kl_per_dim and posterior_std
-    diagnose posterior collapse.
+    diagnose posterior collapse. Under torchrun each process evaluates its shard and the sums are reduced.
     """
     was_training = model.training
-    model.eval()
     model = unwrap(model)
+    model.eval()
     log_sigma = model.log_sigma()
-    totals = {"kl": 0.0, "reconstruction": 0.0, "neg_elbo_nats": 0.0, "squared_error": 0.0, "posterior_std": 0.0}
-    means, kl_dims, count = [], 0.0, 0
+    names = ("kl", "reconstruction", "neg_elbo_nats", "squared_error", "posterior_std", "count")
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+    # Per latent dimension: summed KL, and the first two moments of the posterior means (for their variance).
+    moments = torch.zeros(3, model.latent_size, dtype=torch.float64, device=device)
     for x in batches.epoch(0):
         mean, log_var = model.encode(x)
         reconstruction = model.decode(model.sample_latent(mean, log_var))
         kl = kl_per_dimension(mean, log_var)
-        totals["kl"] += kl.sum().item()
-        totals["reconstruction"] += reconstruction_loss(x, reconstruction, model.likelihood, log_sigma).sum().item()
-        totals["neg_elbo_nats"] += (reconstruction_nll(x, reconstruction, model.likelihood, log_sigma)
-                                    + kl.sum(dim=1)).sum().item()
-        totals["squared_error"] += sum_squared_error(x, model.decode(mean)).sum().item()
-        totals["posterior_std"] += log_var.mul(0.5).exp().mean(dim=1).sum().item()
-        kl_dims = kl_dims + kl.sum(dim=0)
-        means.append(mean.cpu())
-        count += len(x)
+        sums += torch.stack([
+            kl.sum(),
+            reconstruction_loss(x, reconstruction, model.likelihood, log_sigma).sum(),
+            (reconstruction_nll(x, reconstruction, model.likelihood, log_sigma) + kl.sum(dim=1)).sum(),
+            sum_squared_error(x, model.decode(mean)).sum(),
+            log_var.mul(0.5).exp().mean(dim=1).sum(),
+            torch.tensor(float(len(x)), device=device),
+        ]).double()
+        moments += torch.stack([kl.sum(dim=0), mean.sum(dim=0), mean.pow(2).sum(dim=0)]).double()
+        pixels = x[0].numel()
+    distributed.all_reduce_sum(sums)
+    distributed.all_reduce_sum(moments)
     model.train(was_training)
+    totals = dict(zip(names, sums.tolist()))
+    count = totals.pop("count")
     metrics = {name: value / count for name, value in totals.items()}
     metrics["total"] = beta * metrics["kl"] + metrics["reconstruction"]
-    metrics["psnr_db"] = psnr_db(metrics.pop("squared_error") / x[0].numel())
-    means = torch.cat(means)
-    metrics["active_units"] = active_units(means)
-    metrics["kl_per_dim"] = (kl_dims / count).cpu().tolist()
-    metrics["posterior_mean_variance"] = posterior_variance(means).tolist()
+    metrics["psnr_db"] = psnr_db(metrics.pop("squared_error") / pixels)
+    kl_sum, mean_sum, mean_square_sum = moments
+    variance = (mean_square_sum - mean_sum.pow(2) / count) / max(count - 1, 1)
+    metrics["active_units"] = int((variance > ACTIVE_UNIT_THRESHOLD).sum())
+    metrics["kl_per_dim"] = (kl_sum / count).tolist()
+    metrics["posterior_mean_variance"] = variance.tolist()
     return metrics
 
 
 @torch.no_grad()
 def log_grids(writer, model, fixed_images, fixed_noise, epoch):
     """originals, reconstructions (decoded from the posterior mean) and prior samples, same inputs every epoch."""
+    model = unwrap(model)
     was_training = model.training
     model.eval()
     nrow = max(1, int(math.sqrt(len(fixed_images))))
@@ -261,25 +277,22 @@ def train(config, resume="", explicit=None):
     """The whole run. Returns the exit code: 0, or 130/143 when stopped by SIGINT/SIGTERM.
 
     explicit: the flags the user gave (None: every field of config counts as given, as from Python).
+    Under torchrun every process calls this; it joins the process group and leaves it at the end.
     """
     explicit = {f.name for f in dataclasses.fields(TrainConfig)} if explicit is None else explicit
     checkpoint, config = resolve_resume(resume, config, explicit)
     validate_config(config)
-    if not config.run_name:
-        config.run_name = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    run_dir = Path(config.log_dir) / config.run_name
-    check_writable(run_dir)
-    device = pick_device(config.device)
-    seed_everything(config.seed)
+    process = distributed.setup(config.device)
+    try:
+        return run(config, checkpoint, resume, process)
+    finally:
+        distributed.teardown()
 
-    train_images, eval_images = load_data(config)
-    model = build_model(config).to(device)
+
+def prepare_model(config, process, checkpoint, resume):
+    """(model, optimizer): built from the config, restored from the checkpoint, wrapped for DDP/compile."""
+    model = build_model(config).to(process.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loss_fn = ELBOLoss(config.beta, config.likelihood, config.free_bits)
-    batches = ImageBatches(train_images, config.batch_size, device, shuffle=True, seed=config.seed)
-    schedule = schedule_for(config, len(batches))
-    state = {"epoch": 0, "step": 0, "batch": 0, "best_eval": math.inf}
-    metrics = None
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])
@@ -287,31 +300,75 @@ def train(config, resume="", explicit=None):
             raise UserError(f"{resume} does not fit the model its config describes ({str(error).splitlines()[0]}); "
                             f"start a new run") from None
         optimizer.load_state_dict(checkpoint["optimizer"])
+    if process.distributed:
+        device_ids = [process.device.index] if process.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if config.compile:
+        model = torch.compile(model)
+    return model, optimizer
+
+
+def run(config, checkpoint, resume, process):
+    main = process.is_main
+    say = print if main else (lambda *args, **kwargs: None)
+    if not config.run_name:
+        config.run_name = distributed.broadcast_object(datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    run_dir = Path(config.log_dir) / config.run_name
+    if main:
+        check_writable(run_dir)
+    device = process.device
+    if config.amp and device.type != "cuda":
+        raise UserError(f"--amp (bf16 autocast) needs a CUDA device, not {device.type}; drop --amp")
+    seed_everything(config.seed)
+
+    # The main process builds the image cache; the others wait and then load it.
+    if main:
+        train_images, eval_images = load_data(config)
+    distributed.barrier()
+    if not main:
+        train_images, eval_images = load_data(config)
+    model, optimizer = prepare_model(config, process, checkpoint, resume)
+    loss_fn = ELBOLoss(config.beta, config.likelihood, config.free_bits)
+    batches = ImageBatches(train_images, config.batch_size // process.world_size, device, shuffle=True,
+                           seed=config.seed, rank=process.rank, world_size=process.world_size)
+    schedule = schedule_for(config, len(batches))
+    state = {"epoch": 0, "step": 0, "batch": 0, "best_eval": math.inf}
+    metrics = None
+    if checkpoint is not None:
         schedule.load_state_dict(checkpoint["schedule"])
         state.update({k: checkpoint[k] for k in state})
         metrics = checkpoint.get("eval")
         set_rng_state(checkpoint["rng"])
-        print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    write_manifest(run_dir, config, resumed_from=resume if checkpoint is not None else None)
+        say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
+    if process.rank > 0:  # every process draws its own reparameterisation noise
+        torch.manual_seed(config.seed + 7919 * process.rank + state["step"])
+    if main:
+        write_manifest(run_dir, config, resumed_from=resume if checkpoint is not None else None)
 
-    eval_batches = None if eval_images is None else ImageBatches(eval_images, 256, device, shuffle=False)
+    eval_batches = None if eval_images is None else ImageBatches(
+        eval_images, 256, device, shuffle=False, rank=process.rank, world_size=process.world_size)
     grid_source = eval_images if eval_images is not None else train_images
     fixed_images = to_float(grid_source[:config.grid_size].to(device))
     fixed_noise = torch.randn(config.grid_size, config.latent_size,
                               generator=torch.Generator().manual_seed(config.seed)).to(device)
-    print(f"training on {len(train_images)} images ({device}), evaluating on "
-          f"{len(eval_images) if eval_images is not None else 0}; "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters; run folder {run_dir}")
+    parallel = f" x {process.world_size} processes" if process.distributed else ""
+    say(f"training on {len(train_images)} images ({device}{parallel}), evaluating on "
+        f"{len(eval_images) if eval_images is not None else 0}; "
+        f"{sum(p.numel() for p in unwrap(model).parameters()):,} parameters; run folder {run_dir}")
 
     def save(path):
-        save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-                        rng=rng_state(), config=dataclasses.asdict(config), eval=metrics, **state)
+        if main:
+            save_checkpoint(path, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+                            schedule=schedule.state_dict(), rng=rng_state(), config=dataclasses.asdict(config),
+                            eval=metrics, **state)
 
     timer = Timer(config.checkpoint_every)
-    # purge_step drops events a crashed run logged after its last checkpoint, so resumed curves have no duplicates.
-    writer = SummaryWriter(str(run_dir), purge_step=state["step"] + 1 if checkpoint is not None else None)
-    if checkpoint is not None:  # the per-curve sub-runs of add_scalars("loss", ...) need the purge marker too
-        purge_scalar_curves(writer, "loss", ("KL Loss", "Reconstruction Loss", "Total Loss"), state["step"] + 1)
+    writer = None
+    if main:
+        # purge_step drops events a crashed run logged after its last checkpoint: resumed curves have no duplicates.
+        writer = SummaryWriter(str(run_dir), purge_step=state["step"] + 1 if checkpoint is not None else None)
+        if checkpoint is not None:  # the per-curve sub-runs of add_scalars("loss", ...) need the purge marker too
+            purge_scalar_curves(writer, "loss", ("KL Loss", "Reconstruction Loss", "Total Loss"), state["step"] + 1)
     try:
         with StopRequest() as stop:
             while state["epoch"] < config.epochs:
@@ -319,45 +376,50 @@ def train(config, resume="", explicit=None):
                 started, first_step = time.perf_counter(), state["step"]
                 losses = train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, schedule, writer, stop,
                                          on_timer=lambda: timer.due() and save(run_dir / "checkpoint.pt"),
-                                         max_steps=config.max_steps)
+                                         max_steps=config.max_steps, amp=config.amp, show_progress=main)
                 elapsed = time.perf_counter() - started
-                if stop.requested:
+                if stop.requested or distributed.any_process(stop.requested, device):
                     save(run_dir / "checkpoint.pt")
-                    writer.close()
-                    print(f"\nstopped at step {state['step']}; checkpoint saved. Resume with: python vae_training.py "
-                          f"--resume {run_dir / 'checkpoint.pt'}", file=sys.stderr)
-                    return stop.exit_code
-                finished_epoch = state["batch"] >= len(batches)
-                if finished_epoch:
+                    say(f"\nstopped at step {state['step']}; checkpoint saved. Resume with: python vae_training.py "
+                        f"--resume {run_dir / 'checkpoint.pt'}", file=sys.stderr)
+                    return stop.exit_code if stop.requested else 143
+                if state["batch"] >= len(batches):
                     state["epoch"], state["batch"] = epoch + 1, 0
                 images_per_s = (state["step"] - first_step) * config.batch_size / max(elapsed, 1e-9)
-                log_diagnostics(writer, epoch + 1, images_per_s=images_per_s, kl_weight=loss_fn.beta,
-                                grad_norm=losses.pop("grad_norm"), lr=optimizer.param_groups[0]["lr"],
-                                sigma=unwrap(model).log_sigma())
                 line = (f"epoch {epoch + 1}/{config.epochs} step {state['step']}: reconstruction "
                         f"{losses.get('Reconstruction Loss', math.nan):.2f}  KL {losses.get('KL Loss', math.nan):.3f}  "
                         f"total {losses.get('Total Loss', math.nan):.2f}")
+                if main:
+                    log_diagnostics(writer, epoch + 1, images_per_s=images_per_s, kl_weight=loss_fn.beta,
+                                    grad_norm=losses.pop("grad_norm"), lr=optimizer.param_groups[0]["lr"],
+                                    sigma=unwrap(model).log_sigma())
                 if eval_batches is not None:
                     with rng_untouched(device):  # evaluating must not move the training RNG stream
                         metrics = evaluate(model, eval_batches, config.beta)
-                    log_evaluation(writer, epoch + 1, metrics)
                     line += (f" | eval -ELBO {metrics['neg_elbo_nats']:.1f} nats, {metrics['active_units']}/"
                              f"{config.latent_size} active units")
+                    if main:
+                        log_evaluation(writer, epoch + 1, metrics)
                     if metrics["neg_elbo_nats"] < state["best_eval"]:
                         state["best_eval"] = metrics["neg_elbo_nats"]
                         save(run_dir / "best.pt")
-                log_grids(writer, model, fixed_images, fixed_noise, epoch + 1)
-                writer.flush()
+                if main:
+                    log_grids(writer, model, fixed_images, fixed_noise, epoch + 1)
+                    writer.flush()
                 save(run_dir / "checkpoint.pt")
-                print(line + f"  ({images_per_s:.0f} img/s)")
+                say(line + f"  ({images_per_s:.0f} img/s)")
                 if config.max_steps and state["step"] >= config.max_steps:
                     break
     except TrainingDiverged as error:
-        writer.close()
         kept = (f"{run_dir / 'checkpoint.pt'} keeps the last good state" if (run_dir / "checkpoint.pt").exists()
                 else "no checkpoint had been saved yet")
         raise UserError(f"{error}; training stopped and {kept}. Lower --lr or --beta, or check the data") from None
-    writer.close()
+    finally:
+        if writer is not None:
+            writer.close()
+    if process.distributed:
+        in_sync = distributed.replicas_in_sync(unwrap(model), device)
+        say(f"parameters {'identical' if in_sync else 'DIFFER'} on all {process.world_size} processes")
     return 0
 
 

@@ -377,17 +377,23 @@ class ImageBatches:
         self.world_size = world_size
 
     def indices(self, epoch):
-        """This rank's image indices for the epoch, in the order they are served."""
+        """This rank's image indices for the epoch, in the order they are served.
+
+        When shuffling for several ranks the epoch is cut to a multiple of world_size (at most world_size - 1
+        images, different ones each epoch), so every rank takes the same number of steps, as DDP requires.
+        """
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(len(self.images), generator=generator)
+            order = order[:len(order) - len(order) % self.world_size]
         else:
             order = torch.arange(len(self.images))
         return order[self.rank::self.world_size]
 
     def __len__(self):
         """Batches per epoch on this rank (the last one may be smaller)."""
-        return math.ceil(len(range(self.rank, len(self.images), self.world_size)) / self.batch_size)
+        usable = len(self.images) - (len(self.images) % self.world_size if self.shuffle else 0)
+        return math.ceil(len(range(self.rank, usable, self.world_size)) / self.batch_size)
 
     def epoch(self, epoch, start_batch=0):
         """Yield the epoch's float batches (B, 3, H, W) in [0, 1] on the device, skipping the first start_batch.

@@ -173,14 +173,18 @@ def test_batches_are_seeded_per_epoch_and_cover_every_image_once():
     assert served(batches, 1, start_batch=7) == []
 
 
-def test_rank_shards_are_disjoint_and_cover_the_epoch():
-    shards = []
-    for rank in range(3):
-        batches = ImageBatches(numbered_images(100), 8, "cpu", seed=0, rank=rank, world_size=3)
-        shard = served(batches, 5)
-        assert len(shard) == len(batches)
-        shards.append([i for batch in shard for i in batch])
-    assert sum(len(s) for s in shards) == 100 and sorted(sum(shards, [])) == list(range(100))
+def test_rank_shards_are_disjoint_equal_and_cover_the_epoch_but_the_remainder():
+    for epoch in (5, 6):
+        shards = []
+        for rank in range(3):
+            batches = ImageBatches(numbered_images(100), 8, "cpu", seed=0, rank=rank, world_size=3)
+            shard = served(batches, epoch)
+            assert len(shard) == len(batches) == 5  # every rank takes the same number of steps, as DDP needs
+            shards.append([i for batch in shard for i in batch])
+        # 100 = 3 * 33 + 1: one shuffled image sits out each epoch, the rest are served exactly once.
+        assert [len(s) for s in shards] == [33] * 3 and len(set(sum(shards, []))) == 99
+    evaluation = [ImageBatches(numbered_images(100), 8, "cpu", shuffle=False, rank=r, world_size=3) for r in range(3)]
+    assert sorted(i for b in evaluation for batch in served(b, 0) for i in batch) == list(range(100))
     with pytest.raises(ValueError):
         ImageBatches(numbered_images(10), 8, "cpu", rank=3, world_size=3)
 

@@ -49,10 +49,13 @@ class TrainConfig:
     kl_ratio: float = _flag(0.5, "fraction of each cycle spent rising from 0 to --beta (the rest stays at --beta)")
     free_bits: float = _flag(0.0, "per-dimension floor (nats) on the batch-mean KL in the loss (Kingma et al. 2016)")
     lr: float = _flag(1e-4, "Adam learning rate")
-    batch_size: int = _flag(64, "images per optimisation step")
+    batch_size: int = _flag(64, "images per optimisation step, in total: under torchrun each of N processes "
+                            "takes BATCH_SIZE / N")
     epochs: int = _flag(500, "total number of epochs (a resumed run continues up to this)")
     max_steps: int = _flag(0, "stop after this many optimisation steps in total (0 = no limit; for smoke runs)")
     seed: int = _flag(0, "seed for initialisation, shuffling, hold-out and noise")
+    amp: bool = _flag(False, "bf16 autocast for the model on CUDA (the loss stays float32)")
+    compile: bool = _flag(False, "torch.compile the model (a one-off compilation, then faster steps)")
     device: str = _flag("auto", "where to train (auto: cuda, then mps, then cpu)",
                         choices=("auto", "cpu", "cuda", "mps"))
     # Output

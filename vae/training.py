@@ -1,5 +1,6 @@
 """Pieces of the training script that tests and the notebook import: device choice, validation, signals."""
 
+import os
 import signal
 import time
 
@@ -35,6 +36,9 @@ def validate_config(config):
         (config.beta >= 0, f"--beta must be >= 0, got {config.beta}"),
         (config.lr > 0, f"--lr must be > 0, got {config.lr}"),
         (config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}"),
+        (config.batch_size % int(os.environ.get("WORLD_SIZE", "1")) == 0,
+         f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
+         f"{os.environ.get('WORLD_SIZE')} processes torchrun started"),
         (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
         (config.max_steps >= 0, f"--max-steps must be >= 0, got {config.max_steps}"),
         (0 <= config.holdout < 1, f"--holdout must be in [0, 1), got {config.holdout}"),
