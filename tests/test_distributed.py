@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vae.vae import VAE
 from vae_training import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,3 +49,12 @@ def test_amp_without_cuda_is_a_one_line_error(flowers_root, tmp_path, capsys):
         pytest.skip("this machine has CUDA, where --amp is valid")
     code = main(["--data-dir", str(flowers_root), "--amp", "--device", "cpu", "--log-dir", str(tmp_path)])
     assert code == 2 and "--amp" in capsys.readouterr().err
+
+
+def test_compiled_training_saves_an_unwrapped_state_dict(flowers_root, tmp_path):
+    code = main(["--data-dir", str(flowers_root), "--compile", "--epochs", "1", "--batch-size", "16", "--device",
+                 "cpu", "--log-dir", str(tmp_path), "--run-name", "compiled", "--grid-size", "4", "--eval-size", "0"])
+    assert code == 0
+    checkpoint = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and checkpoint["config"]["compile"] is True
+    assert set(checkpoint["model"]) == set(VAE().state_dict())
