@@ -289,10 +289,18 @@ def train(config, resume="", explicit=None):
         distributed.teardown()
 
 
+def make_optimizer(model, config):
+    """Adam at --lr, except the learned decoder log sigma, a single scalar, at --sigma-lr."""
+    sigma = [p for name, p in model.named_parameters() if name == "raw_log_sigma"]
+    others = [p for name, p in model.named_parameters() if name != "raw_log_sigma"]
+    groups = [{"params": others}] + ([{"params": sigma, "lr": config.sigma_lr}] if sigma else [])
+    return torch.optim.Adam(groups, lr=config.lr)
+
+
 def prepare_model(config, process, checkpoint, resume):
     """(model, optimizer): built from the config, restored from the checkpoint, wrapped for DDP/compile."""
     model = build_model(config).to(process.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, config)
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])

@@ -122,3 +122,14 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     recipe.write_text('{"latent-sise": 3}')
     with pytest.raises(SystemExit):
         parse_args(["--config", str(recipe)])
+
+
+def test_the_learned_sigma_has_its_own_learning_rate():
+    from vae_training import make_optimizer
+
+    config = TrainConfig(likelihood="gaussian-learned", lr=1e-4, sigma_lr=1e-2)
+    model = build_model(config)
+    optimizer = make_optimizer(model, config)
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-4, 1e-2]
+    assert optimizer.param_groups[1]["params"] == [model.raw_log_sigma]
+    assert len(make_optimizer(build_model(TrainConfig()), TrainConfig()).param_groups) == 1

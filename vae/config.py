@@ -49,6 +49,9 @@ class TrainConfig:
     kl_ratio: float = _flag(0.5, "fraction of each cycle spent rising from 0 to --beta (the rest stays at --beta)")
     free_bits: float = _flag(0.0, "per-dimension floor (nats) on the batch-mean KL in the loss (Kingma et al. 2016)")
     lr: float = _flag(1e-4, "Adam learning rate")
+    sigma_lr: float = _flag(1e-2, "Adam learning rate of the learned log sigma (gaussian-learned): Adam moves a "
+                            "parameter by about its rate per step, so at --lr this one scalar would need "
+                            "thousands of steps to reach the error scale")
     batch_size: int = _flag(64, "images per optimisation step, in total: under torchrun each of N processes "
                             "takes BATCH_SIZE / N")
     epochs: int = _flag(500, "total number of epochs (a resumed run continues up to this)")
