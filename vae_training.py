@@ -119,7 +119,7 @@ def train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, schedule=N
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(x)
         _, kl, reconstruction, total = loss_fn(x, *(t.float() for t in outputs), log_sigma=unwrap(model).log_sigma())
-        if not torch.isfinite(total):
+        if distributed.any_process(not torch.isfinite(total), x.device):  # every process stops at the same step
             raise TrainingDiverged(f"the loss became {total.item()} at step {state['step'] + 1} (epoch {epoch + 1})")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -191,32 +191,36 @@ def evaluate(model, batches, beta):
 
 
 @torch.no_grad()
-def log_grids(writer, model, fixed_images, fixed_noise, epoch):
-    """originals, reconstructions (decoded from the posterior mean) and prior samples, same inputs every epoch."""
+def log_grids(writer, model, fixed_images, fixed_noise, step):
+    """originals, reconstructions (decoded from the posterior mean) and prior samples, same inputs every epoch.
+
+    Per-epoch logs use the global step as their x-axis, like the per-step losses: one axis for every curve, and
+    a resumed run's purge (at the checkpoint's step) removes whatever a crashed session logged after it.
+    """
     model = unwrap(model)
     was_training = model.training
     model.eval()
     nrow = max(1, int(math.sqrt(len(fixed_images))))
     reconstructions = model.decode(model.encode(fixed_images)[0])
-    writer.add_image("originals", make_grid(fixed_images, nrow=nrow), epoch)
-    writer.add_image("reconstructions", make_grid(reconstructions, nrow=nrow), epoch)
-    writer.add_image("samples", make_grid(model.decode(fixed_noise), nrow=nrow), epoch)
+    writer.add_image("originals", make_grid(fixed_images, nrow=nrow), step)
+    writer.add_image("reconstructions", make_grid(reconstructions, nrow=nrow), step)
+    writer.add_image("samples", make_grid(model.decode(fixed_noise), nrow=nrow), step)
     model.train(was_training)
 
 
-def log_diagnostics(writer, epoch, sigma=None, **scalars):
+def log_diagnostics(writer, step, sigma=None, **scalars):
     for name, value in scalars.items():
-        writer.add_scalar(f"train/{name}", value, epoch)
+        writer.add_scalar(f"train/{name}", value, step)
     if sigma is not None:
-        writer.add_scalar("train/decoder_sigma", sigma.exp().item(), epoch)
+        writer.add_scalar("train/decoder_sigma", sigma.exp().item(), step)
 
 
-def log_evaluation(writer, epoch, metrics):
+def log_evaluation(writer, step, metrics):
     for name, value in metrics.items():
         if isinstance(value, list):
-            writer.add_histogram(f"eval/{name}", torch.tensor(value), epoch)
+            writer.add_histogram(f"eval/{name}", torch.tensor(value), step)
         else:
-            writer.add_scalar(f"eval/{name}", value, epoch)
+            writer.add_scalar(f"eval/{name}", value, step)
 
 
 def resolve_resume(resume, config, explicit):
@@ -343,7 +347,9 @@ def run(config, checkpoint, resume, process):
     state = {"epoch": 0, "step": 0, "batch": 0, "best_eval": math.inf}
     metrics = None
     if checkpoint is not None:
-        schedule.load_state_dict(checkpoint["schedule"])
+        if checkpoint["schedule"] != schedule.state_dict():
+            say(f"the KL schedule now spans {schedule.total_steps} steps (it spanned "
+                f"{checkpoint['schedule'].get('total_steps')}): --epochs changed")
         state.update({k: checkpoint[k] for k in state})
         metrics = checkpoint.get("eval")
         set_rng_state(checkpoint["rng"])
@@ -379,14 +385,20 @@ def run(config, checkpoint, resume, process):
             purge_scalar_curves(writer, "loss", ("KL Loss", "Reconstruction Loss", "Total Loss"), state["step"] + 1)
     try:
         with StopRequest() as stop:
+            session_start = state["step"]
             while state["epoch"] < config.epochs:
+                if config.max_steps and state["step"] >= config.max_steps:
+                    if state["step"] == session_start:
+                        say(f"already at --max-steps {config.max_steps}; pass a larger --max-steps (or 0) to go on")
+                    break
                 epoch = state["epoch"]
                 started, first_step = time.perf_counter(), state["step"]
                 losses = train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, schedule, writer, stop,
                                          on_timer=lambda: timer.due() and save(run_dir / "checkpoint.pt"),
                                          max_steps=config.max_steps, amp=config.amp, show_progress=main)
                 elapsed = time.perf_counter() - started
-                if stop.requested or distributed.any_process(stop.requested, device):
+                # Every process takes part in the reduction, so a signal that reached only one still stops all.
+                if distributed.any_process(stop.requested, device):
                     save(run_dir / "checkpoint.pt")
                     say(f"\nstopped at step {state['step']}; checkpoint saved. Resume with: python vae_training.py "
                         f"--resume {run_dir / 'checkpoint.pt'}", file=sys.stderr)
@@ -398,7 +410,8 @@ def run(config, checkpoint, resume, process):
                         f"{losses.get('Reconstruction Loss', math.nan):.2f}  KL {losses.get('KL Loss', math.nan):.3f}  "
                         f"total {losses.get('Total Loss', math.nan):.2f}")
                 if main:
-                    log_diagnostics(writer, epoch + 1, images_per_s=images_per_s, kl_weight=loss_fn.beta,
+                    log_diagnostics(writer, state["step"], epoch=epoch + 1, images_per_s=images_per_s,
+                                    kl_weight=loss_fn.beta,
                                     grad_norm=losses.pop("grad_norm"), lr=optimizer.param_groups[0]["lr"],
                                     sigma=unwrap(model).log_sigma())
                 if eval_batches is not None:
@@ -407,17 +420,15 @@ def run(config, checkpoint, resume, process):
                     line += (f" | eval -ELBO {metrics['neg_elbo_nats']:.1f} nats, {metrics['active_units']}/"
                              f"{config.latent_size} active units")
                     if main:
-                        log_evaluation(writer, epoch + 1, metrics)
+                        log_evaluation(writer, state["step"], metrics)
                     if metrics["neg_elbo_nats"] < state["best_eval"]:
                         state["best_eval"] = metrics["neg_elbo_nats"]
                         save(run_dir / "best.pt")
                 if main:
-                    log_grids(writer, model, fixed_images, fixed_noise, epoch + 1)
+                    log_grids(writer, model, fixed_images, fixed_noise, state["step"])
                     writer.flush()
                 save(run_dir / "checkpoint.pt")
                 say(line + f"  ({images_per_s:.0f} img/s)")
-                if config.max_steps and state["step"] >= config.max_steps:
-                    break
     except TrainingDiverged as error:
         kept = (f"{run_dir / 'checkpoint.pt'} keeps the last good state" if (run_dir / "checkpoint.pt").exists()
                 else "no checkpoint had been saved yet")

@@ -55,7 +55,9 @@ def test_run_logs_the_seeds_scalars_grids_and_evaluation(tiny_run):
     events = load_events(run_dir)
     tags = events.Tags()
     assert {"originals", "reconstructions", "samples"} <= set(tags["images"])
-    assert [e.step for e in events.Images("samples")] == [1, 2, 3]
+    # Per-epoch logs share the global-step axis of the losses; train/epoch maps steps to epochs.
+    assert [e.step for e in events.Images("samples")] == [4, 8, 12]
+    assert [(e.step, e.value) for e in events.Scalars("train/epoch")] == [(4, 1), (8, 2), (12, 3)]
     image = events.Images("reconstructions")[-1]
     assert (image.width, image.height) == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # a 2x2 grid, 2-pixel padding
     for tag in ("eval/kl", "eval/reconstruction", "eval/total", "eval/neg_elbo_nats", "eval/active_units",
