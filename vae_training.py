@@ -54,7 +54,11 @@ def parse_args(argv=None):
     # --resume and --debug are not settings of the run: only config flags count as given explicitly.
     explicit = {name for name, value in vars(parser.parse_args(argv)).items()
                 if value is not unset and name in TrainConfig.__dataclass_fields__}
-    return config_from_args(args), args, explicit | set(from_file)
+    explicit |= set(from_file)
+    config = config_from_args(args)
+    if config.likelihood == "gaussian-learned" and "beta" not in explicit:
+        config.beta = 1.0  # a learned sigma makes sense only for the ELBO itself (DESIGN: beta = 1)
+    return config, args, explicit
 
 
 def load_config_file(parser, path):
@@ -71,6 +75,23 @@ def load_config_file(parser, path):
     unknown = sorted(set(values) - set(TrainConfig.__dataclass_fields__))
     if unknown:
         parser.error(f"--config {path} has unknown settings: {', '.join(unknown)} (see --help for the flags)")
+    # argparse checks neither the type nor the choices of defaults, so a file's values are checked here.
+    for action in parser._actions:
+        if action.dest not in values:
+            continue
+        value = values[action.dest]
+        try:
+            if isinstance(value, list) and action.type is not None:
+                value = [action.type(item) for item in value]
+            elif action.type is not None and not isinstance(value, bool):
+                value = action.type(value)
+        except (TypeError, ValueError):
+            parser.error(f"--config {path}: {action.dest.replace('_', '-')} = {values[action.dest]!r} is not "
+                         f"a valid {action.type.__name__}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"--config {path}: {action.dest.replace('_', '-')} = {value!r} is not one of "
+                         f"{', '.join(map(str, action.choices))}")
+        values[action.dest] = value
     return values
 
 
@@ -160,6 +181,7 @@ def evaluate(model, batches, beta):
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     # Per latent dimension: summed KL, and the first two moments of the posterior means (for their variance).
     moments = torch.zeros(3, model.latent_size, dtype=torch.float64, device=device)
+    pixels = batches.images[0].numel()
     for x in batches.epoch(0):
         mean, log_var = model.encode(x)
         reconstruction = model.decode(model.sample_latent(mean, log_var))
@@ -173,12 +195,13 @@ def evaluate(model, batches, beta):
             torch.tensor(float(len(x)), device=device),
         ]).double()
         moments += torch.stack([kl.sum(dim=0), mean.sum(dim=0), mean.pow(2).sum(dim=0)]).double()
-        pixels = x[0].numel()
     distributed.all_reduce_sum(sums)
     distributed.all_reduce_sum(moments)
     model.train(was_training)
     totals = dict(zip(names, sums.tolist()))
     count = totals.pop("count")
+    if count == 0:
+        raise UserError("the evaluation set is empty; use a larger --holdout or --eval-size, or --eval-split none")
     metrics = {name: value / count for name, value in totals.items()}
     metrics["total"] = beta * metrics["kl"] + metrics["reconstruction"]
     metrics["psnr_db"] = psnr_db(metrics.pop("squared_error") / pixels)
@@ -224,17 +247,17 @@ def log_evaluation(writer, step, metrics):
 
 
 def resolve_resume(resume, config, explicit):
-    """(checkpoint or None, config). A resumed run takes its settings from the checkpoint; flags given
+    """(checkpoint or None, config, its path). A resumed run takes its settings from the checkpoint; flags given
     explicitly must agree with it, except RESUMABLE_FLAGS."""
     if not resume:
-        return None, config
+        return None, config, None
     if resume == "auto":
         if not config.run_name:
             raise UserError("--resume auto needs --run-name to find LOG_DIR/RUN_NAME/checkpoint.pt")
         path = Path(config.log_dir) / config.run_name / "checkpoint.pt"
         if not path.exists():
             print(f"no checkpoint at {path} yet: starting the run")
-            return None, config
+            return None, config, None
     else:
         path = Path(resume)
     checkpoint = load_checkpoint(path)
@@ -256,7 +279,7 @@ def resolve_resume(resume, config, explicit):
                             f"(only {allowed} may change) or start a new run")
     if "run_name" not in explicit and "log_dir" not in explicit:
         resumed.run_name, resumed.log_dir = path.parent.name, str(path.parent.parent)
-    return checkpoint, resumed
+    return checkpoint, resumed, path
 
 
 def check_writable(run_dir):
@@ -284,11 +307,11 @@ def train(config, resume="", explicit=None):
     Under torchrun every process calls this; it joins the process group and leaves it at the end.
     """
     explicit = {f.name for f in dataclasses.fields(TrainConfig)} if explicit is None else explicit
-    checkpoint, config = resolve_resume(resume, config, explicit)
+    checkpoint, config, checkpoint_path = resolve_resume(resume, config, explicit)
     validate_config(config)
     process = distributed.setup(config.device)
     try:
-        return run(config, checkpoint, resume, process)
+        return run(config, checkpoint, checkpoint_path, process)
     finally:
         distributed.teardown()
 
@@ -301,7 +324,7 @@ def make_optimizer(model, config):
     return torch.optim.Adam(groups, lr=config.lr)
 
 
-def prepare_model(config, process, checkpoint, resume):
+def prepare_model(config, process, checkpoint, checkpoint_path):
     """(model, optimizer): built from the config, restored from the checkpoint, wrapped for DDP/compile."""
     model = build_model(config).to(process.device)
     optimizer = make_optimizer(model, config)
@@ -309,7 +332,7 @@ def prepare_model(config, process, checkpoint, resume):
         try:
             model.load_state_dict(checkpoint["model"])
         except RuntimeError as error:
-            raise UserError(f"{resume} does not fit the model its config describes ({str(error).splitlines()[0]}); "
+            raise UserError(f"{checkpoint_path} does not fit the model its config describes ({str(error).splitlines()[0]}); "
                             f"start a new run") from None
         optimizer.load_state_dict(checkpoint["optimizer"])
     if process.distributed:
@@ -320,7 +343,7 @@ def prepare_model(config, process, checkpoint, resume):
     return model, optimizer
 
 
-def run(config, checkpoint, resume, process):
+def run(config, checkpoint, checkpoint_path, process):
     main = process.is_main
     say = print if main else (lambda *args, **kwargs: None)
     if not config.run_name:
@@ -339,7 +362,7 @@ def run(config, checkpoint, resume, process):
     distributed.barrier()
     if not main:
         train_images, eval_images = load_data(config)
-    model, optimizer = prepare_model(config, process, checkpoint, resume)
+    model, optimizer = prepare_model(config, process, checkpoint, checkpoint_path)
     loss_fn = ELBOLoss(config.beta, config.likelihood, config.free_bits)
     batches = ImageBatches(train_images, config.batch_size // process.world_size, device, shuffle=True,
                            seed=config.seed, rank=process.rank, world_size=process.world_size)
@@ -357,7 +380,7 @@ def run(config, checkpoint, resume, process):
     if process.rank > 0:  # every process draws its own reparameterisation noise
         torch.manual_seed(config.seed + 7919 * process.rank + state["step"])
     if main:
-        write_manifest(run_dir, config, resumed_from=resume if checkpoint is not None else None)
+        write_manifest(run_dir, config, resumed_from=checkpoint_path if checkpoint is not None else None)
 
     eval_batches = None if eval_images is None else ImageBatches(
         eval_images, 256, device, shuffle=False, rank=process.rank, world_size=process.world_size)

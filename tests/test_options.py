@@ -119,9 +119,18 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     config, _, explicit = parse_args(["--config", str(recipe), "--beta", "0.5"])
     assert (config.likelihood, config.batch_norm, config.beta, config.latent_size) == ("gaussian-learned", True, 0.5, 10)
     assert {"likelihood", "batch_norm", "beta"} <= explicit
-    recipe.write_text('{"latent-sise": 3}')
-    with pytest.raises(SystemExit):
-        parse_args(["--config", str(recipe)])
+    for bad in ('{"latent-sise": 3}', '{"likelihood": "gausian"}', '{"latent-size": "ten"}', '[1, 2]'):
+        recipe.write_text(bad)
+        with pytest.raises(SystemExit):
+            parse_args(["--config", str(recipe)])
+
+
+def test_learned_sigma_trains_the_elbo_itself_unless_beta_is_given():
+    from vae_training import parse_args
+
+    assert parse_args(["--likelihood", "gaussian-learned"])[0].beta == 1.0
+    assert parse_args(["--likelihood", "gaussian-learned", "--beta", "0.5"])[0].beta == 0.5
+    assert parse_args([])[0].beta == 0.1
 
 
 def test_the_learned_sigma_has_its_own_learning_rate():
@@ -133,3 +142,13 @@ def test_the_learned_sigma_has_its_own_learning_rate():
     assert [group["lr"] for group in optimizer.param_groups] == [1e-4, 1e-2]
     assert optimizer.param_groups[1]["params"] == [model.raw_log_sigma]
     assert len(make_optimizer(build_model(TrainConfig()), TrainConfig()).param_groups) == 1
+
+
+@pytest.mark.parametrize("field, value, flag", [("sigma", 0.0, "--sigma"), ("free_bits", -1.0, "--free-bits"),
+                                                ("kl_ratio", 5.0, "--kl-ratio"), ("kl_cycles", 0, "--kl-cycles")])
+def test_impossible_option_values_name_their_flag(field, value, flag):
+    from vae.errors import UserError
+    from vae.training import validate_config
+
+    with pytest.raises(UserError, match=flag):
+        validate_config(TrainConfig(**{field: value}))

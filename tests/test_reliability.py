@@ -177,7 +177,8 @@ def test_every_run_folder_has_a_manifest(resumed_runs):
     # A resumed run keeps the original manifest and records the resumption beside it.
     assert json.loads((log_dir / "halves" / "run.json").read_text())["config"]["epochs"] == 2
     resumed = [json.loads(p.read_text()) for p in (log_dir / "halves").glob("run-resumed-*.json")]
-    assert len(resumed) == 1 and resumed[0]["resumed_from"] == "auto" and resumed[0]["config"]["epochs"] == 4
+    assert len(resumed) == 1 and resumed[0]["config"]["epochs"] == 4
+    assert resumed[0]["resumed_from"] == str(log_dir / "halves" / "checkpoint.pt")
 
 
 # ------------------------------------------------------------------------------------ interrupts

@@ -2,9 +2,11 @@
 
 import argparse
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
+
+from vae.losses import LIKELIHOODS, SEED_SIGMA
+from vae.schedules import SCHEDULES
 
 SPLITS = ("train", "val", "test")
 
@@ -37,13 +39,13 @@ class TrainConfig:
     likelihood: str = _flag("gaussian", "decoder likelihood p(x|z): gaussian (fixed sigma; sigma 1/sqrt(2) makes "
                             "the loss the seed's sum of squared error), gaussian-learned (one shared learned "
                             "sigma), bernoulli (summed binary cross-entropy)",
-                            choices=("gaussian", "gaussian-learned", "bernoulli"))
-    sigma: float = _flag(1 / math.sqrt(2), "sigma of the gaussian likelihood (initial sigma for gaussian-learned)")
+                            choices=LIKELIHOODS)
+    sigma: float = _flag(SEED_SIGMA, "sigma of the gaussian likelihood (initial sigma for gaussian-learned)")
     beta: float = _flag(0.1, "weight of the KL term: loss = beta * KL + reconstruction (the top weight of a "
-                        "KL schedule)")
+                        "KL schedule); with --likelihood gaussian-learned it defaults to 1, the ELBO itself")
     kl_schedule: str = _flag("constant", "how the KL weight moves from 0 to --beta: constant, linear or sigmoid "
                              "warm-up, or cyclical (Fu et al. 2019)",
-                             choices=("constant", "linear", "sigmoid", "cyclical"))
+                             choices=SCHEDULES)
     kl_warmup_epochs: float = _flag(10.0, "epochs the linear/sigmoid warm-up takes to reach --beta")
     kl_cycles: int = _flag(4, "number of cycles of the cyclical schedule over the run")
     kl_ratio: float = _flag(0.5, "fraction of each cycle spent rising from 0 to --beta (the rest stays at --beta)")

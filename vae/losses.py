@@ -44,20 +44,20 @@ def gaussian_nll_from_sse(sse, log_sigma, num_dims):
     return sse * (0.5 * torch.exp(-2 * log_sigma)) + num_dims * (log_sigma + 0.5 * math.log(2 * math.pi))
 
 
-def reconstruction_loss(x, reconstruction, likelihood="gaussian", log_sigma=None):
+def reconstruction_loss(x, reconstruction, likelihood="gaussian", log_sigma=math.log(SEED_SIGMA)):
     """The reconstruction term that is trained, per image (batch,): -log p(x|z) up to a constant for "gaussian"
     (SSE / (2 sigma^2)), exactly -log p(x|z) in nats for the other likelihoods."""
     if likelihood == "bernoulli":
         return F.binary_cross_entropy(reconstruction, x, reduction="none").flatten(1).sum(dim=1)
     sse = sum_squared_error(x, reconstruction)
     if likelihood == "gaussian":
-        return sse * (0.5 * torch.exp(-2 * log_sigma))
+        return sse * (0.5 * torch.exp(-2 * torch.as_tensor(log_sigma, dtype=sse.dtype, device=sse.device)))
     if likelihood == "gaussian-learned":
         return gaussian_nll_from_sse(sse, log_sigma, x[0].numel())
     raise ValueError(f"unknown likelihood {likelihood!r}; use one of {', '.join(LIKELIHOODS)}")
 
 
-def reconstruction_nll(x, reconstruction, likelihood="gaussian", log_sigma=None):
+def reconstruction_nll(x, reconstruction, likelihood="gaussian", log_sigma=math.log(SEED_SIGMA)):
     """-log p(x|z) in nats per image (batch,), constants included (a density for the Gaussians)."""
     if likelihood == "gaussian":
         return gaussian_nll_from_sse(sum_squared_error(x, reconstruction), log_sigma, x[0].numel())
@@ -81,8 +81,8 @@ class ELBOLoss(nn.Module):
         self.free_bits = free_bits
 
     def forward(self, x, reconstruction, mean, log_var, log_sigma=None):
-        if log_sigma is None and self.likelihood != "bernoulli":
-            log_sigma = torch.tensor(math.log(SEED_SIGMA), device=x.device)
+        if log_sigma is None:
+            log_sigma = math.log(SEED_SIGMA)
         kl_dims = kl_per_dimension(mean, log_var).mean(dim=0)
         kl = kl_dims.sum()
         kl_term = kl_dims.clamp(min=self.free_bits).sum() if self.free_bits > 0 else kl

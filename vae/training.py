@@ -1,5 +1,6 @@
 """Pieces of the training script that tests and the notebook import: device choice, validation, signals."""
 
+import math
 import os
 import signal
 import time
@@ -8,6 +9,7 @@ import torch
 
 from vae.config import default_channels
 from vae.errors import UserError
+from vae.vae import MIN_LOG_SIGMA
 
 
 def pick_device(name="auto") -> torch.device:
@@ -34,6 +36,15 @@ def validate_config(config):
          f"(--channels {' '.join(map(str, channels))})"),
         (config.latent_size >= 1, f"--latent-size must be at least 1, got {config.latent_size}"),
         (config.beta >= 0, f"--beta must be >= 0, got {config.beta}"),
+        (config.sigma > 0, f"--sigma must be > 0, got {config.sigma}"),
+        (config.likelihood != "gaussian-learned" or math.log(config.sigma) > MIN_LOG_SIGMA,
+         f"--sigma {config.sigma} is below the floor of the learned sigma ({math.exp(MIN_LOG_SIGMA):.4f}); "
+         f"start higher"),
+        (config.free_bits >= 0, f"--free-bits must be >= 0, got {config.free_bits}"),
+        (0 < config.kl_ratio <= 1, f"--kl-ratio must be in (0, 1], got {config.kl_ratio}"),
+        (config.kl_cycles >= 1, f"--kl-cycles must be at least 1, got {config.kl_cycles}"),
+        (config.kl_warmup_epochs >= 0, f"--kl-warmup-epochs must be >= 0, got {config.kl_warmup_epochs}"),
+        (config.sigma_lr > 0, f"--sigma-lr must be > 0, got {config.sigma_lr}"),
         (config.lr > 0, f"--lr must be > 0, got {config.lr}"),
         (config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}"),
         (config.batch_size % int(os.environ.get("WORLD_SIZE", "1")) == 0,

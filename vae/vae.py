@@ -34,6 +34,8 @@ class VAE(nn.Module):
             # The inverse of log_sigma()'s soft floor, so training starts at exactly `sigma`.
             start = math.log(sigma) - MIN_LOG_SIGMA
             self.raw_log_sigma = nn.Parameter(torch.tensor(MIN_LOG_SIGMA + start + math.log(-math.expm1(-start))))
+        if isinstance(image_resolution, int):  # VAE(32) means 32x32
+            image_resolution = (image_resolution, image_resolution)
         self.image_resolution = tuple(image_resolution)
         self.image_channels = image_channels
         self.latent_size = latent_size
