@@ -18,11 +18,11 @@ import torch
 
 from datasets.preprocessing import to_float
 from vae import inference
+from vae.config import SPLITS
 from vae.metrics import psnr_db
 from vae.errors import UserError
 from vae.training import pick_device
 
-SPLITS = ("train", "val", "test")
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -32,7 +32,6 @@ def add_common(parser, makes_images=True, default_out=None):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="where to run (auto: cuda, then mps, then cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw, for reproducible output")
-    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights, if it has them")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     if makes_images:
         parser.add_argument("--out", default=default_out, help="PNG file the image grid is written to")
@@ -314,7 +313,7 @@ def main(argv=None):
         if getattr(args, "scale", 1) < 1:
             raise UserError(f"--scale must be at least 1, got {args.scale}")
         device = pick_device(args.device)
-        model, checkpoint = inference.load_model(args.checkpoint, device, use_ema=args.ema)
+        model, checkpoint = inference.load_model(args.checkpoint, device)
         COMMANDS[args.command](args, model, checkpoint)
         return 0
     except UserError as error:

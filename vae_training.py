@@ -375,7 +375,10 @@ def run(config, checkpoint, checkpoint_path, process):
                 f"{checkpoint['schedule'].get('total_steps')}): --epochs changed")
         state.update({k: checkpoint[k] for k in state})
         metrics = checkpoint.get("eval")
-        set_rng_state(checkpoint["rng"])
+        try:
+            set_rng_state(checkpoint["rng"])
+        except UserError as error:
+            raise UserError(f"{checkpoint_path}: {error}") from None
         say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
     if process.rank > 0:  # every process draws its own reparameterisation noise
         torch.manual_seed(config.seed + 7919 * process.rank + state["step"])

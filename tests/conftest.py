@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def make_flowers_root(root, train=32, val=8, test=8):
                                    "tstid": ids[train + val:]})
     savemat(folder / "imagelabels.mat", {"labels": (ids % 102) + 1})
     return Path(root)
+
+
+def closed_port():
+    """A loopback port where nothing listens: a download pointed at it fails at once, offline or not."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import functools
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -22,7 +21,7 @@ import pytest
 import torch
 from scipy.io import savemat
 
-from conftest import real_flower_files
+from conftest import closed_port, real_flower_files
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -73,12 +72,6 @@ def mirror(tmp_path_factory):
                                                              for key, name in files.items()}
     server.shutdown()
     server.server_close()
-
-
-def closed_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start(prefix, file_dict, *args):

@@ -111,6 +111,10 @@ def save_checkpoint(path, **contents):
             file.flush()
             os.fsync(file.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
         os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise UserError(f"cannot write checkpoint {path} ({error.strerror or error}); free some disk space or "
+                        f"pass another --log-dir, then resume from the previous checkpoint") from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from torch.distributions import Normal
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 from tqdm import tqdm
 
 from datasets.preprocessing import cached_images, flowers102_files, holdout_split, load_image, to_float
@@ -27,15 +27,12 @@ DECODE_CHUNK_IMAGES = 4096
 
 # ------------------------------------------------------------------------------------------- loading
 
-def load_model(checkpoint_path, device, use_ema=False):
+def load_model(checkpoint_path, device):
     """(model in eval mode on device, checkpoint dict). The checkpoint's config rebuilds the model."""
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint["config"])
-    weights = checkpoint.get("ema_model") if use_ema else checkpoint["model"]
-    if weights is None:
-        raise UserError(f"{checkpoint_path} holds no EMA weights (it was trained without EMA); drop --ema")
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
         raise UserError(f"{checkpoint_path} does not fit the model its config describes "
                         f"({str(error).splitlines()[0]}); it was written by another version of the code") from None
@@ -229,7 +226,9 @@ def importance_log_weights(model, x, num_samples, generator=None, eps=None, disc
         # has no float64.
         log_likelihood = log_likelihood.view(k, len(x)).cpu().double()
         log_prior = log_normal(z, torch.zeros_like(z), torch.ones_like(z)).cpu().double()
-        log_posterior = log_normal(z, mean, std).cpu().double()
+        # log q(z|x) from the noise itself: z - mean would cancel digits when std is far below |mean|.
+        log_posterior = (log_normal(noise, torch.zeros_like(noise), torch.ones_like(noise))
+                         - log_var.mul(0.5).sum(dim=-1)).cpu().double()
         log_weights.append(log_likelihood + log_prior - log_posterior)
         log_likelihoods.append(log_likelihood)
     return torch.cat(log_weights), torch.cat(log_likelihoods)

@@ -40,12 +40,13 @@ def discretized_gaussian_log_likelihood(x, mean, log_sigma):
 
     Each level k/255 owns the bin [x - 1/510, x + 1/510]; the bins of 0 and 1 extend to -inf and +inf
     (as PixelCNN++ does), so the probabilities of the 256 levels sum to one and -log P is a code length.
-    Computed in float64 (float32 on MPS, which has no float64) with log-CDFs, because a bin can hold far
-    less mass than float32 resolves next to 1.
+    Computed in float64 with log-CDFs, because a bin can hold far less mass than float32 resolves next to 1
+    (on the CPU for MPS tensors: MPS has no float64).
     """
-    dtype = torch.float32 if x.device.type == "mps" else torch.float64
-    x, mean = x.to(dtype), mean.to(dtype)
-    sigma = torch.as_tensor(log_sigma, dtype=dtype, device=x.device).exp()
+    if x.device.type == "mps":
+        x, mean, log_sigma = x.cpu(), mean.cpu(), torch.as_tensor(log_sigma).cpu()
+    x, mean = x.double(), mean.double()
+    sigma = torch.as_tensor(log_sigma, dtype=torch.float64, device=x.device).exp()
     level = torch.round(x * PIXEL_LEVELS)
     half_bin = 0.5 / PIXEL_LEVELS
     lower = torch.where(level <= 0, -math.inf, (x - half_bin - mean) / sigma)
