@@ -350,6 +350,9 @@ def run(config, checkpoint, checkpoint_path, process):
         config.run_name = distributed.broadcast_object(datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     run_dir = Path(config.log_dir) / config.run_name
     if main:
+        if checkpoint is None and (run_dir / "checkpoint.pt").exists():
+            raise UserError(f"{run_dir} already holds a run; continue it with --resume auto --run-name "
+                            f"{config.run_name}, or start a new one under another --run-name")
         check_writable(run_dir)
     device = process.device
     if config.amp and device.type != "cuda":

@@ -110,3 +110,12 @@ def test_64x64_run_builds_the_deeper_model(flowers_root, tmp_path):
     events = load_events(tmp_path / "r64")
     image = events.Images("samples")[-1]
     assert image.width == 2 * 64 + 3 * 2
+
+
+def test_a_new_run_never_overwrites_an_existing_one(tiny_run, flowers_root):
+    run_dir, _ = tiny_run
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    result = run_training("--data-dir", flowers_root, "--epochs", 1, "--log-dir", run_dir.parent, "--run-name",
+                          run_dir.name, check=False)
+    assert result.returncode == 2 and "--resume auto" in result.stderr and "Traceback" not in result.stderr
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
