@@ -24,16 +24,22 @@ PHOTO_FOLDERS = [SHARED_FLOWERS / "jpg", REPO / "datasets" / "flowers-102" / "jp
 
 
 def real_flower_files(count):
+    return real_photos(count) or generated_photos(count)
+
+
+def real_photos(count):
+    """count real Flowers102 JPEGs, or [] where none are at hand."""
     for folder in PHOTO_FOLDERS:
         files = sorted(folder.glob("image_*.jpg"))
         if len(files) >= count:
             return files[:count]
-    return generated_photos(count)
+    return []
 
 
 def generated_photos(count):
-    """Smooth random JPEGs of assorted sizes and aspect ratios (the same ones every time, kept in a temp folder)."""
-    from PIL import Image
+    """Flower-like JPEGs: a coloured disc on a darker textured background, of assorted sizes and aspect ratios
+    (the same ones every time, kept in a temp folder)."""
+    from PIL import Image, ImageDraw, ImageFilter
 
     folder = Path(tempfile.gettempdir()) / f"vae-flowers-test-photos-{os.getuid()}"
     folder.mkdir(exist_ok=True)
@@ -43,8 +49,13 @@ def generated_photos(count):
         if not path.exists():
             generator = np.random.default_rng(i)
             width, height = int(generator.integers(300, 700)), int(generator.integers(300, 700))
-            coarse = generator.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-            Image.fromarray(coarse).resize((width, height), Image.BICUBIC).save(path, quality=90)
+            background = generator.integers(0, 120, size=(12, 16, 3), dtype=np.uint8)
+            image = Image.fromarray(background).resize((width, height), Image.BICUBIC)
+            radius = generator.uniform(0.2, 0.45) * min(width, height)
+            cx, cy = generator.uniform(0.3, 0.7) * width, generator.uniform(0.3, 0.7) * height
+            petals = tuple(int(c) for c in generator.integers(60, 256, size=3))
+            ImageDraw.Draw(image).ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=petals)
+            image.filter(ImageFilter.GaussianBlur(3)).save(path, quality=90)
         files.append(path)
     return files
 
