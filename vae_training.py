@@ -379,7 +379,7 @@ def run(config, checkpoint, checkpoint_path, process):
         state.update({k: checkpoint[k] for k in state})
         metrics = checkpoint.get("eval")
         try:
-            set_rng_state(checkpoint["rng"])
+            set_rng_state(checkpoint["rng"], device)
         except UserError as error:
             raise UserError(f"{checkpoint_path}: {error}") from None
         say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
@@ -402,7 +402,7 @@ def run(config, checkpoint, checkpoint_path, process):
     def save(path):
         if main:
             save_checkpoint(path, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
-                            schedule=schedule.state_dict(), rng=rng_state(), config=dataclasses.asdict(config),
+                            schedule=schedule.state_dict(), rng=rng_state(device), config=dataclasses.asdict(config),
                             eval=metrics, **state)
 
     timer = Timer(config.checkpoint_every)

@@ -42,7 +42,29 @@ def library_versions():
             "numpy": np.__version__}
 
 
-def rng_state():
+def device_rng_state(device):
+    """The generator state of the accelerator that trains (None on the CPU, whose state is torch's own)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return None
+
+
+def set_device_rng_state(device, state):
+    device = torch.device(device)
+    if state is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state)
+
+
+def rng_state(device="cpu"):
+    """Python, numpy and torch generator states, and the training device's (so a resumed run draws the same
+    numbers), as plain data."""
     numpy_state = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     state = {
@@ -53,8 +75,9 @@ def rng_state():
                   "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    accelerator = device_rng_state(device)
+    if accelerator is not None:
+        state["device"] = accelerator
     return state
 
 
@@ -79,7 +102,7 @@ def _python_rng_state(saved):
                         f"it was not written by vae_training.py") from None
 
 
-def set_rng_state(state):
+def set_rng_state(state, device="cpu"):
     try:
         random.setstate(_python_rng_state(state["python"]))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -89,8 +112,8 @@ def set_rng_state(state):
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.device(device).type != "cpu":  # a checkpoint from another kind of device has no state for this one
+        set_device_rng_state(device, state.get("device"))
 
 
 def save_checkpoint(path, **contents):

@@ -65,12 +65,12 @@ class SampleLatent(nn.Module):
 class Decoder(nn.Module):
     """z -> image in [0, 1]: Linear, reshape, one ConvTranspose2d (kernel 2, stride 2) per stage.
 
-    ReLU (after optional BatchNorm) sits between the transposed convolutions; the last one feeds
-    `output_activation` (Sigmoid by default, the seed's; Identity when a loss wants logits).
+    ReLU (after optional BatchNorm) sits between the transposed convolutions; a Sigmoid ends it, so the output
+    is a Gaussian mean or a Bernoulli probability in [0, 1] for every likelihood.
     """
 
     def __init__(self, image_resolution=(32, 32), image_channels=3, latent_size=10,
-                 channels=SEED_CHANNELS, batch_norm=False, output_activation=None):
+                 channels=SEED_CHANNELS, batch_norm=False):
         super().__init__()
         self.feature_height, self.feature_width = _check_resolution(image_resolution, channels)
         self.first_channels = channels[-1]
@@ -83,7 +83,7 @@ class Decoder(nn.Module):
                 if batch_norm:
                     layers += [nn.BatchNorm2d(out_channels)]
                 layers += [nn.ReLU()]
-        layers += [output_activation if output_activation is not None else nn.Sigmoid()]
+        layers += [nn.Sigmoid()]
         self.upsample = nn.Sequential(*layers)
 
     def forward(self, z):

@@ -15,8 +15,9 @@ def active_units(posterior_means, threshold=ACTIVE_UNIT_THRESHOLD):
 
 def posterior_variance(posterior_means):
     """Var_x(E_q[z|x]) per latent dimension, shape (latent,)."""
-    return posterior_means.double().var(dim=0, unbiased=True).float() if len(posterior_means) > 1 \
-        else torch.zeros(posterior_means.shape[1])
+    if len(posterior_means) < 2:
+        return torch.zeros(posterior_means.shape[1], device=posterior_means.device)
+    return posterior_means.double().var(dim=0, unbiased=True).float()
 
 
 def psnr_db(mse):

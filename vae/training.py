@@ -1,5 +1,6 @@
 """Pieces of the training script that tests and the notebook import: device choice, validation, signals."""
 
+import contextlib
 import math
 import os
 import signal
@@ -7,6 +8,7 @@ import time
 
 import torch
 
+from vae.checkpoint import device_rng_state, set_device_rng_state
 from vae.config import default_channels
 from vae.errors import UserError
 from vae.vae import MIN_LOG_SIGMA
@@ -107,17 +109,20 @@ class Timer:
         return True
 
 
+@contextlib.contextmanager
 def rng_untouched(device):
-    """A context that restores the global torch RNG (CPU, and the CUDA device in use) on exit.
+    """A context that restores the global torch RNG (CPU, and the accelerator in use) on exit.
 
     Evaluation samples z from the same generator as training; inside this context it leaves the training
     stream where it was, so an evaluation after a mid-epoch stop (--max-steps) cannot make the resumed run
     diverge from an uninterrupted one, and evaluating more or less never changes what training does.
     """
-    device = torch.device(device)
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=cuda_devices)
+    cpu, accelerator = torch.get_rng_state(), device_rng_state(device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        set_device_rng_state(device, accelerator)
 
 
 def purge_scalar_curves(writer, main_tag, names, purge_step):
