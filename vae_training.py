@@ -148,13 +148,20 @@ def train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, schedule=N
         optimizer.step()
         state["step"] += 1
         state["batch"] += 1
-        losses = {"KL Loss": kl.item(), "Reconstruction Loss": reconstruction.item(), "Total Loss": total.item()}
+        # One reduction per step serves both: the logged losses are the global batch's, and a stop requested
+        # on any process stops all of them after this same step.
+        stop_here = float(stop is not None and stop.requested)
+        step_stats = torch.stack([kl.detach(), reconstruction.detach(), total.detach(),
+                                  torch.tensor(stop_here, device=x.device)]).double()
+        kl_mean, reconstruction_mean, total_mean, stopping = distributed.all_reduce_sum(step_stats).tolist()
+        world_size = batches.world_size
+        losses = {"KL Loss": kl_mean / world_size, "Reconstruction Loss": reconstruction_mean / world_size,
+                  "Total Loss": total_mean / world_size}
         if writer is not None:
             writer.add_scalars("loss", losses, state["step"])
         progress.set_postfix(rec=f"{losses['Reconstruction Loss']:.1f}", kl=f"{losses['KL Loss']:.2f}",
                              total=f"{losses['Total Loss']:.1f}", refresh=False)
-        if distributed.any_process(stop is not None and stop.requested, x.device) or \
-                (max_steps and state["step"] >= max_steps):
+        if stopping > 0 or (max_steps and state["step"] >= max_steps):
             break
         if on_timer is not None:
             on_timer()
