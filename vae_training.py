@@ -25,7 +25,7 @@ from datasets.preprocessing import ImageBatches, cached_images, holdout_split, t
 from vae.checkpoint import (git_sha, library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                             unwrap)
 from vae import distributed
-from vae.config import TrainConfig, build_parser, config_from_args
+from vae.config import TrainConfig, build_parser, config_from_args, load_config_file
 from vae.errors import TrainingDiverged, UserError
 from vae.losses import ELBOLoss, kl_per_dimension, reconstruction_loss, reconstruction_nll, sum_squared_error
 from vae.metrics import ACTIVE_UNIT_THRESHOLD, psnr_db
@@ -57,42 +57,8 @@ def parse_args(argv=None):
     explicit |= set(from_file)
     config = config_from_args(args)
     if config.likelihood == "gaussian-learned" and "beta" not in explicit:
-        config.beta = 1.0  # a learned sigma makes sense only for the ELBO itself (DESIGN: beta = 1)
+        config.beta = 1.0  # a learned sigma is calibrated by the ELBO itself, as in sigma-VAE
     return config, args, explicit
-
-
-def load_config_file(parser, path):
-    """Settings from a JSON file ({"likelihood": "gaussian-learned", "batch-norm": true, ...}); {} without one."""
-    if not path:
-        return {}
-    try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        parser.error(f"cannot read --config {path}: {error}")
-    if not isinstance(values, dict):
-        parser.error(f"--config {path} must hold a JSON object of settings")
-    values = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(values) - set(TrainConfig.__dataclass_fields__))
-    if unknown:
-        parser.error(f"--config {path} has unknown settings: {', '.join(unknown)} (see --help for the flags)")
-    # argparse checks neither the type nor the choices of defaults, so a file's values are checked here.
-    for action in parser._actions:
-        if action.dest not in values:
-            continue
-        value = values[action.dest]
-        try:
-            if isinstance(value, list) and action.type is not None:
-                value = [action.type(item) for item in value]
-            elif action.type is not None and not isinstance(value, bool):
-                value = action.type(value)
-        except (TypeError, ValueError):
-            parser.error(f"--config {path}: {action.dest.replace('_', '-')} = {values[action.dest]!r} is not "
-                         f"a valid {action.type.__name__}")
-        if action.choices is not None and value not in action.choices:
-            parser.error(f"--config {path}: {action.dest.replace('_', '-')} = {value!r} is not one of "
-                         f"{', '.join(map(str, action.choices))}")
-        values[action.dest] = value
-    return values
 
 
 def seed_everything(seed):

@@ -2,8 +2,10 @@
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vae.losses import LIKELIHOODS, SEED_SIGMA
 from vae.schedules import SCHEDULES
@@ -96,3 +98,37 @@ def default_channels(resolution: int) -> list:
     while resolution % 2 ** (stages + 1) == 0 and resolution // 2 ** (stages + 1) >= 4:
         stages += 1
     return [16 * 2**i for i in range(stages)]
+
+
+def load_config_file(parser, path, config_class=TrainConfig):
+    """Settings from a JSON file ({"likelihood": "gaussian-learned", "batch-norm": true, ...}); {} without one."""
+    if not path:
+        return {}
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"cannot read --config {path}: {error}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path} must hold a JSON object of settings")
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(config_class.__dataclass_fields__))
+    if unknown:
+        parser.error(f"--config {path} has unknown settings: {', '.join(unknown)} (see --help for the flags)")
+    # argparse checks neither the type nor the choices of defaults, so a file's values are checked here.
+    for action in parser._actions:
+        if action.dest not in values:
+            continue
+        value = values[action.dest]
+        try:
+            if isinstance(value, list) and action.type is not None:
+                value = [action.type(item) for item in value]
+            elif action.type is not None and not isinstance(value, bool):
+                value = action.type(value)
+        except (TypeError, ValueError):
+            parser.error(f"--config {path}: {action.dest.replace('_', '-')} = {values[action.dest]!r} is not "
+                         f"a valid {action.type.__name__}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"--config {path}: {action.dest.replace('_', '-')} = {value!r} is not one of "
+                         f"{', '.join(map(str, action.choices))}")
+        values[action.dest] = value
+    return values
