@@ -118,7 +118,7 @@ def train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, schedule=N
         # on any process stops all of them after this same step.
         stop_here = float(stop is not None and stop.requested)
         step_stats = torch.stack([kl.detach(), reconstruction.detach(), total.detach(),
-                                  torch.tensor(stop_here, device=x.device)]).double()
+                                  torch.tensor(stop_here, device=x.device)])
         kl_mean, reconstruction_mean, total_mean, stopping = distributed.all_reduce_sum(step_stats).tolist()
         world_size = batches.world_size
         losses = {"KL Loss": kl_mean / world_size, "Reconstruction Loss": reconstruction_mean / world_size,
@@ -151,9 +151,11 @@ def evaluate(model, batches, beta):
     log_sigma = model.log_sigma()
     names = ("kl", "reconstruction", "neg_elbo_nats", "squared_error", "posterior_std", "count")
     device = next(model.parameters()).device
-    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+    # Sums over a whole split in float64, except on MPS, which has none.
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    sums = torch.zeros(len(names), dtype=dtype, device=device)
     # Per latent dimension: summed KL, and the first two moments of the posterior means (for their variance).
-    moments = torch.zeros(3, model.latent_size, dtype=torch.float64, device=device)
+    moments = torch.zeros(3, model.latent_size, dtype=dtype, device=device)
     pixels = batches.images[0].numel()
     for x in batches.epoch(0):
         mean, log_var = model.encode(x)
@@ -166,8 +168,8 @@ def evaluate(model, batches, beta):
             sum_squared_error(x, model.decode(mean)).sum(),
             log_var.mul(0.5).exp().mean(dim=1).sum(),
             torch.tensor(float(len(x)), device=device),
-        ]).double()
-        moments += torch.stack([kl.sum(dim=0), mean.sum(dim=0), mean.pow(2).sum(dim=0)]).double()
+        ]).to(dtype)
+        moments += torch.stack([kl.sum(dim=0), mean.sum(dim=0), mean.pow(2).sum(dim=0)]).to(dtype)
     distributed.all_reduce_sum(sums)
     distributed.all_reduce_sum(moments)
     model.train(was_training)
