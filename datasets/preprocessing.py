@@ -6,6 +6,7 @@ twice the target size, then an antialiased bilinear resize: the same filter torc
 to PIL images), the result is stored as one uint8 tensor on disk, and batches are cut from it in memory.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -201,14 +202,20 @@ def decode_images(files, resolution, num_workers=1, skip_bad_images=False, descr
     jobs = [(f, resolution, skip_bad_images) for f in files]
     progress = dict(total=len(jobs), desc=description, unit="img", leave=False)
     num_workers = max(1, min(num_workers, len(jobs) // 64))  # a pool does not pay for itself on a few images
-    if num_workers > 1:
-        # Large chunks keep the inter-process traffic low; about 8 chunks per worker still balances the load
-        # and lets the progress bar move.
-        chunksize = max(1, min(256, len(jobs) // (8 * num_workers)))
-        with _pool_context().Pool(num_workers) as pool:
-            decoded = list(tqdm(pool.imap(_decode_or_none, jobs, chunksize=chunksize), **progress))
-    else:
-        decoded = [_decode_or_none(job) for job in tqdm(jobs, **progress)]
+    # The bar is closed before an error about a bad image is printed, so that message gets a line of its own.
+    with tqdm(**progress) as bar, contextlib.ExitStack() as stack:
+        if num_workers > 1:
+            # Large chunks keep the inter-process traffic low; about 8 chunks per worker still balances the load
+            # and lets the progress bar move.
+            chunksize = max(1, min(256, len(jobs) // (8 * num_workers)))
+            pool = stack.enter_context(_pool_context().Pool(num_workers))
+            results = pool.imap(_decode_or_none, jobs, chunksize=chunksize)
+        else:
+            results = map(_decode_or_none, jobs)
+        decoded = []
+        for image in results:
+            decoded.append(image)
+            bar.update()
     kept = [i for i, image in enumerate(decoded) if image is not None]
     if not kept:
         raise UserError(f"none of the {len(files)} images could be read, e.g. {files[0]}")
@@ -323,8 +330,11 @@ def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip
         images = _read_cache(path, key, resolution)
         if images is not None:
             return images
-    images, kept = decode_images(files, resolution, num_workers, skip_bad_images,
-                                 description=f"caching {split} {resolution}px")
+    try:
+        images, kept = decode_images(files, resolution, num_workers, skip_bad_images,
+                                     description=f"caching {split} {resolution}px")
+    except UserError as error:
+        raise UserError(f"{error}, or pass --skip-bad-images to leave unreadable images out") from None
     if len(kept) < len(files):
         print(f"skipped {len(files) - len(kept)} unreadable image(s) of the {split!r} split", file=sys.stderr)
     payload = {"key": key, "images": images, "files": [f.name for f in kept]}
