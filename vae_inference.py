@@ -19,10 +19,9 @@ import torch
 from datasets.preprocessing import to_float
 from vae import inference
 from vae.config import SPLITS
-from vae.metrics import psnr_db
 from vae.errors import UserError
+from vae.metrics import psnr_db
 from vae.training import pick_device
-
 
 
 # ------------------------------------------------------------------------------------------- arguments
