@@ -45,7 +45,7 @@ def add_data(parser, split_default, what):
     parser.add_argument("--split", default=split_default, choices=SPLITS,
                         help=f"split of the {what} (default: {default_text})")
     parser.add_argument("--cache-dir", default="", help="where the decoded-image cache goes when DATA_DIR is "
-                        "not writable (empty: ~/.cache/vae-flowers)")
+                        "not writable (empty: the training run's --cache-dir)")
 
 
 def add_holdout(parser):
@@ -101,7 +101,8 @@ def build_parser():
     variations.add_argument("--data-dir", default=None, help="Flowers102 root: print each variation's distance "
                             "to its nearest training image (the images the checkpoint was trained on)")
     variations.add_argument("--split", default="train", choices=SPLITS, help="split of those training images")
-    variations.add_argument("--cache-dir", default="", help="image cache folder when DATA_DIR is not writable")
+    variations.add_argument("--cache-dir", default="", help="image cache folder when DATA_DIR is not writable "
+                            "(empty: the training run's --cache-dir)")
 
     interpolate = commands.add_parser("interpolate", help="decode the path between two encodings",
                                       formatter_class=defaults)
@@ -148,14 +149,20 @@ def holdout_settings(args, config):
     return args.holdout, config.get("seed", 0) if args.holdout_seed is None else args.holdout_seed
 
 
+def cache_settings(args, config):
+    """The training run's image-cache settings, so inference reads the cache that training wrote."""
+    return {"cache_dir": args.cache_dir or config.get("cache_dir", ""), "num_workers": config.get("num_workers", 1),
+            "skip_bad_images": config.get("skip_bad_images", False)}
+
+
 def split_images(args, checkpoint, subset):
     """(uint8 images, names, description) of --data-dir/--split, restricted to the hold-out when asked."""
     config = checkpoint["config"]
     data_dir = args.data_dir or config.get("data_dir")
-    holdout, seed = holdout_settings(args, config) if hasattr(args, "holdout") else (0.0, 0)
+    holdout, seed = holdout_settings(args, config)
     split = args.split or (config.get("split", "train") if holdout > 0 else "test")
     images, names = inference.dataset_images(data_dir, split, config["resolution"], subset=subset,
-                                             holdout=holdout, holdout_seed=seed, cache_dir=args.cache_dir)
+                                             holdout=holdout, holdout_seed=seed, **cache_settings(args, config))
     described = f"{data_dir} split {split}"
     if holdout > 0:
         described += f", the {len(images)} images held out by --holdout {holdout} --seed {seed}"
@@ -220,7 +227,7 @@ def print_nearest_training_images(args, checkpoint, x, reconstruction, variation
     holdout = config.get("holdout", 0.0) if trained_on_split else 0.0
     training, names = inference.dataset_images(args.data_dir, args.split, config["resolution"],
                                                subset="train", holdout=holdout,
-                                               holdout_seed=config.get("seed", 0), cache_dir=args.cache_dir)
+                                               holdout_seed=config.get("seed", 0), **cache_settings(args, config))
     kept_aside = f" (its {holdout:g} hold-out excluded, as in training)" if holdout else ""
     print(f"distance to the nearest of {len(training)} training images of {args.data_dir} split {args.split}"
           f"{kept_aside}: RMSE per pixel, 0-255 scale")

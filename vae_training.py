@@ -25,7 +25,7 @@ from datasets.preprocessing import ImageBatches, cached_images, holdout_split, t
 from vae.checkpoint import (git_sha, library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                             unwrap)
 from vae import distributed
-from vae.config import TrainConfig, build_parser, config_from_args, load_config_file
+from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args
 from vae.errors import TrainingDiverged, UserError
 from vae.losses import ELBOLoss, kl_per_dimension, reconstruction_loss, reconstruction_nll, sum_squared_error
 from vae.metrics import ACTIVE_UNIT_THRESHOLD, psnr_db
@@ -46,15 +46,15 @@ def parse_args(argv=None):
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.add_argument("--config", default="", help="a JSON file of settings (e.g. recipes/recommended.json); "
                         "flags on the command line override it")
-    from_file = load_config_file(parser, parser.parse_known_args(argv)[0].config)
-    parser.set_defaults(**from_file)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # A --config file's settings go first, so the flags after them override them; both count as given.
+    argv = config_file_arguments(parser, parser.parse_known_args(argv)[0].config) + argv
     args = parser.parse_args(argv)
     unset = object()
     parser.set_defaults(**{f.name: unset for f in dataclasses.fields(TrainConfig)})
     # --resume and --debug are not settings of the run: only config flags count as given explicitly.
     explicit = {name for name, value in vars(parser.parse_args(argv)).items()
                 if value is not unset and name in TrainConfig.__dataclass_fields__}
-    explicit |= set(from_file)
     config = config_from_args(args)
     if config.likelihood == "gaussian-learned" and "beta" not in explicit:
         config.beta = 1.0  # a learned sigma is calibrated by the ELBO itself, as in sigma-VAE
@@ -67,18 +67,26 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def load_split(config, split):
+    """A split's uint8 images (N, 3, R, R), through the image cache."""
+    try:
+        return cached_images(config.data_dir, split, config.resolution, config.cache_dir, config.num_workers,
+                             config.skip_bad_images)
+    except UserError as error:
+        if config.skip_bad_images or "cannot read image" not in str(error):
+            raise
+        raise UserError(f"{error}, or pass --skip-bad-images to leave unreadable images out") from None
+
+
 def load_data(config):
     """uint8 image tensors (train, eval); eval is None with --eval-split none."""
-    images = cached_images(config.data_dir, config.split, config.resolution, config.cache_dir,
-                           config.num_workers, config.skip_bad_images)
+    images = load_split(config, config.split)
     if config.holdout > 0:
         train_index, eval_index = holdout_split(len(images), config.holdout, config.seed)
         train_images, eval_images = images[train_index], images[eval_index]
     else:
         train_images = images
-        eval_images = None if config.eval_split == "none" else cached_images(
-            config.data_dir, config.eval_split, config.resolution, config.cache_dir, config.num_workers,
-            config.skip_bad_images)
+        eval_images = None if config.eval_split == "none" else load_split(config, config.eval_split)
     if config.batch_size > len(train_images):
         raise UserError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} training images; "
                         f"use --batch-size {len(train_images)} or less")
@@ -348,9 +356,9 @@ def run(config, checkpoint, checkpoint_path, process):
     state = {"epoch": 0, "step": 0, "batch": 0, "best_eval": math.inf}
     metrics = None
     if checkpoint is not None:
-        if checkpoint["schedule"] != schedule.state_dict():
-            say(f"the KL schedule now spans {schedule.total_steps} steps (it spanned "
-                f"{checkpoint['schedule'].get('total_steps')}): --epochs changed")
+        if schedule.kind == "cyclical" and checkpoint["schedule"].get("total_steps") != schedule.total_steps:
+            say(f"the cyclical KL schedule now spans {schedule.total_steps} steps, not "
+                f"{checkpoint['schedule'].get('total_steps')}: the run's length in steps changed")
         state.update({k: checkpoint[k] for k in state})
         metrics = checkpoint.get("eval")
         try:

@@ -330,11 +330,8 @@ def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip
         images = _read_cache(path, key, resolution)
         if images is not None:
             return images
-    try:
-        images, kept = decode_images(files, resolution, num_workers, skip_bad_images,
-                                     description=f"caching {split} {resolution}px")
-    except UserError as error:
-        raise UserError(f"{error}, or pass --skip-bad-images to leave unreadable images out") from None
+    images, kept = decode_images(files, resolution, num_workers, skip_bad_images,
+                                 description=f"caching {split} {resolution}px")
     if len(kept) < len(files):
         print(f"skipped {len(files) - len(kept)} unreadable image(s) of the {split!r} split", file=sys.stderr)
     payload = {"key": key, "images": images, "files": [f.name for f in kept]}

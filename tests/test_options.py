@@ -118,8 +118,12 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     recipe.write_text('{"likelihood": "gaussian-learned", "batch-norm": true, "beta": 1.0}')
     config, _, explicit = parse_args(["--config", str(recipe), "--beta", "0.5"])
     assert (config.likelihood, config.batch_norm, config.beta, config.latent_size) == ("gaussian-learned", True, 0.5, 10)
+    recipe.write_text('{"channels": [8, 16, 32], "batch-norm": false, "epochs": 3}')
+    config, _, _ = parse_args(["--config", str(recipe)])
+    assert (config.channels, config.batch_norm, config.epochs) == ([8, 16, 32], False, 3)
     assert {"likelihood", "batch_norm", "beta"} <= explicit
-    for bad in ('{"latent-sise": 3}', '{"likelihood": "gausian"}', '{"latent-size": "ten"}', '[1, 2]'):
+    for bad in ('{"latent-sise": 3}', '{"likelihood": "gausian"}', '{"latent-size": "ten"}', '[1, 2]',
+                '{"epochs": 1.7}', '{"batch-norm": "no"}', '{"beta": [0.1]}', '{"channels": {"a": 1}}'):
         recipe.write_text(bad)
         with pytest.raises(SystemExit):
             parse_args(["--config", str(recipe)])
@@ -152,3 +156,5 @@ def test_impossible_option_values_name_their_flag(field, value, flag):
 
     with pytest.raises(UserError, match=flag):
         validate_config(TrainConfig(**{field: value}))
+    with pytest.raises(UserError, match=flag):
+        validate_config(TrainConfig(likelihood="gaussian-learned", **{field: value}))

@@ -100,35 +100,30 @@ def default_channels(resolution: int) -> list:
     return [16 * 2**i for i in range(stages)]
 
 
-def load_config_file(parser, path, config_class=TrainConfig):
-    """Settings from a JSON file ({"likelihood": "gaussian-learned", "batch-norm": true, ...}); {} without one."""
+def config_file_arguments(parser, path, config_class=TrainConfig):
+    """A JSON file of settings ({"likelihood": "gaussian-learned", "batch-norm": true, ...}) as command-line
+    arguments, so the parser checks their types and choices exactly as it checks flags; [] without a file."""
     if not path:
-        return {}
+        return []
     try:
         values = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         parser.error(f"cannot read --config {path}: {error}")
     if not isinstance(values, dict):
         parser.error(f"--config {path} must hold a JSON object of settings")
-    values = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(values) - set(config_class.__dataclass_fields__))
-    if unknown:
-        parser.error(f"--config {path} has unknown settings: {', '.join(unknown)} (see --help for the flags)")
-    # argparse checks neither the type nor the choices of defaults, so a file's values are checked here.
-    for action in parser._actions:
-        if action.dest not in values:
-            continue
-        value = values[action.dest]
-        try:
-            if isinstance(value, list) and action.type is not None:
-                value = [action.type(item) for item in value]
-            elif action.type is not None and not isinstance(value, bool):
-                value = action.type(value)
-        except (TypeError, ValueError):
-            parser.error(f"--config {path}: {action.dest.replace('_', '-')} = {values[action.dest]!r} is not "
-                         f"a valid {action.type.__name__}")
-        if action.choices is not None and value not in action.choices:
-            parser.error(f"--config {path}: {action.dest.replace('_', '-')} = {value!r} is not one of "
-                         f"{', '.join(map(str, action.choices))}")
-        values[action.dest] = value
-    return values
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    arguments = []
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        flag = "--" + name.replace("_", "-")
+        if name not in fields:
+            parser.error(f"--config {path} has an unknown setting {key!r} (see --help for the flags)")
+        if fields[name].type is bool:
+            if not isinstance(value, bool):
+                parser.error(f"--config {path}: {key} must be true or false, not {value!r}")
+            arguments.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list) != (fields[name].type is list) or isinstance(value, (dict, bool)):
+            parser.error(f"--config {path}: {key} = {value!r} does not fit {flag}")
+        else:
+            arguments += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return arguments

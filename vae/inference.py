@@ -48,13 +48,13 @@ def load_images(paths, model, device):
 
 
 def dataset_images(data_dir, split, resolution, subset="all", holdout=0.0, holdout_seed=0, cache_dir="",
-                   num_workers=1):
+                   num_workers=1, skip_bad_images=False):
     """(uint8 images (N, 3, R, R), their file names) of a Flowers102 split.
 
     subset "all" is the whole split; with holdout > 0, "held-out" is exactly the images a training run with
     --holdout HOLDOUT --seed HOLDOUT_SEED evaluated on, and "train" the ones it trained on.
     """
-    images = cached_images(data_dir, split, resolution, cache_dir, num_workers)
+    images = cached_images(data_dir, split, resolution, cache_dir, num_workers, skip_bad_images)
     names = [f.name for f in flowers102_files(data_dir, split, download=False)]
     if len(names) != len(images):  # the cache skipped unreadable files: names no longer line up
         names = [f"{split}[{i}]" for i in range(len(images))]

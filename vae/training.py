@@ -39,7 +39,7 @@ def validate_config(config):
         (config.latent_size >= 1, f"--latent-size must be at least 1, got {config.latent_size}"),
         (config.beta >= 0, f"--beta must be >= 0, got {config.beta}"),
         (config.sigma > 0, f"--sigma must be > 0, got {config.sigma}"),
-        (config.likelihood != "gaussian-learned" or math.log(config.sigma) > MIN_LOG_SIGMA,
+        (config.sigma <= 0 or config.likelihood != "gaussian-learned" or math.log(config.sigma) > MIN_LOG_SIGMA,
          f"--sigma {config.sigma} is below the floor of the learned sigma ({math.exp(MIN_LOG_SIGMA):.4f}); "
          f"start higher"),
         (config.free_bits >= 0, f"--free-bits must be >= 0, got {config.free_bits}"),
