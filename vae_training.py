@@ -22,8 +22,8 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from datasets.preprocessing import ImageBatches, cached_images, holdout_split, to_float
-from vae.checkpoint import (git_sha, library_versions, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                            unwrap)
+from vae.checkpoint import (git_sha, library_versions, load_checkpoint, restore_model, rng_state, save_checkpoint,
+                            set_rng_state, unwrap)
 from vae import distributed
 from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args
 from vae.errors import TrainingDiverged, UserError
@@ -312,11 +312,7 @@ def prepare_model(config, process, checkpoint, checkpoint_path):
     model = build_model(config).to(process.device)
     optimizer = make_optimizer(model, config)
     if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:
-            raise UserError(f"{checkpoint_path} does not fit the model its config describes ({str(error).splitlines()[0]}); "
-                            f"start a new run") from None
+        restore_model(model, checkpoint, checkpoint_path)
         optimizer.load_state_dict(checkpoint["optimizer"])
     if process.distributed:
         device_ids = [process.device.index] if process.device.type == "cuda" else None

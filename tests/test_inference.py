@@ -267,7 +267,7 @@ def test_iwae_with_one_sample_is_the_single_sample_elbo_on_the_same_z():
     model = VAE((8, 8), latent_size=3, channels=[4], sigma=0.3).eval()
     x = torch.rand(4, 3, 8, 8)
     eps = torch.randn(1, 4, 3)
-    log_weights, _ = inference.importance_log_weights(model, x, 1, eps=eps)
+    log_weights, _ = inference.importance_log_weights(model, x, 1, eps=eps)["model"]
     with torch.no_grad():
         mean, log_var = model.encode(x)
         std = (0.5 * log_var).exp()
@@ -284,7 +284,7 @@ def test_iwae_bound_does_not_rise_as_k_grows():
     model = VAE((8, 8), latent_size=3, channels=[4], sigma=0.1).eval()  # a wide gap between ELBO and log p(x)
     x = torch.rand(32, 3, 8, 8)
     generator = torch.Generator().manual_seed(1)
-    nll = [-iwae_log_likelihood(inference.importance_log_weights(model, x, k, generator)[0]).mean().item()
+    nll = [-iwae_log_likelihood(inference.importance_log_weights(model, x, k, generator)["model"][0]).mean().item()
            for k in (1, 10, 100)]
     assert nll[0] >= nll[1] >= nll[2]
 

@@ -171,3 +171,13 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{path} has checkpoint format {checkpoint['format_version']}, newer than this code "
                         f"({FORMAT_VERSION}); update the repository")
     return checkpoint
+
+
+def restore_model(model, checkpoint, path):
+    """Load the checkpoint's weights into the model its config built; a mismatch is the user's to fix."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise UserError(f"{path} does not fit the model its config describes ({str(error).splitlines()[0]}); "
+                        f"it was written by another version of the code: start a new run") from None
+    return model

@@ -13,7 +13,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from datasets.preprocessing import cached_images, flowers102_files, holdout_split, load_image, to_float
-from vae.checkpoint import load_checkpoint
+from vae.checkpoint import load_checkpoint, restore_model
 from vae.errors import UserError
 from vae.losses import kl_per_dimension, reconstruction_nll, sum_squared_error
 from vae.metrics import (active_units, bits_per_dim, discretized_gaussian_log_likelihood, iwae_log_likelihood,
@@ -30,12 +30,7 @@ DECODE_CHUNK_IMAGES = 4096
 def load_model(checkpoint_path, device):
     """(model in eval mode on device, checkpoint dict). The checkpoint's config rebuilds the model."""
     checkpoint = load_checkpoint(checkpoint_path)
-    model = build_model(checkpoint["config"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise UserError(f"{checkpoint_path} does not fit the model its config describes "
-                        f"({str(error).splitlines()[0]}); it was written by another version of the code") from None
+    model = restore_model(build_model(checkpoint["config"]), checkpoint, checkpoint_path)
     return model.to(device).eval(), checkpoint
 
 
@@ -166,14 +161,6 @@ def interleave_rows(top, bottom, nrow):
     return torch.cat(blocks)
 
 
-def pad_row(images, nrow):
-    """Pad images to a multiple of nrow with white tiles, so the next block starts on a new grid row."""
-    missing = -len(images) % nrow
-    return torch.cat([images, images.new_ones(missing, *images.shape[1:])]) if missing else images
-
-
-# ------------------------------------------------------------------------------------------ distances
-
 def nearest_distances(images, reference_uint8, chunk=256):
     """For each image (N, 3, H, W) in [0, 1]: (RMSE to its nearest reference image, index of that image).
 
@@ -202,15 +189,21 @@ def importance_log_weights(model, x, num_samples, generator=None, eps=None, disc
     """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for z_k = mean + std * eps_k, k = 1..K.
 
     x: (B, 3, H, W). eps: optional fixed noise (K, B, latent); else drawn from generator. Returns
-    (log_weights (K, B), log p(x|z) (K, B)) in nats. log p(x|z) is the likelihood the model was trained
-    with (a density for the Gaussians), or with discretized=True the 8-bit discretized Gaussian.
-    Decodes at most DECODE_CHUNK_IMAGES images at once, so K may be large at any resolution.
+    {"model": (log_weights (K, B), log p(x|z) (K, B))} in nats under the likelihood the model was trained
+    with (a density for the Gaussians); with discretized=True also "discretized": the same pair under the
+    8-bit discretized Gaussian, from the same decoded images. Decodes at most DECODE_CHUNK_IMAGES images at
+    once, so K may be large at any resolution.
     """
     mean, log_var = model.encode(x)
     std = log_var.mul(0.5).exp()
     log_sigma = model.log_sigma()
+    likelihoods = {"model": lambda targets, decoded: -reconstruction_nll(targets, decoded, model.likelihood,
+                                                                         log_sigma)}
+    if discretized:
+        likelihoods["discretized"] = lambda targets, decoded: discretized_gaussian_log_likelihood(
+            targets, decoded, log_sigma)
     per_chunk = max(1, DECODE_CHUNK_IMAGES // len(x))
-    log_weights, log_likelihoods = [], []
+    chunks = {name: ([], []) for name in likelihoods}
     for start in range(0, num_samples, per_chunk):
         k = min(per_chunk, num_samples - start)
         noise = eps[start:start + k] if eps is not None else \
@@ -218,20 +211,18 @@ def importance_log_weights(model, x, num_samples, generator=None, eps=None, disc
         z = mean + std * noise  # (k, B, latent)
         decoded = model.decode(z.flatten(0, 1))
         targets = x.repeat(k, 1, 1, 1)
-        if discretized:
-            log_likelihood = discretized_gaussian_log_likelihood(targets, decoded, log_sigma)
-        else:
-            log_likelihood = -reconstruction_nll(targets, decoded, model.likelihood, log_sigma)
         # Summed in float64 on the CPU: log-weights of thousands of nats keep their small differences, and MPS
         # has no float64.
-        log_likelihood = log_likelihood.view(k, len(x)).cpu().double()
         log_prior = log_normal(z, torch.zeros_like(z), torch.ones_like(z)).cpu().double()
         # log q(z|x) from the noise itself: z - mean would cancel digits when std is far below |mean|.
         log_posterior = (log_normal(noise, torch.zeros_like(noise), torch.ones_like(noise))
                          - log_var.mul(0.5).sum(dim=-1)).cpu().double()
-        log_weights.append(log_likelihood + log_prior - log_posterior)
-        log_likelihoods.append(log_likelihood)
-    return torch.cat(log_weights), torch.cat(log_likelihoods)
+        for name, log_likelihood_of in likelihoods.items():
+            log_likelihood = log_likelihood_of(targets, decoded).view(k, len(x)).cpu().double()
+            chunks[name][0].append(log_likelihood + log_prior - log_posterior)
+            chunks[name][1].append(log_likelihood)
+    return {name: (torch.cat(weights), torch.cat(log_likelihoods))
+            for name, (weights, log_likelihoods) in chunks.items()}
 
 
 @torch.no_grad()
@@ -252,14 +243,15 @@ def evaluate_images(model, images_uint8, iw_samples=100, batch_size=64, generato
         sums["kl"] += kl.sum().item()
         sums["squared_error"] += sum_squared_error(x, model.decode(mean)).sum().item()
         means.append(mean.cpu())
-        # Both likelihoods see the same z, so the two bounds differ only by the likelihood.
+        # Both likelihoods see the same z and decoded images, so the two bounds differ only by the likelihood.
         noise = torch.randn(iw_samples, *mean.shape, generator=generator).to(device)
-        log_weights, log_likelihood = importance_log_weights(model, x, iw_samples, eps=noise)
-        iwae.append(iwae_log_likelihood(log_weights).cpu())
+        weights = importance_log_weights(model, x, iw_samples, eps=noise, discretized=gaussian)
+        log_weights, log_likelihood = weights["model"]
+        iwae.append(iwae_log_likelihood(log_weights))
         sums["reconstruction"] -= log_likelihood.mean(dim=0).sum().item()
         if gaussian:
-            log_weights, log_likelihood = importance_log_weights(model, x, iw_samples, eps=noise, discretized=True)
-            iwae_discrete.append(iwae_log_likelihood(log_weights).cpu())
+            log_weights, log_likelihood = weights["discretized"]
+            iwae_discrete.append(iwae_log_likelihood(log_weights))
             sums["reconstruction_discrete"] -= log_likelihood.mean(dim=0).sum().item()
     count = len(images_uint8)
     means = torch.cat(means)
