@@ -30,7 +30,7 @@ from vae.errors import TrainingDiverged, UserError
 from vae.losses import ELBOLoss, kl_per_dimension, reconstruction_loss, reconstruction_nll, sum_squared_error
 from vae.metrics import ACTIVE_UNIT_THRESHOLD, psnr_db
 from vae.schedules import schedule_for
-from vae.training import StopRequest, Timer, purge_scalar_curves, rng_untouched, validate_config
+from vae.training import StopRequest, Timer, gradient_norm, purge_scalar_curves, rng_untouched, validate_config
 from vae.vae import build_model
 
 # Flags that may change when a run is resumed; any other difference would silently make it another run.
@@ -118,7 +118,7 @@ def train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, schedule=N
             raise TrainingDiverged(f"the loss became {total.item()} at step {state['step'] + 1} (epoch {epoch + 1})")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
+        grad_norms.append(gradient_norm(model.parameters()))
         optimizer.step()
         state["step"] += 1
         state["batch"] += 1

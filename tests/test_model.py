@@ -107,3 +107,15 @@ def test_same_seed_same_model_and_losses():
         x = torch.rand(4, 3, 32, 32)
         return model(x)[0]
     assert torch.equal(run(), run())
+
+
+def test_gradient_norm_matches_the_norm_of_all_gradients_and_leaves_them_alone():
+    from vae.training import gradient_norm
+
+    model = VAE()
+    x = torch.rand(4, 3, 32, 32)
+    ELBOLoss(0.1)(x, *model(x))[3].backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected = torch.cat([g.flatten() for g in grads]).norm()
+    assert gradient_norm(model.parameters()).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))

@@ -26,6 +26,12 @@ def pick_device(name="auto") -> torch.device:
     return torch.device(name)
 
 
+def gradient_norm(parameters):
+    """The L2 norm of all gradients together (a diagnostic; unlike clip_grad_norm_ it leaves them untouched)."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
 def validate_config(config):
     """Reject impossible settings before any data is read, with the flag to change."""
     channels = config.channels or default_channels(config.resolution)
