@@ -193,11 +193,11 @@ def run_sample(args, model, checkpoint):
 def run_reconstruct(args, model, checkpoint):
     check_positive(num=args.num, nrow=args.nrow)
     if args.images:
-        x = inference.load_images(args.images, model, next(model.parameters()).device)
+        x = inference.load_images(args.images, model, inference.model_device(model))
         source = f"{len(args.images)} image file(s)"
     else:
         images, _, source = split_images(args, checkpoint, subset="held-out")
-        x = to_float(images[:args.num]).to(next(model.parameters()).device)
+        x = to_float(images[:args.num]).to(inference.model_device(model))
     reconstructions = inference.reconstruct(model, x)
     nrow = min(args.nrow, len(x))
     grid = inference.interleave_rows(x, reconstructions, nrow)
@@ -209,7 +209,7 @@ def run_reconstruct(args, model, checkpoint):
 
 def run_variations(args, model, checkpoint):
     check_positive(num=args.num, nrow=args.nrow)
-    x = inference.load_images([args.image], model, next(model.parameters()).device)
+    x = inference.load_images([args.image], model, inference.model_device(model))
     images, z, mean = inference.variations(model, x, args.num, args.temperature, generator_for(args))
     reconstruction = inference.reconstruct(model, x)
     grid = torch.cat([x, reconstruction, images])
@@ -240,7 +240,7 @@ def print_nearest_training_images(args, checkpoint, x, reconstruction, variation
 
 def run_interpolate(args, model, checkpoint):
     check_positive(steps=args.steps)
-    x = inference.load_images(args.images, model, next(model.parameters()).device)
+    x = inference.load_images(args.images, model, inference.model_device(model))
     path_images = inference.interpolate(model, x[:1], x[1:], args.steps, spherical=args.slerp)
     grid = torch.cat([x[:1], path_images, x[1:]])
     path = inference.save_grid(grid, args.out, len(grid), args.scale)
@@ -251,7 +251,7 @@ def run_interpolate(args, model, checkpoint):
 
 def run_traverse(args, model, checkpoint):
     check_positive(steps=args.steps)
-    device = next(model.parameters()).device
+    device = inference.model_device(model)
     if args.image:
         x = inference.load_images([args.image], model, device)
         center = inference.posterior(model, x)[0][0]

@@ -272,7 +272,8 @@ def check_writable(run_dir):
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise UserError(f"cannot write the run folder {run_dir} ({error.strerror}); pass a writable --log-dir") from None
+        raise UserError(f"cannot write the run folder {run_dir} ({error.strerror}); "
+                        f"pass a writable --log-dir") from None
 
 
 def write_manifest(run_dir, config, resumed_from):

@@ -38,7 +38,8 @@ def git_sha():
 def library_versions():
     import torchvision
 
-    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+    return {"python": sys.version.split()[0], "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__),
             "numpy": np.__version__}
 
 

@@ -72,7 +72,8 @@ def posterior(model, x):
 @torch.no_grad()
 def sample_prior(model, num_images, temperature, generator):
     """num_images decoded draws z ~ N(0, temperature^2 I); returns (images, z)."""
-    z = torch.randn(num_images, model.latent_size, generator=generator).to(_device(model)) * temperature
+    z = torch.randn(num_images, model.latent_size, generator=generator).to(model_device(model))
+    z = z * temperature
     return model.decode(z), z
 
 
@@ -228,7 +229,7 @@ def importance_log_weights(model, x, num_samples, generator=None, eps=None, disc
 @torch.no_grad()
 def evaluate_images(model, images_uint8, iw_samples=100, batch_size=64, generator=None, progress=True):
     """Honest held-out numbers for uint8 images (N, 3, H, W), per image, beta = 1. See EVALUATION_KEYS."""
-    device = _device(model)
+    device = model_device(model)
     num_dims = images_uint8[0].numel()
     gaussian = model.likelihood in ("gaussian", "gaussian-learned")
     sums = {"kl": 0.0, "reconstruction": 0.0, "reconstruction_discrete": 0.0, "squared_error": 0.0}
@@ -293,5 +294,6 @@ def _bits_per_dim_results(iwae_discrete, neg_elbo_discrete_sum, count, num_dims,
     }
 
 
-def _device(model):
+def model_device(model):
+    """The device the model's parameters are on."""
     return next(model.parameters()).device
