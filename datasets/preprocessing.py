@@ -4,6 +4,13 @@ The tutorial's pipeline decodes and resizes every full-size JPEG on every epoch,
 slower than the 32x32 model's training step. Here each image is decoded once (JPEG draft mode to at least
 twice the target size, then an antialiased bilinear resize: the same filter torchvision's Resize applies
 to PIL images), the result is stored as one uint8 tensor on disk, and batches are cut from it in memory.
+
+Every mode Pillow opens is decoded as an image viewer shows it (16-bit greyscale scaled, not clipped to white;
+transparency composited on white; CMYK, palette and 1-bit converted); modes with no agreed meaning are refused
+by name. Training (the cache, decode_images) does not apply the EXIF orientation tag: it follows the tutorial's
+decoding, torchvision's Flowers102 loader (`Image.open(f).convert("RGB")`), and Flowers102's JPEGs carry no
+EXIF data at all (none of the 2,040 train and val files has an APP1 segment), so the result is the same.
+Inference (load_image) applies it, so a phone photo is used upright.
 """
 
 import contextlib
@@ -14,20 +21,23 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import socket
+import struct
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from vae.errors import UserError
 
 SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
 RESIZE_METHOD = "jpeg-draft-2x+bilinear-antialias"
-CACHE_FORMAT = 2  # bumped whenever the cached payload changes, so old files are rebuilt
+CACHE_FORMAT = 3  # bumped whenever the cached payload changes, so old files are rebuilt (3: checksum)
 DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -146,34 +156,79 @@ def _height_width(resolution):
     return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
 
 
-def decode_rgb(path, resolution):
+# Modes that hold one 16-bit (or wider) grey channel: PNG and TIFF 16-bit greyscale open as one of them.
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+EXIF_ORIENTATION = 0x0112  # the tag's number in the EXIF standard
+# What Pillow raises for a file it cannot decode: not an image, truncated, damaged (OSError covers
+# UnidentifiedImageError, a missing file and a directory), a mode it cannot convert (ValueError), or too many pixels.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class _UnsupportedMode(Exception):
+    """An image whose pixels have no agreed 8-bit RGB meaning; the message says why and what to save instead."""
+
+
+def _as_rgb(image):
+    """An opened image of any mode as 8-bit RGB, the way an image viewer shows it."""
+    if image.mode == "F":
+        # Floating-point pixels (scientific TIFFs, depth maps) may span 0..1, 0..255 or anything: guessing would
+        # silently train on a wrong picture.
+        raise _UnsupportedMode("its pixels are 32-bit floats (mode F), which have no agreed brightness range. "
+                               "Save it as an 8- or 16-bit PNG or a JPEG")
+    if image.mode in SIXTEEN_BIT_GREY:
+        # convert("RGB") clips every value above 255, so a 16-bit greyscale image would come out solid white;
+        # scale 0..65535 to 0..255 instead (mode "I" holds 16-bit PNGs in older Pillows; wider values are clipped).
+        grey = np.asarray(image).astype(np.float32) / 257
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+    if image.mode in WITH_ALPHA or "transparency" in image.info:
+        # Transparent pixels would otherwise show whatever colour happens to be stored under them (often black);
+        # a viewer shows them on its background, taken to be white here. Palette and single-colour transparency
+        # (PNG tRNS, GIF) arrive in image.info and are applied by convert("RGBA").
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    # 1-bit, grey, palette, CMYK (Pillow undoes the inverted CMYK of Adobe JPEGs), YCbCr, LAB, HSV: Pillow's own
+    # conversions. Modes it cannot convert raise ValueError, reported with the mode's name.
+    return image.convert("RGB")
+
+
+def decode_rgb(path, resolution, exif_orientation=False):
     """Decode an image file to a uint8 numpy array (H, W, 3): JPEG draft, then antialiased bilinear resize.
 
-    Transparent pixels are composited on white. Raises UserError naming the file when it cannot be decoded.
+    exif_orientation=True turns the image upright as its EXIF tag says (phone photos); training leaves it off,
+    as the tutorial's decoding does. Raises UserError naming the file when it cannot be decoded.
     """
     height, width = _height_width(resolution)
     try:
         with Image.open(path) as image:
+            turned = exif_orientation and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
             # JPEG only (a no-op otherwise): let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below twice the
             # target, so the antialiased resize still sees enough pixels and the result stays within about
-            # 1/255 of resizing the full-size image, at a fraction of the decoding time.
-            image.draft("RGB", (2 * width, 2 * height))
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            # 1/255 of resizing the full-size image, at a fraction of the decoding time. A quarter turn to come
+            # swaps which stored side becomes the width.
+            image.draft("RGB", (2 * height, 2 * width) if turned else (2 * width, 2 * height))
+            if exif_orientation:
+                image = ImageOps.exif_transpose(image)
             # PIL's bilinear resize widens its kernel when shrinking (antialiasing), as torchvision's Resize does.
-            image = image.convert("RGB").resize((width, height), Image.BILINEAR)
+            image = _as_rgb(image).resize((width, height), Image.BILINEAR)
             return np.array(image)  # a writable copy, which torch.from_numpy expects
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"cannot read image {path}: {error}. Replace or delete the file") from None
+    except _UnsupportedMode as error:
+        raise UserError(f"cannot read image {path}: {error}") from None
+    except DECODE_ERRORS as error:
+        # An OSError's strerror ("Is a directory") is shorter than its str(), which repeats the path.
+        lines = (getattr(error, "strerror", None) or str(error)).strip().splitlines()
+        reason = lines[0] if lines else type(error).__name__
+        raise UserError(f"cannot read image {path}: {reason}. Replace or delete the file") from None
 
 
-def load_image(path, resolution):
+def load_image(path, resolution, exif_orientation=True):
     """Decode an image file (any size; JPEG, PNG, ...; RGBA and greyscale too) to a uint8 (3, H, W) tensor.
 
-    This is the preprocessing of training, so a user's photo is seen exactly as the training images were.
+    This is the preprocessing of training, so a user's photo is seen exactly as the training images were, except
+    that the photo is first turned upright as its EXIF orientation tag says (training images are not; see the
+    module's docstring).
     """
-    return torch.from_numpy(decode_rgb(path, resolution)).permute(2, 0, 1)
+    return torch.from_numpy(decode_rgb(path, resolution, exif_orientation)).permute(2, 0, 1)
 
 
 def _decode_or_none(job):
@@ -194,10 +249,40 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
+def _worker_signals():
+    """Pool initializer. Ctrl-C in a terminal sends SIGINT to every process of the group; the workers ignore it, so
+    only the main process raises KeyboardInterrupt (and ends them) instead of each worker printing a traceback.
+    SIGTERM gets its default back (a fork inherits the main process's handler), so Pool.terminate() ends a worker
+    at once and silently."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While the pool runs, SIGTERM (kill, a job scheduler) raises KeyboardInterrupt in the main process as Ctrl-C
+    does, so the pool is terminated on the way out. By default SIGTERM would end only this process, and each
+    orphaned worker would later die on a broken pipe with a traceback. A handler the program set is kept."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def decode_images(files, resolution, num_workers=1, skip_bad_images=False, description="decoding"):
     """Decode files (in num_workers processes) into a uint8 tensor (N, 3, H, W); returns (images, files kept).
 
-    Unreadable files raise UserError naming the file, or are left out with skip_bad_images.
+    Unreadable files raise UserError naming the file, or are left out with skip_bad_images. Ctrl-C or SIGTERM
+    ends the workers and raises KeyboardInterrupt in the calling process only.
     """
     jobs = [(f, resolution, skip_bad_images) for f in files]
     progress = dict(total=len(jobs), desc=description, unit="img", leave=False)
@@ -208,7 +293,10 @@ def decode_images(files, resolution, num_workers=1, skip_bad_images=False, descr
             # Large chunks keep the inter-process traffic low; about 8 chunks per worker still balances the load
             # and lets the progress bar move.
             chunksize = max(1, min(256, len(jobs) // (8 * num_workers)))
-            pool = stack.enter_context(_pool_context().Pool(num_workers))
+            stack.enter_context(_sigterm_as_interrupt())
+            # Leaving the with block (done, an error, KeyboardInterrupt) calls pool.terminate(), which also waits
+            # for the workers to exit, so none outlives the build.
+            pool = stack.enter_context(_pool_context().Pool(num_workers, initializer=_worker_signals))
             results = pool.imap(_decode_or_none, jobs, chunksize=chunksize)
         else:
             results = map(_decode_or_none, jobs)
@@ -282,6 +370,13 @@ def cache_path(data_dir, split, resolution, files, cache_dir="", skip_bad_images
     return _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data)[1][0]
 
 
+def images_checksum(images):
+    """A hex digest of a uint8 image tensor's bytes. torch.load checks a file's structure, not its contents: a
+    flipped bit on disk would otherwise be trained on without a word. SHA-256 has CPU instructions on most
+    machines: about 0.1 s for the 100 MB of 8,189 images at 64x64, far less than decoding them."""
+    return hashlib.sha256(images.contiguous().numpy()).hexdigest()
+
+
 def _read_cache(path, key, resolution):
     """The cached uint8 images (N, 3, H, W), or None when path is missing, damaged or holds another cache."""
     if not path.is_file():
@@ -294,6 +389,10 @@ def _read_cache(path, key, resolution):
     images = payload.get("images") if isinstance(payload, dict) else None
     if (not isinstance(payload, dict) or payload.get("key") != key or not isinstance(images, torch.Tensor)
             or images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, *_height_width(resolution))):
+        return None
+    if payload.get("checksum") != images_checksum(images):
+        print(f"the image cache {path} is damaged (its images do not match their checksum); rebuilding it",
+              file=sys.stderr)
         return None
     return images
 
@@ -334,7 +433,7 @@ def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip
                                  description=f"caching {split} {resolution}px")
     if len(kept) < len(files):
         print(f"skipped {len(files) - len(kept)} unreadable image(s) of the {split!r} split", file=sys.stderr)
-    payload = {"key": key, "images": images, "files": [f.name for f in kept]}
+    payload = {"key": key, "images": images, "checksum": images_checksum(images), "files": [f.name for f in kept]}
     errors = []
     for path in write_to:
         try:
@@ -348,6 +447,20 @@ def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip
     return images
 
 
+def split_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip_bad_images=False):
+    """(uint8 images (N, 3, H, W), file names) of a split, or of several joined with + ("train+val"), in order.
+    Each split has its own cache, so train+val reuses the caches of train and of val."""
+    images, names = [], []
+    for part in split.split("+"):
+        part_images = cached_images(data_dir, part, resolution, cache_dir, num_workers, skip_bad_images)
+        part_names = [f.name for f in flowers102_files(data_dir, part, download=False)]
+        if len(part_names) != len(part_images):  # the cache skipped unreadable files: names no longer line up
+            part_names = [f"{part}[{i}]" for i in range(len(part_images))]
+        images.append(part_images)
+        names += part_names
+    return torch.cat(images), names
+
+
 # -------------------------------------------------------------------------------------------- batches
 
 def holdout_split(num_images, fraction, seed):
@@ -356,7 +469,29 @@ def holdout_split(num_images, fraction, seed):
         raise UserError(f"--holdout must be in [0, 1), got {fraction}")
     permutation = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
     held_out = max(1, round(fraction * num_images)) if fraction > 0 else 0
+    if held_out >= num_images:
+        raise UserError(f"--holdout {fraction} holds out all {num_images} images and leaves none to train on; "
+                        f"use a smaller --holdout")
     return permutation[held_out:].sort().values, permutation[:held_out].sort().values
+
+
+def random_subset(num_images, size, seed):
+    """Sorted indices of a seeded random draw of `size` images out of num_images; all of them (0, 1, ...) when size
+    is 0 or at least num_images. The same arguments give the same indices.
+
+    Flowers102's split lists (setid.mat) are sorted by class: the first 512 test images span 14 of its 102
+    classes. An evaluation set, a grid's batch or an FID reference set is therefore drawn with this, never
+    taken as the first N.
+    """
+    if size < 0:
+        raise UserError(f"a subset size must be 0 (all images) or more, got {size}")
+    if size == 0 or size >= num_images:
+        return torch.arange(num_images)
+    # holdout_split seeds its generator with the seed itself; with the same seed and count this draw would be
+    # exactly the held-out images. Hashing gives another stream (torch's CPU generator keeps 32 bits of a seed).
+    stream = int.from_bytes(hashlib.sha256(f"random_subset {seed}".encode()).digest()[:4], "little")
+    generator = torch.Generator().manual_seed(stream)
+    return torch.randperm(num_images, generator=generator)[:size].sort().values
 
 
 def to_float(batch_uint8):
@@ -367,11 +502,12 @@ def to_float(batch_uint8):
 class ImageBatches:
     """Seeded, reshuffled-per-epoch batches of a uint8 image tensor, delivered as floats on `device`.
 
-    The order of epoch e depends only on (seed, e), so a resumed run sees the batches it would have seen.
+    The order of epoch e depends only on (seed, e), so a resumed run sees the batches it would have seen; so do
+    the random horizontal flips of hflip=True (each image flipped with probability 1/2, drawn per epoch).
     With rank/world_size each process takes its own shard of every epoch's permutation.
     """
 
-    def __init__(self, images, batch_size, device, shuffle=True, seed=0, rank=0, world_size=1):
+    def __init__(self, images, batch_size, device, shuffle=True, seed=0, rank=0, world_size=1, hflip=False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         # On a GPU the whole uint8 set (100 MB for 8,189 images at 64x64) lives there: no copy per batch.
@@ -382,6 +518,10 @@ class ImageBatches:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.hflip = hflip
+
+    def _generator(self, epoch):
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
 
     def indices(self, epoch):
         """This rank's image indices for the epoch, in the order they are served.
@@ -390,8 +530,7 @@ class ImageBatches:
         images, different ones each epoch), so every rank takes the same number of steps, as DDP requires.
         """
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.images), generator=generator)
+            order = torch.randperm(len(self.images), generator=self._generator(epoch))
             order = order[:len(order) - len(order) % self.world_size]
         else:
             order = torch.arange(len(self.images))
@@ -408,6 +547,14 @@ class ImageBatches:
         The uint8 batch crosses to the device and is converted there: a quarter of the bytes of a float copy.
         """
         order = self.indices(epoch)
+        if self.hflip:  # one coin per image of the data set, drawn after the permutation from the same generator
+            generator = self._generator(epoch)
+            torch.randperm(len(self.images), generator=generator)
+            flipped = torch.rand(len(self.images), generator=generator) < 0.5
         for start in range(start_batch * self.batch_size, len(order), self.batch_size):
-            batch = self.images[order[start:start + self.batch_size]]
-            yield to_float(batch.to(self.device, non_blocking=True))
+            index = order[start:start + self.batch_size]
+            batch = to_float(self.images[index].to(self.device, non_blocking=True))
+            if self.hflip:
+                flip = flipped[index].to(self.device)
+                batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+            yield batch
