@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Independent, Normal, kl_divergence as torch_kl
 
-from vae.losses import (SEED_SIGMA, ELBOLoss, gaussian_nll_from_sse, kl_divergence, kl_per_dimension,
-                        reconstruction_loss, reconstruction_nll)
+from vae.layers import MIN_LOG_SCALE
+from vae.losses import (SEED_SIGMA, ELBOLoss, discretized_logistic_log_probs, discretized_logistic_nll,
+                        gaussian_nll_from_sse, kl_divergence, kl_per_dimension, reconstruction_loss,
+                        reconstruction_nll)
 
 
 def test_closed_form_kl_matches_torch_distributions():
@@ -87,3 +89,84 @@ def test_learned_sigma_gets_a_gradient_towards_the_error_scale():
     log_sigma = torch.tensor(0.0, requires_grad=True)
     ELBOLoss(1.0, "gaussian-learned")(x, r, torch.zeros(4, 2), torch.zeros(4, 2), log_sigma=log_sigma)[3].backward()
     assert log_sigma.grad > 0  # sigma 1 is far above the 0.1 error: the loss wants it smaller
+
+
+def test_kl_of_a_spatial_latent_is_flattened_per_dimension():
+    torch.manual_seed(3)
+    mean, log_var = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    per_dimension = kl_per_dimension(mean, log_var)
+    assert per_dimension.shape == (2, 36)
+    assert torch.allclose(per_dimension, kl_per_dimension(mean.flatten(1), log_var.flatten(1)))
+    assert torch.allclose(kl_divergence(mean, log_var), per_dimension.sum(dim=1))
+
+
+# ------------------------------------------------------------------------------ discretized logistic
+
+LEVELS = torch.arange(256, dtype=torch.float64) / 255
+
+
+def _logistic_probability_by_hand(x, mean, log_scale):
+    """P(x) of one 8-bit pixel in float64, written out as a difference of logistic CDFs (sigmoids)."""
+    scale = math.exp(log_scale)
+    cdf = lambda t: 1 / (1 + math.exp(-(t - mean) / scale))  # P(X < t)
+    upper_tail = lambda t: 1 / (1 + math.exp((t - mean) / scale))  # P(X > t) = 1 - cdf(t), without cancelling
+    lower_edge, upper_edge = x - 0.5 / 255, x + 0.5 / 255
+    if x == 0:
+        return cdf(upper_edge)
+    if x == 1:
+        return upper_tail(lower_edge)
+    if x > mean:  # both CDFs are near 1 there: subtract the small upper tails instead
+        return upper_tail(lower_edge) - upper_tail(upper_edge)
+    return cdf(upper_edge) - cdf(lower_edge)
+
+
+@pytest.mark.parametrize("mean, log_scale", [(0.5, -3.0), (0.0, MIN_LOG_SCALE), (1.0, MIN_LOG_SCALE), (0.3, 0.0),
+                                             (0.7, 2.0), (0.123, -5.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logistic_probabilities_of_the_256_levels_sum_to_one(mean, log_scale, dtype):
+    log_probs = discretized_logistic_log_probs(LEVELS.to(dtype), torch.tensor(mean, dtype=dtype),
+                                               torch.tensor(log_scale, dtype=dtype))
+    assert torch.isfinite(log_probs).all()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.logsumexp(log_probs.double(), dim=0).item() == pytest.approx(0.0, abs=tolerance)
+
+
+def test_logistic_matches_an_independent_float64_computation():
+    cases = [(0.0, 0.4, -2.0), (3 / 255, 0.0, -4.0), (128 / 255, 0.5, -6.0), (1.0, 0.9, -1.5), (250 / 255, 0.2, -3.0),
+             (0.5, 0.0, MIN_LOG_SCALE), (17 / 255, 0.8, -5.0)]  # the last two: far out in the tails
+    x, mean, log_scale = (torch.tensor(column, dtype=torch.float64) for column in zip(*cases))
+    expected = torch.tensor([math.log(_logistic_probability_by_hand(*case)) for case in cases], dtype=torch.float64)
+    assert torch.allclose(discretized_logistic_log_probs(x, mean, log_scale), expected, rtol=1e-9)
+    # float32 keeps about 6 digits of each log-probability, tails included.
+    assert torch.allclose(discretized_logistic_log_probs(x.float(), mean.float(), log_scale.float()).double(),
+                          expected, rtol=1e-5)
+
+
+def test_logistic_nll_is_the_loss_and_the_nll_per_image():
+    torch.manual_seed(4)
+    x = torch.randint(0, 256, (2, 3, 4, 4)) / 255
+    mean, log_scale = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4) * -5
+    expected = -discretized_logistic_log_probs(x, mean, log_scale).flatten(1).sum(dim=1)
+    assert expected.shape == (2,)
+    assert torch.equal(discretized_logistic_nll(x, mean, log_scale), expected)
+    assert torch.equal(reconstruction_loss(x, mean, "logistic", log_scale), expected)
+    assert torch.equal(reconstruction_nll(x, mean, "logistic", log_sigma=log_scale), expected)
+    latent = torch.zeros(2, 5)
+    _, kl, reconstruction, total = ELBOLoss(0.5, "logistic")(x, mean, latent, latent, log_sigma=log_scale)
+    assert reconstruction.item() == pytest.approx(expected.mean().item()) and total.item() == pytest.approx(
+        expected.mean().item())
+    with pytest.raises(ValueError, match="per-pixel log scale"):
+        ELBOLoss(0.5, "logistic")(x, mean, latent, latent)
+
+
+def test_logistic_stays_finite_with_finite_gradients_at_the_extremes():
+    x = torch.tensor([0.0, 1 / 255, 0.5, 254 / 255, 1.0]).repeat(4)
+    mean = torch.tensor([0.0, 1.0]).repeat_interleave(10).requires_grad_()
+    log_scale = torch.tensor([MIN_LOG_SCALE, 3.0]).repeat_interleave(5).repeat(2).requires_grad_()
+    log_probs = discretized_logistic_log_probs(x, mean, log_scale)
+    assert torch.isfinite(log_probs).all()
+    # A pixel at 1 under a mean of 0 and scale e^-7 is ~1100 scales out: very unlikely, but not impossible.
+    assert log_probs.min() < -1000
+    log_probs.sum().backward()
+    assert torch.isfinite(mean.grad).all() and torch.isfinite(log_scale.grad).all()
+    assert (log_scale.grad != 0).any() and (mean.grad != 0).any()

@@ -4,17 +4,20 @@ import math
 
 import torch
 
+from vae.losses import PIXEL_LEVELS, discretized_logistic_log_probs
+
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
 def active_units(posterior_means, threshold=ACTIVE_UNIT_THRESHOLD):
     """Number of latent dimensions whose posterior mean varies across images: Var_x(E_q[z_d|x]) > threshold
-    (Burda et al. 2016). posterior_means: (num_images, latent). A collapsed model has few."""
+    (Burda et al. 2016). posterior_means: (num_images, *latent_shape). A collapsed model has few."""
     return int((posterior_variance(posterior_means) > threshold).sum())
 
 
 def posterior_variance(posterior_means):
-    """Var_x(E_q[z|x]) per latent dimension, shape (latent,)."""
+    """Var_x(E_q[z|x]) per latent dimension, shape (D,); a spatial latent is flattened to D = C*H*W."""
+    posterior_means = posterior_means.flatten(1)
     if len(posterior_means) < 2:
         return torch.zeros(posterior_means.shape[1], device=posterior_means.device)
     return posterior_means.double().var(dim=0, unbiased=True).float()
@@ -26,9 +29,6 @@ def psnr_db(mse):
 
 
 # ------------------------------------------------------------------------------ likelihoods of 8-bit data
-
-PIXEL_LEVELS = 255  # 8-bit pixels are k / 255, k = 0..255
-
 
 def _log_sub_exp(log_a, log_b):
     """log(exp(log_a) - exp(log_b)) for log_a >= log_b, without forming the (possibly tiny) difference."""
@@ -59,6 +59,25 @@ def discretized_gaussian_log_likelihood(x, mean, log_sigma):
         _log_sub_exp(torch.special.log_ndtr(-lower), torch.special.log_ndtr(-upper)),
         _log_sub_exp(torch.special.log_ndtr(upper), torch.special.log_ndtr(lower)))
     return log_mass.flatten(1).sum(dim=1)
+
+
+def discretized_log_likelihood(x, image, log_scale, likelihood):
+    """log P(x|z) in nats per image (batch,) of 8-bit images x in [0, 1] under the decoder's likelihood
+    discretized to the 256 pixel levels, or None for "bernoulli" (not a distribution over 8-bit pixels).
+
+    image, log_scale: the decoder's output, as VAE.decode_distribution gives them (log sigma for the Gaussians,
+    the per-pixel log scale for the logistic, whose training loss is already this probability). Computed in
+    float64 (on the CPU for MPS tensors), like discretized_gaussian_log_likelihood.
+    """
+    if likelihood in ("gaussian", "gaussian-learned"):
+        return discretized_gaussian_log_likelihood(x, image, log_scale)
+    if likelihood == "bernoulli":
+        return None
+    if likelihood != "logistic":
+        raise ValueError(f"unknown likelihood {likelihood!r}")
+    if x.device.type == "mps":
+        x, image, log_scale = x.cpu(), image.cpu(), log_scale.cpu()
+    return discretized_logistic_log_probs(x.double(), image.double(), log_scale.double()).flatten(1).sum(dim=1)
 
 
 def bits_per_dim(nll_nats, num_dims):

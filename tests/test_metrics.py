@@ -1,0 +1,56 @@
+"""Measurements against hand computations: the discretized likelihoods behind bits/dim, active units."""
+
+import math
+
+import pytest
+import torch
+
+from vae.losses import reconstruction_nll
+from vae.metrics import (active_units, bits_per_dim, discretized_gaussian_log_likelihood, discretized_log_likelihood,
+                         posterior_variance)
+
+
+def _sigmoid(t):
+    return 1 / (1 + math.exp(-t))
+
+
+def test_logistic_bits_per_dim_by_hand():
+    # One image of two pixels: 0 (the open-ended bottom bin) and 128/255 (an inner bin).
+    x = torch.tensor([[[[0.0, 128 / 255]]]], dtype=torch.float64)  # float32 would round 128/255 at 1e-8
+    mean = torch.tensor([[[[0.1, 0.5]]]], dtype=torch.float64)
+    log_scale = torch.tensor([[[[-2.0, -3.0]]]], dtype=torch.float64)
+    p_first = _sigmoid((0.5 / 255 - 0.1) / math.exp(-2.0))
+    p_second = _sigmoid((128.5 / 255 - 0.5) / math.exp(-3.0)) - _sigmoid((127.5 / 255 - 0.5) / math.exp(-3.0))
+    expected_bits = -(math.log2(p_first) + math.log2(p_second)) / 2
+    log_likelihood = discretized_log_likelihood(x, mean, log_scale, "logistic")
+    assert log_likelihood.shape == (1,) and log_likelihood.dtype == torch.float64
+    assert bits_per_dim(-log_likelihood, 2).item() == pytest.approx(expected_bits, rel=1e-9)
+
+
+def test_logistic_evaluation_is_the_training_loss():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (3, 3, 8, 8)) / 255
+    mean, log_scale = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8) * -6
+    evaluated = discretized_log_likelihood(x, mean, log_scale, "logistic")
+    assert torch.allclose(evaluated, -reconstruction_nll(x, mean, "logistic", log_scale).double(), rtol=1e-6)
+
+
+def test_gaussian_likelihoods_use_the_discretized_gaussian_and_bernoulli_has_none():
+    torch.manual_seed(1)
+    x, mean = torch.randint(0, 256, (2, 3, 4, 4)) / 255, torch.rand(2, 3, 4, 4)
+    log_sigma = torch.tensor(-2.0)
+    expected = discretized_gaussian_log_likelihood(x, mean, log_sigma)
+    for likelihood in ("gaussian", "gaussian-learned"):
+        assert torch.equal(discretized_log_likelihood(x, mean, log_sigma, likelihood), expected)
+    assert discretized_log_likelihood(x, mean, None, "bernoulli") is None
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        discretized_log_likelihood(x, mean, log_sigma, "laplace")
+
+
+def test_active_units_of_a_spatial_latent_count_each_position():
+    torch.manual_seed(2)
+    means = torch.zeros(100, 2, 2, 2)
+    means[:, 0, 1, 0] = torch.randn(100)  # one channel at one position varies across images
+    means[:, 1] = torch.randn(100, 2, 2) * 0.01  # the rest barely does (variance 1e-4 < 0.01)
+    assert active_units(means) == 1
+    assert posterior_variance(means).shape == (8,)  # one value per dimension, as for a dense latent
