@@ -11,24 +11,25 @@ traversals, and honest evaluation. The checkpoint's config rebuilds the model; n
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-from datasets.preprocessing import to_float
+from datasets.preprocessing import ImageBatches, to_float
 from vae import inference
-from vae.config import SPLITS
 from vae.errors import UserError
 from vae.metrics import psnr_db
-from vae.training import pick_device
+from vae.device import DEVICES, model_device, pick_device
+from vae.training import evaluate
 
 
 # ------------------------------------------------------------------------------------------- arguments
 
 def add_common(parser, makes_images=True, default_out=None):
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt (or best.pt) of a training run")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+    parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where to run (auto: cuda, then mps, then cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw, for reproducible output")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -42,8 +43,8 @@ def add_data(parser, split_default, what):
     parser.add_argument("--data-dir", default=None,
                         help=f"Flowers102 root of the {what} (default: the checkpoint's --data-dir)")
     default_text = split_default or "the checkpoint's split with a hold-out, else test"
-    parser.add_argument("--split", default=split_default, choices=SPLITS,
-                        help=f"split of the {what} (default: {default_text})")
+    parser.add_argument("--split", default=split_default,
+                        help=f"split of the {what}, or several joined with + (default: {default_text})")
     parser.add_argument("--cache-dir", default="", help="where the decoded-image cache goes when DATA_DIR is "
                         "not writable (empty: the training run's --cache-dir)")
 
@@ -100,7 +101,8 @@ def build_parser():
     variations.add_argument("--nrow", type=int, default=8, help="images per grid row")
     variations.add_argument("--data-dir", default=None, help="Flowers102 root: print each variation's distance "
                             "to its nearest training image (the images the checkpoint was trained on)")
-    variations.add_argument("--split", default="train", choices=SPLITS, help="split of those training images")
+    variations.add_argument("--split", default=None, help="split(s) of those training images (default: the "
+                            "checkpoint's --split)")
     variations.add_argument("--cache-dir", default="", help="image cache folder when DATA_DIR is not writable "
                             "(empty: the training run's --cache-dir)")
 
@@ -131,10 +133,19 @@ def build_parser():
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def check_positive(**values):
-    for name, value in values.items():
-        if value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+# The range of every numeric flag: beyond it a command would fail deep inside, or run out of memory or time.
+SEED_RANGE = (0, 2 ** 32 - 1)
+FLAG_RANGES = {"num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64),
+               "temperature": (0.0, 100.0), "range": (0.0, 100.0), "seed": SEED_RANGE, "holdout_seed": SEED_RANGE,
+               "iw_samples": (1, 100_000), "batch_size": (1, 100_000), "holdout": (0.0, 0.999)}
+
+
+def check_flag_ranges(args):
+    """A one-line error naming the first numeric flag outside FLAG_RANGES (NaN and infinities included)."""
+    for name, (low, high) in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise UserError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
 
 
 def holdout_settings(args, config):
@@ -144,8 +155,6 @@ def holdout_settings(args, config):
             raise UserError(f"{args.checkpoint} was trained without --holdout, so it has no held-out images; "
                             f"drop --holdout-from-checkpoint and pass --split")
         return config["holdout"], config["seed"] if args.holdout_seed is None else args.holdout_seed
-    if not 0 <= args.holdout < 1:
-        raise UserError(f"--holdout must be in [0, 1), got {args.holdout}")
     return args.holdout, config.get("seed", 0) if args.holdout_seed is None else args.holdout_seed
 
 
@@ -180,7 +189,6 @@ def report_grid(path, count, nrow, what):
 # ------------------------------------------------------------------------------------------- commands
 
 def run_sample(args, model, checkpoint):
-    check_positive(num=args.num, nrow=args.nrow)
     images, _ = inference.sample_prior(model, args.num, args.temperature, generator_for(args))
     path = inference.save_grid(images, args.out, args.nrow, args.scale)
     report_grid(path, args.num, args.nrow, f"samples at temperature {args.temperature}")
@@ -191,13 +199,12 @@ def run_sample(args, model, checkpoint):
 
 
 def run_reconstruct(args, model, checkpoint):
-    check_positive(num=args.num, nrow=args.nrow)
     if args.images:
-        x = inference.load_images(args.images, model, inference.model_device(model))
+        x = inference.load_images(args.images, model, model_device(model))
         source = f"{len(args.images)} image file(s)"
     else:
         images, _, source = split_images(args, checkpoint, subset="held-out")
-        x = to_float(images[:args.num]).to(inference.model_device(model))
+        x = to_float(images[:args.num]).to(model_device(model))
     reconstructions = inference.reconstruct(model, x)
     nrow = min(args.nrow, len(x))
     grid = inference.interleave_rows(x, reconstructions, nrow)
@@ -208,8 +215,7 @@ def run_reconstruct(args, model, checkpoint):
 
 
 def run_variations(args, model, checkpoint):
-    check_positive(num=args.num, nrow=args.nrow)
-    x = inference.load_images([args.image], model, inference.model_device(model))
+    x = inference.load_images([args.image], model, model_device(model))
     images, z, mean = inference.variations(model, x, args.num, args.temperature, generator_for(args))
     reconstruction = inference.reconstruct(model, x)
     grid = torch.cat([x, reconstruction, images])
@@ -223,13 +229,13 @@ def run_variations(args, model, checkpoint):
 def print_nearest_training_images(args, checkpoint, x, reconstruction, variations):
     """How far each image is from the closest image the model trained on (RMSE, 0-255 scale)."""
     config = checkpoint["config"]
-    trained_on_split = args.split == config.get("split", "train")
-    holdout = config.get("holdout", 0.0) if trained_on_split else 0.0
-    training, names = inference.dataset_images(args.data_dir, args.split, config["resolution"],
+    split = args.split or config.get("split", "train")
+    holdout = config.get("holdout", 0.0) if split == config.get("split", "train") else 0.0
+    training, names = inference.dataset_images(args.data_dir, split, config["resolution"],
                                                subset="train", holdout=holdout,
                                                holdout_seed=config.get("seed", 0), **cache_settings(args, config))
     kept_aside = f" (its {holdout:g} hold-out excluded, as in training)" if holdout else ""
-    print(f"distance to the nearest of {len(training)} training images of {args.data_dir} split {args.split}"
+    print(f"distance to the nearest of {len(training)} training images of {args.data_dir} split {split}"
           f"{kept_aside}: RMSE per pixel, 0-255 scale")
     rows = [("input", x), ("reconstruction", reconstruction)] + \
            [(f"variation {i + 1}", image[None]) for i, image in enumerate(variations)]
@@ -239,8 +245,7 @@ def print_nearest_training_images(args, checkpoint, x, reconstruction, variation
 
 
 def run_interpolate(args, model, checkpoint):
-    check_positive(steps=args.steps)
-    x = inference.load_images(args.images, model, inference.model_device(model))
+    x = inference.load_images(args.images, model, model_device(model))
     path_images = inference.interpolate(model, x[:1], x[1:], args.steps, spherical=args.slerp)
     grid = torch.cat([x[:1], path_images, x[1:]])
     path = inference.save_grid(grid, args.out, len(grid), args.scale)
@@ -250,14 +255,13 @@ def run_interpolate(args, model, checkpoint):
 
 
 def run_traverse(args, model, checkpoint):
-    check_positive(steps=args.steps)
-    device = inference.model_device(model)
+    device = model_device(model)
     if args.image:
         x = inference.load_images([args.image], model, device)
         center = inference.posterior(model, x)[0][0]
         around = f"the posterior mean of {args.image}"
     else:
-        center = torch.zeros(model.latent_size, device=device)
+        center = torch.zeros(model.latent_shape, device=device)
         around = "z = 0"
     images = inference.traverse(model, center, args.range, args.steps)
     path = inference.save_grid(images, args.out, args.steps, args.scale)
@@ -266,11 +270,11 @@ def run_traverse(args, model, checkpoint):
 
 
 def run_evaluate(args, model, checkpoint):
-    check_positive(iw_samples=args.iw_samples, batch_size=args.batch_size)
     images, _, described = split_images(args, checkpoint, subset="held-out")
     print(f"evaluating {args.checkpoint} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('step')}) on "
           f"{len(images)} images: {described}")
-    results = inference.evaluate_images(model, images, args.iw_samples, args.batch_size, generator_for(args))
+    batches = ImageBatches(images, args.batch_size, model_device(model), shuffle=False)
+    results = evaluate(model, batches, iw_samples=args.iw_samples, generator=generator_for(args), progress=True)
     results = {"checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
                "data": described, "seed": args.seed, **results}
     print(format_table(results))
@@ -316,8 +320,7 @@ COMMANDS = {"sample": run_sample, "reconstruct": run_reconstruct, "variations": 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "scale", 1) < 1:
-            raise UserError(f"--scale must be at least 1, got {args.scale}")
+        check_flag_ranges(args)
         device = pick_device(args.device)
         model, checkpoint = inference.load_model(args.checkpoint, device)
         COMMANDS[args.command](args, model, checkpoint)

@@ -1,12 +1,14 @@
-"""Speed-up of --compile and --amp on the training step, measured in one run on the same batches.
+"""Speed-up of bf16 autocast (--amp) and torch.compile (--compile) on the training step of a recipe's model,
+measured in one run on the same batch.
 
-    python benchmarks/speedups.py                      # auto device; --amp is measured on CUDA only
-    python benchmarks/speedups.py --resolution 64 --batch-size 256
+    python benchmarks/speedups.py --config recipes/flowers32.json --device cpu
+    python benchmarks/speedups.py --config recipes/flowers32.json --device cuda --compile
 
-Each variant (eager float32, torch.compile, bf16 autocast, both) trains its own copy of the model on the same
-random batch; the variants take turns for --rounds rounds and the best round counts, which damps interference
-from other processes. Compilation happens before timing and its duration is reported separately. The last line
-printed is one JSON object.
+Each variant (float32, bf16 autocast, and with --compile their compiled twins) trains its own copy of the
+model, in the memory format training uses, on the same random batch; the variants take turns for --rounds
+rounds and the best round counts, which damps interference from other processes. Warm-up (and compilation)
+happens before timing and its duration is reported separately. The last line printed is one JSON object with
+float32_img_s and bf16_img_s.
 """
 
 import argparse
@@ -19,22 +21,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vae.device import DEVICES, pick_device  # noqa: E402
 from vae.losses import ELBOLoss  # noqa: E402
-from vae.training import pick_device  # noqa: E402
-from vae.vae import VAE  # noqa: E402
+from vae.training import make_optimizer, memory_format  # noqa: E402
+from vae.vae import build_model  # noqa: E402
+from vae_training import parse_args  # noqa: E402
 
 
-def make_step(device, resolution, compile_model, amp):
+def make_step(config, device, compile_model, amp):
     torch.manual_seed(0)
-    model = VAE((resolution, resolution)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    fmt = memory_format(config, device)
+    model = build_model(config).to(device, memory_format=fmt)
+    optimizer = make_optimizer(model, config)
     forward = torch.compile(model) if compile_model else model
-    loss_fn = ELBOLoss(0.1)
+    loss_fn = ELBOLoss(config.beta, config.likelihood, config.free_bits)
 
     def step(x):
+        x = x.contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = forward(x)
-        total = loss_fn(x, *(t.float() for t in outputs))[3]
+            reconstruction, mean, log_var, log_scale = forward(x, return_log_scale=True)
+        total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
+                        log_sigma=None if log_scale is None else log_scale.float())[3]
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -59,38 +66,42 @@ def images_per_second(step, x, steps, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=50, help="timed steps per variant and round")
+    parser.add_argument("--config", default="", help="a recipe's settings file (default: the seed's model)")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--batch-size", type=int, default=0, help="images per step (0: the recipe's)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd variants")
     args = parser.parse_args(argv)
+    config = parse_args(["--config", args.config] if args.config else [])[0]
     device = pick_device(args.device)
-    x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device)
+    batch_size = args.batch_size or config.batch_size
+    x = torch.rand(batch_size, 3, config.resolution, config.resolution, device=device)
 
-    variants = {"eager": (False, False), "compile": (True, False)}
-    if device.type == "cuda":
-        variants.update({"amp": (False, True), "compile+amp": (True, True)})
-    steps, compile_seconds = {}, {}
+    variants = {"float32": (False, False), "bf16": (False, True)}
+    if args.compile:
+        variants.update({"compile_float32": (True, False), "compile_bf16": (True, True)})
+    steps, warmup_seconds = {}, {}
     for name, (compile_model, amp) in variants.items():
-        steps[name] = make_step(device, args.resolution, compile_model, amp)
+        steps[name] = make_step(config, device, compile_model, amp)
         started = time.perf_counter()
-        for _ in range(3):  # compilation and warm-up
+        for _ in range(3):
             steps[name](x)
         synchronize(device)
-        compile_seconds[name] = time.perf_counter() - started
+        warmup_seconds[name] = time.perf_counter() - started
     best = {name: 0.0 for name in variants}
     for _ in range(args.rounds):
         for name in variants:
             best[name] = max(best[name], images_per_second(steps[name], x, args.steps, device))
 
-    print(f"{device}, {args.resolution}x{args.resolution}, batch {args.batch_size}, best of {args.rounds} rounds")
-    print(f"{'variant':<12} {'img/s':>10} {'speed-up':>9} {'warm-up s':>10}")
+    print(f"{device}, {args.config or 'seed defaults'}: {config.arch} model, {config.resolution}x{config.resolution}, "
+          f"batch {batch_size}, best of {args.rounds} rounds of {args.steps} steps")
+    print(f"{'variant':<16} {'img/s':>10} {'vs float32':>11} {'warm-up s':>10}")
     for name in variants:
-        print(f"{name:<12} {best[name]:>10.0f} {best[name] / best['eager']:>8.2f}x {compile_seconds[name]:>10.1f}")
-    result = {"device": str(device), "torch": str(torch.__version__), **{f"{n}_img_s": round(v, 1) for n, v in best.items()},
-              **{f"{n}_speedup": round(best[n] / best["eager"], 3) for n in variants if n != "eager"},
-              "compile_warmup_s": round(compile_seconds["compile"], 1)}
+        print(f"{name:<16} {best[name]:>10.0f} {best[name] / best['float32']:>10.2f}x {warmup_seconds[name]:>10.1f}")
+    result = {"device": str(device), "config": args.config or None, "torch": str(torch.__version__),
+              "batch_size": batch_size, **{f"{n}_img_s": round(v, 1) for n, v in best.items()},
+              **{f"{n}_speedup": round(best[n] / best["float32"], 3) for n in variants if n != "float32"}}
     print(json.dumps(result))
 
 

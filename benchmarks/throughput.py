@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets.preprocessing import SPLIT_KEYS, ImageBatches, cache_path, cached_images, flowers102_files  # noqa: E402
 from vae.losses import ELBOLoss  # noqa: E402
-from vae.training import pick_device  # noqa: E402
+from vae.device import pick_device  # noqa: E402
 from vae.vae import VAE  # noqa: E402
 
 

@@ -1,8 +1,13 @@
-"""Shared fixtures: a small Flowers102-format root built from real images, and test helpers."""
+"""Shared fixtures and helpers: a small Flowers102-format root built from real images, a checkpoint trained
+in-process, the scripts run as a user runs them, and TensorBoard's own event reader.
+
+Tests that start a subprocess (a script, torchrun, the notebook, a server) are marked `slow`:
+`python -m pytest -m "not slow" -q` is the quick edit-test loop, `python -m pytest -q` runs everything."""
 
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +22,11 @@ import torch
 from scipy.io import savemat
 
 REPO = Path(__file__).resolve().parent.parent
+# One thread per child process: several share two cores, and oversubscribed threads slow them all down.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# The smallest sensible training run on the 32-image root: 4 steps an epoch.
+TINY = ["--batch-size", "8", "--eval-size", "0", "--grid-size", "4", "--num-workers", "1", "--device", "cpu",
+        "--checkpoint-every", "0"]
 SHARED_FLOWERS = REPO.parent / "shared" / "data" / "flowers102-train" / "flowers-102"
 # Real photos, in order of preference: the shared subset beside the repository (as in CI), or a Flowers102
 # download in the default --data-dir. Without either, photo-like JPEGs are generated so the suite still runs.
@@ -84,3 +94,44 @@ def closed_port():
 @pytest.fixture(scope="session")
 def flowers_root(tmp_path_factory):
     return make_flowers_root(tmp_path_factory.mktemp("flowers"))
+
+
+def run_script(script, *args, timeout=300, env=None):
+    """A repository script in a fresh process, as a user runs it: the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env or ONE_THREAD,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train(*args):
+    """vae_training.py's main() in this process (no interpreter start-up): asserts it exits 0."""
+    import vae_training
+
+    code = vae_training.main([str(a) for a in args])
+    assert code == 0, f"vae_training.py exited {code}"
+
+
+def load_events(folder):
+    """Everything TensorBoard would show of one run folder, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def error_line(stderr):
+    """The one `error:` line of a failed command's stderr (tqdm's carriage-return lines aside); asserts there is
+    exactly one and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line[line.index("error: "):] for line in stderr.replace("\r", "\n").splitlines() if "error: " in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(flowers_root, tmp_path_factory):
+    """A 32x32 model trained for 12 steps at a high learning rate: enough for its latents to carry signal."""
+    log_dir = tmp_path_factory.mktemp("trained")
+    train("--data-dir", flowers_root, "--epochs", 3, "--lr", 1e-2, "--log-dir", log_dir, "--run-name", "t",
+          *TINY)
+    return log_dir / "t" / "checkpoint.pt"

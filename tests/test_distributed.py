@@ -2,15 +2,13 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO
 from vae.vae import VAE
 from vae_training import main
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def torchrun(*args):
@@ -21,6 +19,7 @@ def torchrun(*args):
     return result
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_run_in_sync_and_match_a_single_process(flowers_root, tmp_path):
     common = ["--data-dir", flowers_root, "--batch-size", 16, "--log-dir", tmp_path, "--grid-size", 4,
               "--eval-size", 0, "--device", "cpu", "--num-workers", 1]
@@ -44,13 +43,7 @@ def test_two_processes_train_one_run_in_sync_and_match_a_single_process(flowers_
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
-def test_amp_without_cuda_is_a_one_line_error(flowers_root, tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA, where --amp is valid")
-    code = main(["--data-dir", str(flowers_root), "--amp", "--device", "cpu", "--log-dir", str(tmp_path)])
-    assert code == 2 and "--amp" in capsys.readouterr().err
-
-
+@pytest.mark.slow  # a minute of compilation
 def test_compiled_training_saves_an_unwrapped_state_dict(flowers_root, tmp_path):
     code = main(["--data-dir", str(flowers_root), "--compile", "--epochs", "1", "--batch-size", "16", "--device",
                  "cpu", "--log-dir", str(tmp_path), "--run-name", "compiled", "--grid-size", "4", "--eval-size", "0"])

@@ -3,10 +3,6 @@ discretized bits/dim by hand, active units, variations, and the errors a user se
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,18 +11,21 @@ from PIL import Image
 from scipy.stats import norm
 from torch.distributions import Normal
 
-from datasets.preprocessing import cached_images, holdout_split, to_float
+from conftest import error_line, run_script
+from datasets.preprocessing import ImageBatches, cached_images, holdout_split, to_float
 from vae import inference
 from vae.losses import ELBOLoss, reconstruction_nll
-from vae.metrics import (active_units, bits_per_dim, discretized_gaussian_log_likelihood, iwae_log_likelihood,
-                         standard_error)
+from vae.metrics import active_units, bits_per_dim, discretized_gaussian_log_likelihood, iwae_log_likelihood
+from vae.training import evaluate, importance_samples
 from vae.vae import VAE
 from vae_inference import main
 
-REPO = Path(__file__).resolve().parent.parent
-# One thread per process: the machines that run the tests are shared, and oversubscribed threads are slower.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
+def log_weights(model, x, noise):
+    """The (K, B) importance log-weights under the model's own likelihood."""
+    with torch.no_grad():
+        mean, log_var = model.encode(x)
+        return importance_samples(model, x, mean, log_var, noise)["log_weight"]
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -34,18 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(flowers_root, tmp_path_factory):
-    """A 32x32 model trained for 12 steps at a high learning rate: enough for its latents to carry signal."""
-    log_dir = tmp_path_factory.mktemp("inference-runs")
-    command = [sys.executable, "vae_training.py", "--data-dir", str(flowers_root), "--epochs", "3",
-               "--batch-size", "8", "--lr", "1e-2", "--log-dir", str(log_dir), "--run-name", "t", "--eval-size",
-               "0", "--grid-size", "8", "--device", "cpu", "--num-workers", "1"]
-    result = subprocess.run(command, cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return log_dir / "t" / "checkpoint.pt"
 
 
 @pytest.fixture(scope="session")
@@ -61,13 +48,6 @@ def png_size(path):
 def expected_grid(num_images, nrow, resolution=32, scale=1):
     height, width = inference.grid_shape(num_images, nrow, resolution, resolution, scale)
     return width, height
-
-
-def run_cli(*args):
-    """vae_inference.py in a fresh process: (exit code, stdout, stderr)."""
-    result = subprocess.run([sys.executable, "vae_inference.py", *map(str, args)], cwd=REPO, env=ONE_THREAD,
-                            capture_output=True, text=True, timeout=120)
-    return result.returncode, result.stdout, result.stderr
 
 
 # ------------------------------------------------------------------------------------------ subcommands
@@ -255,7 +235,7 @@ def test_holdout_from_a_checkpoint_without_one_is_an_error(checkpoint, flowers_r
 def test_bernoulli_model_has_no_bits_per_dim():
     model = VAE((8, 8), latent_size=2, channels=[4], likelihood="bernoulli").eval()
     images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
-    results = inference.evaluate_images(model, images, iw_samples=3, progress=False)
+    results = evaluate(model, ImageBatches(images, 64, "cpu", shuffle=False), iw_samples=3)
     assert results["bits_per_dim"] is None and "not a normalized" in results["bits_per_dim_note"]
     assert math.isfinite(results["iwae_nll_nats"])
 
@@ -267,7 +247,7 @@ def test_iwae_with_one_sample_is_the_single_sample_elbo_on_the_same_z():
     model = VAE((8, 8), latent_size=3, channels=[4], sigma=0.3).eval()
     x = torch.rand(4, 3, 8, 8)
     eps = torch.randn(1, 4, 3)
-    log_weights, _ = inference.importance_log_weights(model, x, 1, eps=eps)["model"]
+    weights = log_weights(model, x, eps)
     with torch.no_grad():
         mean, log_var = model.encode(x)
         std = (0.5 * log_var).exp()
@@ -276,7 +256,7 @@ def test_iwae_with_one_sample_is_the_single_sample_elbo_on_the_same_z():
         log_p_z = Normal(0.0, 1.0).log_prob(z).sum(dim=1)
         log_q_z = Normal(mean, std).log_prob(z).sum(dim=1)
     elbo = (log_p_x_given_z + log_p_z - log_q_z).double()
-    torch.testing.assert_close(iwae_log_likelihood(log_weights), elbo, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(iwae_log_likelihood(weights), elbo, rtol=1e-6, atol=1e-3)
 
 
 def test_iwae_bound_does_not_rise_as_k_grows():
@@ -284,7 +264,7 @@ def test_iwae_bound_does_not_rise_as_k_grows():
     model = VAE((8, 8), latent_size=3, channels=[4], sigma=0.1).eval()  # a wide gap between ELBO and log p(x)
     x = torch.rand(32, 3, 8, 8)
     generator = torch.Generator().manual_seed(1)
-    nll = [-iwae_log_likelihood(inference.importance_log_weights(model, x, k, generator)["model"][0]).mean().item()
+    nll = [-iwae_log_likelihood(log_weights(model, x, torch.randn(k, 32, 3, generator=generator))).mean().item()
            for k in (1, 10, 100)]
     assert nll[0] >= nll[1] >= nll[2]
 
@@ -333,34 +313,28 @@ def test_active_units_of_an_encoder_built_to_use_exactly_k_dimensions():
         model.encoder.mean.bias[k:] = 0.5
         model.encoder.mean.weight[:k] *= 20  # and the used ones vary well above the 0.01 threshold
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
-    results = inference.evaluate_images(model, images, iw_samples=2, batch_size=16, progress=False)
+    results = evaluate(model, ImageBatches(images, 16, "cpu", shuffle=False), iw_samples=2)
     assert results["active_units"] == k
     assert active_units(torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 0.5]])) == 1
 
 
-def test_standard_error():
-    assert standard_error(torch.tensor([1.0, 3.0])) == pytest.approx(math.sqrt(2) / math.sqrt(2))
-    assert standard_error(torch.tensor([5.0])) == 0.0
-
-
 # ---------------------------------------------------------------------------------------------- errors
 
+@pytest.mark.slow
 def test_an_image_that_is_not_an_image_is_a_one_line_error(checkpoint, tmp_path):
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not pixels")
-    code, _, stderr = run_cli("variations", "--checkpoint", checkpoint, "--image", not_an_image, "--out",
-                              tmp_path / "v.png")
-    assert code != 0 and "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and str(not_an_image) in lines[0], stderr
+    result = run_script("vae_inference.py", "variations", "--checkpoint", checkpoint, "--image", not_an_image,
+                        "--out", tmp_path / "v.png")
+    assert result.returncode == 2 and str(not_an_image) in error_line(result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_checkpoint_is_a_one_line_error(tmp_path):
     missing = tmp_path / "nowhere" / "checkpoint.pt"
-    code, _, stderr = run_cli("sample", "--checkpoint", missing, "--out", tmp_path / "s.png")
-    assert code != 0 and "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and str(missing) in lines[0], stderr
+    result = run_script("vae_inference.py", "sample", "--checkpoint", missing, "--out", tmp_path / "s.png")
+    assert result.returncode == 2 and str(missing) in error_line(result.stderr)
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -3,11 +3,13 @@
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_notebook_executes(flowers_root, monkeypatch):
     monkeypatch.setenv("VAE_DATA_DIR", str(flowers_root))
     notebook = nbformat.read(REPO / "experiments.ipynb", as_version=4)

@@ -19,13 +19,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from conftest import closed_port, make_flowers_root
+from conftest import ONE_THREAD as ENV
+from conftest import REPO, TINY, closed_port, make_flowers_root
+from conftest import error_line as one_error_line
 
-REPO = Path(__file__).resolve().parent.parent
-# One thread per process: several runs share two cores, and oversubscribed BLAS threads slow them all down.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["--batch-size", "8", "--eval-size", "0", "--grid-size", "4", "--num-workers", "1", "--device", "cpu",
-        "--checkpoint-every", "0"]
+pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH = 4  # 32 training images, batch 8
 
 
@@ -64,13 +62,9 @@ def succeeded(result):
 
 
 def error_line(result):
-    """The one-line error of a failed run (tqdm's carriage-return progress lines aside)."""
+    """The one-line error of a failed run."""
     assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line[line.index("error: "):] for line in result.stderr.replace("\r", "\n").splitlines()
-             if "error: " in line]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    return one_error_line(result.stderr)
 
 
 def parameters(path):
@@ -152,7 +146,7 @@ def test_checkpoints_hold_the_whole_state_and_load_weights_only(resumed_runs):
         checkpoint = torch.load(log_dir / "straight" / name, weights_only=True)
         assert {"format_version", "model", "optimizer", "schedule", "rng", "epoch", "step", "config", "versions",
                 "git_sha"} <= checkpoint.keys()
-        assert {"python", "numpy", "torch"} <= checkpoint["rng"].keys()
+        assert checkpoint["rng"].keys() == {"torch"}  # the CPU generator: nothing draws from Python's or numpy's
         assert checkpoint["config"]["latent_size"] == 10 and checkpoint["config"]["seed"] == 7
         assert checkpoint["versions"]["torch"] == torch.__version__
     assert not list((log_dir / "straight").glob(".*.tmp*")), "a temporary checkpoint file was left behind"
@@ -309,13 +303,16 @@ def test_foreign_and_malicious_checkpoints_are_refused(cli, resumed_runs, tmp_pa
         torch.save(contents, tmp_path / f"{name}.pt")
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
     lines = {}
-    for name in [*cases, "notes"]:
+    for name in ["with-object", "not-ours", "notes"]:
         code, _, lines[name] = cli("--resume", tmp_path / f"{name}.pt", "--log-dir", tmp_path / "resumed",
                                    "--run-name", name)
         assert code == 2 and str(tmp_path / f"{name}.pt") in lines[name], lines[name]
+    # Older checkpoints stored Python's RNG state; nothing reads it now, so a payload hidden there never runs.
+    code, _, _ = cli("--resume", tmp_path / "with-hex-pickle.pt", "--log-dir", tmp_path / "resumed", "--run-name",
+                     "with-hex-pickle", "--epochs", "3")
+    assert code == 0
     assert not marker.exists(), "a checkpoint's pickled payload ran"
     assert "refusing" in lines["with-object"]
-    assert "not plain data" in lines["with-hex-pickle"]
     assert "not a checkpoint of this project" in lines["not-ours"]
 
 
@@ -354,9 +351,8 @@ def test_bad_data_is_named_with_the_fix(cli, bad_data, tmp_path):
     roots, jpg = bad_data
     lines = {}
     for name, root in roots.items():
-        started = time.monotonic()
         code, output, lines[name] = cli("--data-dir", root, "--log-dir", tmp_path / "runs", "--epochs", "1", *TINY)
-        assert code == 2 and time.monotonic() - started < 30, (name, output)
+        assert code == 2, (name, output)
     for name, broken in (("corrupt", jpg("corrupt", 3)), ("truncated", jpg("truncated", 5))):
         assert str(broken) in lines[name] and "Replace or delete" in lines[name], lines[name]
     for name in ("garbage-setid", "wrong-setid"):

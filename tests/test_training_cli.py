@@ -1,28 +1,18 @@
 """vae_training.py run the way a user runs it: through the command line, on a small Flowers102 root."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import load_events, run_script
+
+pytestmark = pytest.mark.slow
 
 
 def run_training(*args, check=True):
-    result = subprocess.run([sys.executable, "vae_training.py", *map(str, args)], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    result = run_script("vae_training.py", *args)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def load_events(folder):
-    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
-    accumulator.Reload()
-    return accumulator
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +50,7 @@ def test_run_logs_the_seeds_scalars_grids_and_evaluation(tiny_run):
     assert [(e.step, e.value) for e in events.Scalars("train/epoch")] == [(4, 1), (8, 2), (12, 3)]
     image = events.Images("reconstructions")[-1]
     assert (image.width, image.height) == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # a 2x2 grid, 2-pixel padding
-    for tag in ("eval/kl", "eval/reconstruction", "eval/total", "eval/neg_elbo_nats", "eval/active_units",
+    for tag in ("eval/kl_nats", "eval/reconstruction_nats", "eval/loss", "eval/neg_elbo_nats", "eval/active_units",
                 "train/kl_weight", "train/grad_norm", "train/images_per_s", "train/lr"):
         assert tag in tags["scalars"], tag
         assert len(events.Scalars(tag)) == 3

@@ -7,7 +7,7 @@ previous checkpoint intact.
 import contextlib
 import os
 import pickle
-import random
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vae.config import resumed_config
 from vae.errors import TrainingDiverged, UserError
 
 FORMAT_VERSION = 1
@@ -43,80 +44,6 @@ def library_versions():
             "numpy": np.__version__}
 
 
-def device_rng_state(device):
-    """The generator state of the accelerator that trains (None on the CPU, whose state is torch's own)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    if device.type == "mps":
-        return torch.mps.get_rng_state()
-    return None
-
-
-def set_device_rng_state(device, state):
-    device = torch.device(device)
-    if state is None:
-        return
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    elif device.type == "mps":
-        torch.mps.set_rng_state(state)
-
-
-def rng_state(device="cpu"):
-    """Python, numpy and torch generator states, and the training device's (so a resumed run draws the same
-    numbers), as plain data."""
-    numpy_state = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {
-        # Plain ints and a tensor, never pickled bytes: restoring must not unpickle anything a file supplies.
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss_next},
-        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "position": int(numpy_state[2]),
-                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    accelerator = device_rng_state(device)
-    if accelerator is not None:
-        state["device"] = accelerator
-    return state
-
-
-class _PlainDataUnpickler(pickle.Unpickler):
-    """Reads pickles of tuples, ints, floats and None only: any class or function reference is refused."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's RNG state")
-
-
-def _python_rng_state(saved):
-    if isinstance(saved, dict):
-        return saved["version"], tuple(int(v) for v in saved["internal"].tolist()), saved["gauss_next"]
-    # Checkpoints of format 1 written before this change stored random.getstate() as a hex-encoded pickle;
-    # it is read with an unpickler that can build plain data but can never import and call anything.
-    import io
-
-    try:
-        return _PlainDataUnpickler(io.BytesIO(bytes.fromhex(saved))).load()
-    except (pickle.UnpicklingError, ValueError, EOFError, TypeError) as error:
-        raise UserError(f"the checkpoint's Python RNG state is not plain data ({error}); "
-                        f"it was not written by vae_training.py") from None
-
-
-def set_rng_state(state, device="cpu"):
-    try:
-        random.setstate(_python_rng_state(state["python"]))
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise UserError(f"the checkpoint's Python RNG state is malformed ({error}); it was not written by "
-                        f"vae_training.py") from None
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if torch.device(device).type != "cpu":  # a checkpoint from another kind of device has no state for this one
-        set_device_rng_state(device, state.get("device"))
-
-
 def save_checkpoint(path, **contents):
     """Write {format_version, model_type, versions, git_sha, **contents} to path atomically."""
     path = Path(path)
@@ -135,10 +62,13 @@ def save_checkpoint(path, **contents):
             file.flush()
             os.fsync(file.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
         os.replace(temporary, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # a full disk reaches torch.save's zip writer as a RuntimeError
         temporary.unlink(missing_ok=True)
-        raise UserError(f"cannot write checkpoint {path} ({error.strerror or error}); free some disk space or "
-                        f"pass another --log-dir, then resume from the previous checkpoint") from None
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        last_good = path.with_name("checkpoint.pt")
+        raise UserError(f"cannot write checkpoint {path} ({reason}); the last good checkpoint is kept. Free some "
+                        f"disk space, then resume with: python vae_training.py --resume "
+                        f"{shlex.quote(str(last_good))}") from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -174,11 +104,43 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
-def restore_model(model, checkpoint, path):
-    """Load the checkpoint's weights into the model its config built; a mismatch is the user's to fix."""
+def restore_model(model, checkpoint, path, key="model"):
+    """Load the checkpoint's weights (checkpoint[key]: "model", or "ema_model" for the moving average) into the
+    model its config built; a mismatch is the user's to fix."""
+    if key not in checkpoint:
+        raise UserError(f"{path} has no {key} weights; pass a checkpoint written by vae_training.py")
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint[key])
     except RuntimeError as error:
         raise UserError(f"{path} does not fit the model its config describes ({str(error).splitlines()[0]}); "
                         f"it was written by another version of the code: start a new run") from None
     return model
+
+
+def checkpoint_to_resume(resume, config, explicit):
+    """(checkpoint, its path, the config to continue with) for --resume (a path, or "auto": the run's own
+    checkpoint.pt), or (None, None, config) for a new run."""
+
+    if not resume:
+        return None, None, config
+    if resume == "auto":
+        if not config.run_name:
+            raise UserError("--resume auto needs --run-name to find LOG_DIR/RUN_NAME/checkpoint.pt")
+        path = Path(config.log_dir) / config.run_name / "checkpoint.pt"
+        if not path.exists():
+            print(f"no checkpoint at {path} yet: starting the run")
+            return None, None, config
+    else:
+        path = resume
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in ("model", "optimizer", "schedule", "rng", "epoch", "step", "batch")
+               if key not in checkpoint]
+    if missing:
+        raise UserError(f"{path} cannot be resumed: it has no {', '.join(missing)} (inference can still use it); "
+                        f"start a new run")
+    config = resumed_config(checkpoint["config"], config, explicit, path)
+    data_folder = Path(config.data_dir) / "flowers-102"
+    if "data_dir" not in explicit and not data_folder.is_dir():  # never download into a folder that moved away
+        raise UserError(f"{path} was trained on data in {data_folder}, which is not there any more; pass "
+                        f"--data-dir with the folder that holds flowers-102/ now")
+    return checkpoint, path, config

@@ -1,16 +1,26 @@
-"""One dataclass holds a training run's settings; argparse is built from it and it is saved in checkpoints."""
+"""A training run's settings: one dataclass, the argparse parser built from it, its checks, and the rules for
+which settings a resumed run may change. The dataclass is saved (as a dict) in every checkpoint."""
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from vae.device import DEVICES
+from vae.errors import UserError
 from vae.losses import LIKELIHOODS, SEED_SIGMA
 from vae.schedules import SCHEDULES
 
 SPLITS = ("train", "val", "test")
+# Settings that may change when a run is resumed: where it runs, how long, and speed-only switches. Any other
+# difference would silently make it another run.
+RESUMABLE = {"epochs", "max_steps", "log_dir", "run_name", "num_workers", "device", "checkpoint_every", "data_dir",
+             "cache_dir", "amp", "compile"}
 
 
 def _flag(default, help, **argparse_kwargs):
@@ -22,7 +32,7 @@ class TrainConfig:
     # Data
     data_dir: str = _flag("datasets", "Flowers102 root in torchvision's layout; the data set is downloaded "
                           "into DATA_DIR/flowers-102 when absent")
-    split: str = _flag("train", "split to train on", choices=SPLITS)
+    split: str = _flag("train", "split(s) to train on; join several with + (train+val)")
     eval_split: str = _flag("test", "split evaluated every epoch ('none' to skip)", choices=SPLITS + ("none",))
     holdout: float = _flag(0.0, "fraction of the training split held out (seeded) and evaluated instead of "
                            "--eval-split; for data with a train split only")
@@ -32,8 +42,14 @@ class TrainConfig:
                            "(empty: ~/.cache/vae-flowers)")
     skip_bad_images: bool = _flag(False, "skip (and count) images that cannot be decoded instead of stopping")
     num_workers: int = _flag(min(8, os.cpu_count() or 1), "processes decoding JPEGs while the image cache is built")
+    hflip: bool = _flag(False, "flip each training image horizontally with probability 1/2 (seeded per epoch)")
     # Model
-    latent_size: int = _flag(10, "dimensions of the latent code z")
+    arch: str = _flag("seed", "seed: the seed's conv stack; resnet: residual blocks of --width channels",
+                      choices=("seed", "resnet"))
+    width: int = _flag(64, "channels of the first resnet stage (doubled once, at the second stage)")
+    latent_size: int = _flag(10, "dimensions of the dense latent code z")
+    latent_shape: list = _flag(None, "a spatial latent of C x H x W instead of --latent-size (resnet only)",
+                               nargs=3, type=int, metavar=("C", "H", "W"))
     channels: list = _flag(None, "channels of each down-sampling stage (default: 16 32 64 at 32x32, one more "
                            "doubling stage per doubling of the resolution)", nargs="+", type=int)
     batch_norm: bool = _flag(False, "BatchNorm after each convolution of the encoder and decoder")
@@ -53,6 +69,12 @@ class TrainConfig:
     kl_ratio: float = _flag(0.5, "fraction of each cycle spent rising from 0 to --beta (the rest stays at --beta)")
     free_bits: float = _flag(0.0, "per-dimension floor (nats) on the batch-mean KL in the loss (Kingma et al. 2016)")
     lr: float = _flag(1e-4, "Adam learning rate")
+    lr_schedule: str = _flag("constant", "learning rate after the warm-up: constant, or cosine decay to 0 at the "
+                             "last epoch", choices=("constant", "cosine"))
+    lr_warmup_epochs: float = _flag(0.0, "epochs of linear learning-rate warm-up from 0")
+    grad_clip: float = _flag(0.0, "clip the global gradient norm to this (0 = off)")
+    ema: float = _flag(0.0, "decay of an exponential moving average of the weights (e.g. 0.999; 0 = off): "
+                       "evaluation, grids, best.pt and inference use the averaged weights")
     sigma_lr: float = _flag(1e-2, "Adam learning rate of the learned log sigma (gaussian-learned): Adam moves a "
                             "parameter by about its rate per step, so at --lr this one scalar would need "
                             "thousands of steps to reach the error scale")
@@ -61,10 +83,11 @@ class TrainConfig:
     epochs: int = _flag(500, "total number of epochs (a resumed run continues up to this)")
     max_steps: int = _flag(0, "stop after this many optimisation steps in total (0 = no limit; for smoke runs)")
     seed: int = _flag(0, "seed for initialisation, shuffling, hold-out and noise")
-    amp: bool = _flag(False, "bf16 autocast for the model on CUDA (the loss stays float32)")
+    amp: bool = _flag(False, "bf16 autocast for the model on CUDA and on CPUs with bf16 support (the loss "
+                      "stays float32)")
     compile: bool = _flag(False, "torch.compile the model (a one-off compilation, then faster steps)")
     device: str = _flag("auto", "where to train (auto: cuda, then mps, then cpu)",
-                        choices=("auto", "cpu", "cuda", "mps"))
+                        choices=DEVICES)
     # Output
     log_dir: str = _flag("runs", "each run writes LOG_DIR/RUN_NAME/ (TensorBoard events, checkpoints)")
     run_name: str = _flag("", "name of the run folder (default: date and time)")
@@ -78,7 +101,7 @@ def build_parser(config_class=TrainConfig, **parser_kwargs) -> argparse.Argument
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **parser_kwargs)
     for f in dataclasses.fields(config_class):
         kwargs = dict(f.metadata)
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         if f.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "type" not in kwargs:
@@ -115,7 +138,7 @@ def config_file_arguments(parser, path, config_class=TrainConfig):
     arguments = []
     for key, value in values.items():
         name = key.replace("-", "_")
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         if name not in fields:
             parser.error(f"--config {path} has an unknown setting {key!r} (see --help for the flags)")
         if fields[name].type is bool:
@@ -127,3 +150,96 @@ def config_file_arguments(parser, path, config_class=TrainConfig):
         else:
             arguments += [flag, *map(str, value if isinstance(value, list) else [value])]
     return arguments
+
+
+def flag_name(name):
+    return "--" + name.replace("_", "-")
+
+
+def validate_config(config):
+    """Reject impossible settings before any data is read, with the flag to change."""
+    from vae.vae import MIN_LOG_SIGMA, build_model
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag_name(f.name)} must be a finite number, got {value}")
+    channels = config.channels or default_channels(config.resolution)
+    factor = 2 ** len(channels)
+    checks = [
+        (config.resolution >= 8 and config.resolution % 8 == 0,
+         f"--resolution must be a positive multiple of 8, got {config.resolution}"),
+        (config.resolution % factor == 0,
+         f"--resolution {config.resolution} must be divisible by {factor} for {len(channels)} stages "
+         f"(--channels {' '.join(map(str, channels))})"),
+        (config.latent_size >= 1, f"--latent-size must be at least 1, got {config.latent_size}"),
+        (config.beta >= 0, f"--beta must be >= 0, got {config.beta}"),
+        (config.sigma > 0, f"--sigma must be > 0, got {config.sigma}"),
+        (config.sigma <= 0 or config.likelihood != "gaussian-learned" or math.log(config.sigma) > MIN_LOG_SIGMA,
+         f"--sigma {config.sigma} is below the floor of the learned sigma ({math.exp(MIN_LOG_SIGMA):.4f}); "
+         f"start higher"),
+        (config.free_bits >= 0, f"--free-bits must be >= 0, got {config.free_bits}"),
+        (0 < config.kl_ratio <= 1, f"--kl-ratio must be in (0, 1], got {config.kl_ratio}"),
+        (config.kl_cycles >= 1, f"--kl-cycles must be at least 1, got {config.kl_cycles}"),
+        (config.kl_warmup_epochs >= 0, f"--kl-warmup-epochs must be >= 0, got {config.kl_warmup_epochs}"),
+        (config.sigma_lr > 0, f"--sigma-lr must be > 0, got {config.sigma_lr}"),
+        (config.lr > 0, f"--lr must be > 0, got {config.lr}"),
+        (config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}"),
+        (config.batch_size % int(os.environ.get("WORLD_SIZE", "1")) == 0,
+         f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
+         f"{os.environ.get('WORLD_SIZE')} processes torchrun started"),
+        (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
+        (config.max_steps >= 0, f"--max-steps must be >= 0, got {config.max_steps}"),
+        (config.eval_size >= 0, f"--eval-size must be >= 0, got {config.eval_size}"),
+        (config.grid_size >= 1, f"--grid-size must be at least 1, got {config.grid_size}"),
+        (all(c >= 1 for c in channels), f"--channels must be positive, got {channels}"),
+        (config.holdout == 0 or config.eval_split in ("test", "none"),
+         "--holdout replaces --eval-split; pass only one of them"),
+        (config.resolution <= 1024, f"--resolution {config.resolution} is far beyond what this VAE is built for; "
+                                    f"use 32 or 64"),
+        (config.latent_size <= 65_536, f"--latent-size {config.latent_size} is too large; use at most 65536"),
+        (config.grid_size <= 1024, f"--grid-size {config.grid_size} is too large; use at most 1024"),
+        (config.width <= 4096 and all(c <= 4096 for c in channels),
+         "--width and --channels must be at most 4096"),
+        (not config.latent_shape or 1 <= min(config.latent_shape) and max(config.latent_shape) <= 4096,
+         f"--latent-shape sizes must be in [1, 4096], got {config.latent_shape}"),
+        (all(part in SPLITS for part in config.split.split("+")),
+         f"--split {config.split}: each of its +-joined parts must be one of {', '.join(SPLITS)}"),
+        (0 <= config.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {config.seed}"),
+        (not config.latent_shape or config.arch == "resnet",
+         "--latent-shape (a spatial latent) needs --arch resnet; the seed's model has a dense --latent-size"),
+        (config.width >= 1, f"--width must be at least 1, got {config.width}"),
+        (0 <= config.ema < 1, f"--ema is a decay in [0, 1), e.g. 0.999, got {config.ema}"),
+        (config.grad_clip >= 0, f"--grad-clip must be >= 0, got {config.grad_clip}"),
+        (config.lr_warmup_epochs >= 0, f"--lr-warmup-epochs must be >= 0, got {config.lr_warmup_epochs}"),
+        (config.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {config.checkpoint_every}"),
+        (config.num_workers >= 1, f"--num-workers must be at least 1, got {config.num_workers}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    try:  # the model's own checks (resnet stages, latent shape), without allocating its weights
+        with torch.device("meta"):
+            build_model(config)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def resumed_config(saved, config, explicit, path):
+    """The config a resumed run continues with: the checkpoint's settings `saved`, with the RESUMABLE flags
+    the user gave explicitly. Any other explicit flag must agree with the checkpoint."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise UserError(f"{path} has settings this code does not know ({', '.join(unknown)}); it comes from "
+                        f"another version or model: start a new run")
+    resumed = TrainConfig(**{**dataclasses.asdict(config), **saved})
+    for name in sorted(explicit):
+        value = getattr(config, name)
+        if name in RESUMABLE:
+            setattr(resumed, name, value)
+        elif value != saved.get(name, value):
+            allowed = ", ".join(flag_name(f) for f in sorted(RESUMABLE))
+            raise UserError(f"{path} was trained with {flag_name(name)} {saved[name]}, not {value}; drop "
+                            f"{flag_name(name)} to resume (only {allowed} may change) or start a new run")
+    return resumed

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from vae.errors import UserError
-from vae.training import pick_device
+from vae.device import pick_device
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""The training core in vae/training.py, run in this process: the schedule inside the loss, free bits, one
+evaluation for training and inference, and exact resume of a run with two parameter groups."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, load_events, train
+from datasets.preprocessing import ImageBatches
+from vae.losses import ELBOLoss, kl_per_dimension
+from vae.schedules import KLSchedule
+from vae.training import evaluate, train_one_epoch
+from vae.vae import VAE
+from vae_inference import main as inference_main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_the_kl_schedule_weight_enters_the_loss_at_a_known_step():
+    torch.manual_seed(0)
+    model = VAE((8, 8), latent_size=3, channels=[4])
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    batches = ImageBatches(images, batch_size=4, device="cpu", shuffle=False)
+    loss_fn = ELBOLoss(beta=123.0)  # the schedule must replace this weight
+    schedule = KLSchedule("linear", beta=1.0, warmup_steps=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay put, so the loss can be recomputed
+    state = {"step": 2, "batch": 0}  # the step's weight is 2 / 8
+    losses = train_one_epoch(model, batches, loss_fn, optimizer, epoch=0, state=state, kl_schedule=schedule,
+                             show_progress=False)
+    assert loss_fn.beta == pytest.approx(0.25) and state["step"] == 3
+    total, kl, reconstruction = losses["Total Loss"], losses["KL Loss"], losses["Reconstruction Loss"]
+    assert kl > 0 and total == pytest.approx(0.25 * kl + reconstruction, rel=1e-5)
+
+
+def test_free_bits_through_the_cli_floor_each_dimension_in_the_logged_total(flowers_root, tmp_path):
+    floor = 2.0  # nats per dimension: far above what a fresh model's KL reaches in two steps
+    train("--data-dir", flowers_root, "--epochs", 1, "--max-steps", 2, "--free-bits", floor, "--beta", 0.5,
+          "--log-dir", tmp_path, "--run-name", "fb", "--eval-split", "none", *TINY)
+    curves = {name: [e.value for e in load_events(tmp_path / "fb" / f"loss_{name}").Scalars("loss")]
+              for name in ("KL Loss", "Reconstruction Loss", "Total Loss")}
+    for kl, reconstruction, total in zip(curves["KL Loss"], curves["Reconstruction Loss"], curves["Total Loss"]):
+        assert kl < 10 * floor  # the raw KL is what is logged, below the floor's total of 10 dims x 2 nats
+        assert total == pytest.approx(reconstruction + 0.5 * 10 * floor, rel=1e-5)
+
+
+def test_training_evaluation_equals_vae_inference_evaluate(flowers_root, tmp_path):
+    train("--data-dir", flowers_root, "--holdout", 0.25, "--epochs", 2, "--lr", 1e-2, "--log-dir", tmp_path,
+          "--run-name", "e", *TINY)
+    checkpoint = torch.load(tmp_path / "e" / "checkpoint.pt", weights_only=True)
+    out = tmp_path / "eval.json"
+    # Training evaluates every epoch with K = 1, its --seed and batches of 256: the same here.
+    assert inference_main(["evaluate", "--checkpoint", str(tmp_path / "e" / "checkpoint.pt"), "--data-dir",
+                           str(flowers_root), "--holdout-from-checkpoint", "--iw-samples", "1", "--batch-size",
+                           "256", "--seed", "0", "--json", str(out)]) == 0
+    logged, evaluated = checkpoint["eval"], json.loads(out.read_text())
+    assert logged["num_images"] == evaluated["num_images"] == 8
+    shared = set(logged) & set(evaluated)
+    assert {"neg_elbo_nats", "kl_nats", "iwae_nll_nats", "bits_per_dim", "psnr_db", "active_units"} <= shared
+    for key in sorted(shared):
+        assert evaluated[key] == (pytest.approx(logged[key], rel=1e-9) if isinstance(logged[key], (float, list))
+                                  else logged[key]), key
+    scalars = load_events(tmp_path / "e").Scalars("eval/neg_elbo_nats")
+    assert scalars[-1].value == pytest.approx(logged["neg_elbo_nats"], rel=1e-6)
+
+
+def test_evaluate_matches_per_image_numbers_computed_directly():
+    torch.manual_seed(0)
+    model = VAE((8, 8), latent_size=3, channels=[4], sigma=0.3).eval()
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    metrics = evaluate(model, ImageBatches(images, 4, "cpu", shuffle=False), beta=0.5, iw_samples=1,
+                       generator=torch.Generator().manual_seed(3))
+    x = images.float() / 255
+    with torch.no_grad():
+        mean, log_var = model.encode(x)
+        kl = kl_per_dimension(mean, log_var).sum(dim=1)
+        mse = (model.decode(mean) - x).pow(2).mean()
+    assert metrics["kl_nats"] == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert metrics["psnr_db"] == pytest.approx(10 * torch.log10(1 / mse).item(), rel=1e-5)
+    assert metrics["posterior_std"] == pytest.approx(log_var.mul(0.5).exp().mean().item(), rel=1e-5)
+
+
+def test_a_learned_sigma_run_resumes_bit_for_bit_with_both_parameter_groups(flowers_root, tmp_path):
+    common = ["--data-dir", flowers_root, "--log-dir", tmp_path, "--likelihood", "gaussian-learned", "--lr", 1e-3,
+              "--sigma-lr", 0.05, "--eval-split", "none", *TINY]
+    train(*common, "--epochs", 2, "--run-name", "straight")
+    train(*common, "--epochs", 1, "--run-name", "halves")
+    train("--resume", tmp_path / "halves" / "checkpoint.pt", "--epochs", 2)
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
+    assert [group["lr"] for group in resumed["optimizer"]["param_groups"]] == [1e-3, 0.05]
+    assert resumed["step"] == straight["step"] == 8
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert straight["model"]["raw_log_sigma"] != VAE(likelihood="gaussian-learned").raw_log_sigma
+
+
+def test_amp_trains_under_bf16_autocast_on_the_cpu_and_keeps_float32_weights(flowers_root, tmp_path, monkeypatch):
+    autocast_dtypes = []
+    original = torch.autocast.__init__
+
+    def recording(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+        if enabled:
+            autocast_dtypes.append((device_type, dtype))
+        original(self, device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+    monkeypatch.setattr(torch.autocast, "__init__", recording)
+    train("--data-dir", flowers_root, "--amp", "--epochs", 1, "--log-dir", tmp_path, "--run-name", "amp",
+          "--eval-split", "none", *TINY)
+    assert autocast_dtypes == [("cpu", torch.bfloat16)] * 4  # one autocast region per step
+    checkpoint = torch.load(tmp_path / "amp" / "checkpoint.pt", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in checkpoint["model"].values())

@@ -1,0 +1,65 @@
+"""What a run writes to TensorBoard besides the per-step losses: per-epoch scalars, histograms and image grids.
+
+Per-epoch logs use the global step as their x-axis, like the per-step losses: one axis for every curve, and a
+resumed run's purge (at the checkpoint's step) removes whatever a crashed session logged after it.
+"""
+
+import math
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+from vae.checkpoint import unwrap
+
+LOSS_CURVES = ("KL Loss", "Reconstruction Loss", "Total Loss")  # the seed's add_scalars("loss", ...)
+
+
+def open_writer(run_dir, resumed_step=None):
+    """A SummaryWriter for the run folder. When resuming at resumed_step, TensorBoard is told to drop the points
+    a crashed session logged after that step, so the resumed curves have each step once."""
+    purge_step = None if resumed_step is None else resumed_step + 1
+    writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+    if purge_step is not None:
+        _purge_scalar_curves(writer, "loss", LOSS_CURVES, purge_step)
+    return writer
+
+
+def _purge_scalar_curves(writer, main_tag, names, purge_step):
+    """SummaryWriter(purge_step=...) writes its marker into the main run only, but add_scalars gives every curve
+    a sub-run of its own (RUN/<main_tag>_<name>/): write the marker there too."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+    from torch.utils.tensorboard.writer import FileWriter
+
+    log_dir = writer._get_file_writer().get_logdir()
+    for name in names:
+        # The sub-run's folder exactly as SummaryWriter.add_scalars names it, so later points go to this writer.
+        folder = log_dir + "/" + main_tag.replace("/", "_") + "_" + name
+        if folder not in writer.all_writers:
+            writer.all_writers[folder] = FileWriter(folder, writer.max_queue, writer.flush_secs,
+                                                    writer.filename_suffix)
+        writer.all_writers[folder].add_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+
+
+def log_scalars(writer, step, prefix, values):
+    """Numbers as scalars, lists as histograms, anything else (None, text) left out."""
+    for name, value in values.items():
+        if isinstance(value, list):
+            writer.add_histogram(f"{prefix}/{name}", torch.tensor(value), step)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(f"{prefix}/{name}", value, step)
+
+
+@torch.no_grad()
+def log_grids(writer, model, fixed_images, fixed_noise, step):
+    """originals, reconstructions (decoded from the posterior mean) and prior samples of the same fixed inputs
+    every epoch, so frames compare across epochs."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    nrow = max(1, int(math.sqrt(len(fixed_images))))
+    reconstructions = model.decode(model.encode(fixed_images)[0])
+    writer.add_image("originals", make_grid(fixed_images, nrow=nrow), step)
+    writer.add_image("reconstructions", make_grid(reconstructions, nrow=nrow), step)
+    writer.add_image("samples", make_grid(model.decode(fixed_noise), nrow=nrow), step)
+    model.train(was_training)

@@ -1,0 +1,61 @@
+"""Random number generator state: what a checkpoint saves so a resumed run draws the numbers it would have.
+
+Only torch's generators are saved (the CPU one, and the training device's): nothing in a run draws from
+Python's `random` or numpy's global generator.
+"""
+
+import contextlib
+
+import torch
+
+
+def device_rng_state(device):
+    """The generator state of the accelerator that trains (None on the CPU, whose state is torch's own)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return None
+
+
+def set_device_rng_state(device, state):
+    device = torch.device(device)
+    if state is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state)
+
+
+def rng_state(device="cpu"):
+    """{"torch": CPU state, "device": the accelerator's state (absent on the CPU)}: tensors only."""
+    state = {"torch": torch.get_rng_state()}
+    accelerator = device_rng_state(device)
+    if accelerator is not None:
+        state["device"] = accelerator
+    return state
+
+
+def set_rng_state(state, device="cpu"):
+    """Restore what rng_state saved (older checkpoints also hold Python and numpy states: nothing uses them)."""
+    torch.set_rng_state(state["torch"])
+    if torch.device(device).type != "cpu":  # a checkpoint from another kind of device has no state for this one
+        set_device_rng_state(device, state.get("device"))
+
+
+@contextlib.contextmanager
+def rng_untouched(device):
+    """A context that restores the global torch RNG (CPU, and the accelerator in use) on exit.
+
+    Evaluation samples z from the same generator as training; inside this context it leaves the training
+    stream where it was, so evaluating more or less often never changes what training does, and a resumed
+    run stays identical to an uninterrupted one.
+    """
+    cpu, accelerator = torch.get_rng_state(), device_rng_state(device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        set_device_rng_state(device, accelerator)
