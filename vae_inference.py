@@ -21,6 +21,7 @@ from datasets.preprocessing import ImageBatches, to_float
 from vae import inference
 from vae.errors import UserError
 from vae.metrics import psnr_db
+from vae.checkpoint import export_for_inference
 from vae.device import DEVICES, model_device, pick_device
 from vae.training import evaluate
 
@@ -128,6 +129,11 @@ def build_parser():
     evaluate.add_argument("--iw-samples", type=int, default=100, help="importance samples K of the IWAE bound")
     evaluate.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    export = commands.add_parser("export", help="a small copy of a checkpoint for inference and sharing",
+                                 formatter_class=defaults)
+    add_common(export, makes_images=False)
+    export.add_argument("--out", required=True, help="where the exported checkpoint goes (e.g. pretrained/mine.pt)")
     return parser
 
 
@@ -313,8 +319,14 @@ def format_table(results):
     return "\n".join(lines)
 
 
+def run_export(args, model, checkpoint):
+    export_for_inference(checkpoint, args.out)
+    size = Path(args.out).stat().st_size / 1e6
+    print(f"wrote {args.out} ({size:.1f} MB): the weights inference uses, the config and the run's evaluation")
+
+
 COMMANDS = {"sample": run_sample, "reconstruct": run_reconstruct, "variations": run_variations,
-            "interpolate": run_interpolate, "traverse": run_traverse, "evaluate": run_evaluate}
+            "interpolate": run_interpolate, "traverse": run_traverse, "evaluate": run_evaluate, "export": run_export}
 
 
 def main(argv=None):

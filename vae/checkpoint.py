@@ -144,3 +144,14 @@ def checkpoint_to_resume(resume, config, explicit):
         raise UserError(f"{path} was trained on data in {data_folder}, which is not there any more; pass "
                         f"--data-dir with the folder that holds flowers-102/ now")
     return checkpoint, path, config
+
+
+def export_for_inference(checkpoint, path):
+    """Write a small checkpoint for inference and sharing: the weights inference uses (the moving average's when
+    the run had --ema), the config, the run's last evaluation and latent sampler, epoch, step, and the versions
+    and git commit that trained it. No optimizer or RNG state: it cannot be resumed."""
+    weights = checkpoint.get("ema_model", checkpoint["model"])
+    kept = {key: checkpoint[key] for key in ("eval", "sampler", "epoch", "step", "versions", "git_sha")
+            if key in checkpoint}
+    save_checkpoint(path, model={name: tensor.clone() for name, tensor in weights.items()},
+                    config=checkpoint["config"], **kept)
