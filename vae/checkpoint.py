@@ -151,7 +151,7 @@ def export_for_inference(checkpoint, path):
     the run had --ema), the config, the run's last evaluation and latent sampler, epoch, step, and the versions
     and git commit that trained it. No optimizer or RNG state: it cannot be resumed."""
     weights = checkpoint.get("ema_model", checkpoint["model"])
-    kept = {key: checkpoint[key] for key in ("eval", "sampler", "epoch", "step", "versions", "git_sha")
+    kept = {key: checkpoint[key] for key in ("eval", "samplers", "epoch", "step", "versions", "git_sha")
             if key in checkpoint}
     save_checkpoint(path, model={name: tensor.clone() for name, tensor in weights.items()},
                     config=checkpoint["config"], **kept)

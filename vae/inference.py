@@ -16,7 +16,11 @@ from datasets.preprocessing import holdout_split, load_image, split_images, to_f
 from vae.checkpoint import load_checkpoint, restore_model
 from vae.device import model_device
 from vae.errors import UserError
+from vae.fid import fid_kid, frechet_distance, inception_features, load_inception
+from vae.samplers import fit_gmm, fit_two_stage, prior_state, sample_latents
 from vae.vae import build_model
+
+GMM_COMPONENTS = 4
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -65,11 +69,56 @@ def posterior(model, x):
 
 
 @torch.no_grad()
-def sample_prior(model, num_images, temperature, generator):
-    """num_images decoded draws z ~ N(0, temperature^2 I); returns (images, z)."""
-    z = torch.randn(num_images, *model.latent_shape, generator=generator).to(model_device(model))
-    z = z * temperature
+def posterior_means(model, images_uint8, batch_size=256):
+    """The posterior means E[z|x] of uint8 images, flattened to (N, latent_size), on the CPU."""
+    device = model_device(model)
+    return torch.cat([model.encode(to_float(images_uint8[start:start + batch_size].to(device)))[0].flatten(1).cpu()
+                      for start in range(0, len(images_uint8), batch_size)])
+
+
+def fit_samplers(model, images_uint8, kinds=("gmm",), seed=0):
+    """Latent samplers fitted to the posterior means of the training images: {kind: state} (see vae.samplers).
+    The GMM has GMM_COMPONENTS full-covariance components (fewer for tiny sets)."""
+    latents = posterior_means(model, images_uint8)
+    fitters = {"gmm": lambda: fit_gmm(latents, num_components=min(GMM_COMPONENTS, len(latents)), seed=seed),
+               "two-stage": lambda: fit_two_stage(latents, seed=seed)}
+    return {kind: fitters[kind]() for kind in kinds}
+
+
+def sampler_state(model, checkpoint, kind, path):
+    """The state of the sampler `kind`: the prior, or one fitted and stored in the checkpoint."""
+    if kind == "prior":
+        return prior_state(model.latent_size)
+    stored = checkpoint.get("samplers") or {}
+    if kind not in stored:
+        raise UserError(f"{path} has no {kind} sampler (it has: {', '.join(['prior', *stored])}); fit one with "
+                        f"python vae_inference.py export --checkpoint {path} --fit-samplers --data-dir DIR --out NEW.pt")
+    return stored[kind]
+
+
+@torch.no_grad()
+def sample_images(model, state, num_images, temperature, generator):
+    """num_images decoded draws from a latent sampler (prior: z ~ N(0, T^2 I)); returns (images, z)."""
+    z = sample_latents(state, num_images, temperature, generator).view(num_images, *model.latent_shape)
+    z = z.to(model_device(model))
     return model.decode(z), z
+
+
+@torch.no_grad()
+def sample_quality(model, state, real_uint8, num_samples, temperature, generator, device, batch_size=64):
+    """FID and KID (Heusel et al. 2017; Binkowski et al. 2018) of num_samples generated images against the real
+    images, and recon_fid, the FID of the real images' reconstructions: how far the model is from the data
+    before any sampling. Inception v3 pool features at 299x299 (see vae.fid)."""
+    extractor = load_inception(device)
+    real = inception_features(to_float(real_uint8), extractor, batch_size, device=device)
+    generated = torch.cat([sample_images(model, state, min(batch_size, num_samples - start), temperature,
+                                         generator)[0].cpu() for start in range(0, num_samples, batch_size)])
+    reconstructions = torch.cat([reconstruct(model, to_float(real_uint8[start:start + batch_size]).to(
+        model_device(model))).cpu() for start in range(0, len(real_uint8), batch_size)])
+    results = fid_kid(real, inception_features(generated, extractor, batch_size, device=device))
+    results["recon_fid"] = frechet_distance(real, inception_features(reconstructions, extractor, batch_size,
+                                                                     device=device))
+    return {**results, "fid_samples": num_samples, "fid_reference_images": len(real_uint8)}
 
 
 @torch.no_grad()
@@ -176,3 +225,23 @@ def nearest_distances(images, reference_uint8, chunk=256):
         better = distances < best
         best[better], best_index[better] = distances[better], index[better] + start
     return best / math.sqrt(queries.shape[1]), best_index
+
+
+@torch.no_grad()
+def variation_distances(model, images_uint8, training_uint8, num_variations, temperature, generator):
+    """How close variations stay to their photo and how far they are from the training images, averaged over
+    the photos (RMSE per pixel, 0-255 scale): {"variation_rmse_to_input", "variation_rmse_to_nearest_training",
+    "input_rmse_to_nearest_training"}. A variation nearer a training image than its own photo is would be a
+    copy of the training set rather than a variation."""
+    device = model_device(model)
+    to_input, to_training, input_to_training = [], [], []
+    for image in images_uint8:
+        x = to_float(image[None]).to(device)
+        varied = variations(model, x, num_variations, temperature, generator)[0]
+        to_input.append(((varied - x) * 255).pow(2).flatten(1).mean(dim=1).sqrt().mean().item())
+        to_training.append(nearest_distances(varied, training_uint8)[0].mean().item())
+        input_to_training.append(nearest_distances(x, training_uint8)[0].item())
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return {"variations": num_variations, "variation_temperature": temperature,
+            "variation_rmse_to_input": mean(to_input), "variation_rmse_to_nearest_training": mean(to_training),
+            "input_rmse_to_nearest_training": mean(input_to_training)}

@@ -106,13 +106,6 @@ class VAE(nn.Module):
             return self.decoder(z)
         return self.decoder(z), self.log_sigma()
 
-    @torch.no_grad()
-    def sample(self, num_images, temperature=1.0, generator=None):
-        """Decode num_images draws z ~ N(0, temperature^2 I) of shape (num_images, *latent_shape)."""
-        device = next(self.parameters()).device
-        z = torch.randn(num_images, *self.latent_shape, device=device, generator=generator) * temperature
-        return self.decode(z)
-
 
 def build_model(config) -> VAE:
     """The VAE a TrainConfig (or its saved dict) describes. Settings newer than a checkpoint take the seed's

