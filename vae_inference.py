@@ -27,10 +27,15 @@ from vae.device import DEVICES, model_device, pick_device
 from vae.training import evaluate
 
 
+# The shipped model (recipes/flowers32.json), used when --checkpoint is not given.
+PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "flowers32.pt"
+
+
 # ------------------------------------------------------------------------------------------- arguments
 
 def add_common(parser, makes_images=True, default_out=None):
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt (or best.pt) of a training run")
+    parser.add_argument("--checkpoint", default=str(PRETRAINED), help="checkpoint.pt (or best.pt) of a training "
+                        "run; the default is the model shipped with the repository")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where to run (auto: cuda, then mps, then cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw, for reproducible output")

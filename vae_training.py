@@ -13,7 +13,6 @@ import dataclasses
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -23,11 +22,11 @@ from vae.checkpoint import checkpoint_to_resume, restore_model, save_checkpoint,
 from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args, validate_config
 from vae.errors import TrainingDiverged, UserError
 from vae.inference import fit_samplers
-from vae.logs import LOSS_CURVES, log_grids, log_scalars, open_writer
+from vae.logs import log_grids, log_scalars, open_writer
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
 from vae.run_folder import claim, resume_command, write_manifest
-from vae.training import (StopRequest, check_amp, evaluate, make_ema, make_kl_schedule, make_lr_schedule,
+from vae.training import (StopRequest, check_amp, evaluate, every, make_ema, make_kl_schedule, make_lr_schedule,
                           make_optimizer, memory_format, train_one_epoch)
 from vae.vae import build_model
 
@@ -97,18 +96,13 @@ def train(config, resume="", explicit=()):
         check_amp(device)
     run_dir, lock = None, None
     if main_process:
-        if checkpoint is not None and not {"log_dir", "run_name"} & set(explicit):
-            config.log_dir, config.run_name = str(Path(checkpoint_path).parent.parent), Path(checkpoint_path).parent.name
         run_dir, lock = claim(config.log_dir, config.run_name or None, resumed_from=checkpoint_path)
         config.run_name = run_dir.name
     config.run_name = distributed.broadcast_object(config.run_name)
     torch.manual_seed(config.seed)
 
-    # Data: the main process builds the image cache; the others wait and then load it.
-    if main_process:
-        train_images, eval_images = load_data(config)
-    distributed.barrier()
-    if not main_process:
+    # Data: the main process builds the image cache first; the others then load it.
+    with distributed.main_process_first(process):
         train_images, eval_images = load_data(config)
     batches = ImageBatches(train_images, config.batch_size // process.world_size, device, shuffle=True,
                            seed=config.seed, rank=process.rank, world_size=process.world_size, hflip=config.hflip)
@@ -160,20 +154,12 @@ def train(config, resume="", explicit=()):
     def save(name):
         if main_process:
             extra = {"ema_model": ema.module.state_dict()} if ema is not None else {}
-            if samplers:
-                extra["samplers"] = samplers
+            extra.update({"samplers": samplers} if samplers else {})
             save_checkpoint(run_dir / name, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
                             schedule=kl_schedule.state_dict(), lr_schedule=lr_schedule.state_dict(),
                             rng=rng_state(device), config=dataclasses.asdict(config), eval=metrics, **state, **extra)
 
-    last_save = time.monotonic()
-
-    def save_when_due():  # every --checkpoint-every minutes within an epoch
-        nonlocal last_save
-        if config.checkpoint_every > 0 and time.monotonic() - last_save >= 60 * config.checkpoint_every:
-            save("checkpoint.pt")
-            last_save = time.monotonic()
-
+    save_when_due = every(config.checkpoint_every, lambda: save("checkpoint.pt"))  # also within an epoch
     writer = None
     if main_process:
         write_manifest(run_dir, config, resumed_from=checkpoint_path)

@@ -18,7 +18,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
-import torch
 from scipy.io import savemat
 
 REPO = Path(__file__).resolve().parent.parent

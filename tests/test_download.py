@@ -7,7 +7,6 @@ nothing listens) and its md5 table at the served files.
 import functools
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tarfile

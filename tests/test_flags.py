@@ -4,7 +4,6 @@ works or ends in one `error:` line that names the flag, never a traceback."""
 import dataclasses
 
 import pytest
-import torch
 
 from conftest import TINY, error_line
 from vae.config import TrainConfig, flag_name

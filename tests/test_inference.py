@@ -28,14 +28,6 @@ def log_weights(model, x, noise):
         mean, log_var = model.encode(x)
         return importance_samples(model, x, mean, log_var, noise)["log_weight"]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def flower_files(flowers_root):
     return sorted((flowers_root / "flowers-102" / "jpg").glob("*.jpg"))

@@ -6,7 +6,6 @@ test that reaches the download path fails at once instead of touching the networ
 """
 
 import json
-import os
 import pickle
 import shutil
 import signal

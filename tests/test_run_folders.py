@@ -12,14 +12,6 @@ from vae.run_folder import claim
 from vae_training import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def two_runs(flowers_root, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("folders")

@@ -15,14 +15,6 @@ from vae.vae import VAE
 from vae_inference import main as inference_main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_the_kl_schedule_weight_enters_the_loss_at_a_known_step():
     torch.manual_seed(0)
     model = VAE((8, 8), latent_size=3, channels=[4])

@@ -139,6 +139,8 @@ def checkpoint_to_resume(resume, config, explicit):
         raise UserError(f"{path} cannot be resumed: it has no {', '.join(missing)} (inference can still use it); "
                         f"start a new run")
     config = resumed_config(checkpoint["config"], config, explicit, path)
+    if not {"log_dir", "run_name"} & set(explicit):  # the run goes on in the checkpoint's own folder
+        config.log_dir, config.run_name = str(Path(path).parent.parent), Path(path).parent.name
     data_folder = Path(config.data_dir) / "flowers-102"
     if "data_dir" not in explicit and not data_folder.is_dir():  # never download into a folder that moved away
         raise UserError(f"{path} was trained on data in {data_folder}, which is not there any more; pass "

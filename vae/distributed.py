@@ -6,6 +6,7 @@ torch.distributed does the rest (NCCL between GPUs, gloo between CPU processes).
 Without torchrun (WORLD_SIZE unset) everything here is a no-op for a single process.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -76,6 +77,16 @@ def any_process(flag, device):
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first(process):
+    """Run the block on the main process first (it builds the image cache), then on the others (they load it)."""
+    if not process.is_main:
+        barrier()
+    yield
+    if process.is_main:
+        barrier()
 
 
 def replicas_in_sync(model, device):

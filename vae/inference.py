@@ -92,7 +92,8 @@ def sampler_state(model, checkpoint, kind, path):
     stored = checkpoint.get("samplers") or {}
     if kind not in stored:
         raise UserError(f"{path} has no {kind} sampler (it has: {', '.join(['prior', *stored])}); fit one with "
-                        f"python vae_inference.py export --checkpoint {path} --fit-samplers --data-dir DIR --out NEW.pt")
+                        f"python vae_inference.py export --checkpoint {path} --fit-samplers --data-dir DIR "
+                        f"--out NEW.pt")
     return stored[kind]
 
 

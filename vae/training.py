@@ -10,6 +10,7 @@
 
 import math
 import signal
+import time
 
 import torch
 from tqdm import tqdm
@@ -70,9 +71,11 @@ def make_ema(model, decay):
 
 
 def memory_format(config, device):
-    """channels_last for the residual model, whose 3x3 convolutions run faster in it; the seed's small model is
-    left contiguous."""
-    return torch.channels_last if config.arch == "resnet" and device.type in ("cpu", "cuda") else torch.contiguous_format
+    """channels_last for the residual model on CUDA and under bf16 autocast, where its 3x3 convolutions run
+    faster in it; float32 on a CPU ran at the same speed either way (119 and 117 img/s), and the seed's small
+    model stays contiguous."""
+    faster = config.arch == "resnet" and (device.type == "cuda" or (config.amp and device.type == "cpu"))
+    return torch.channels_last if faster else torch.contiguous_format
 
 
 def check_amp(device):
@@ -88,6 +91,18 @@ def check_amp(device):
 
 
 # ----------------------------------------------------------------------------------------------- training
+
+def every(minutes, action):
+    """A callable that runs action() when `minutes` have passed since it last did (never for minutes <= 0)."""
+    last = time.monotonic()
+
+    def maybe():
+        nonlocal last
+        if minutes > 0 and time.monotonic() - last >= 60 * minutes:
+            action()
+            last = time.monotonic()
+    return maybe
+
 
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step, so the step finishes and a
@@ -189,7 +204,8 @@ def _log_normal(z):
 
 def importance_samples(model, x, mean, log_var, noise, discretized=False):
     """Per importance sample z_k = mean + std * noise_k (noise: (K, B, *latent)): a dict of (K, B) tensors in
-    nats: "trained_term" the reconstruction term training minimises, and in float64 "log_likelihood" log p(x|z_k) under the model's likelihood (a density for the Gaussians),
+    nats: "trained_term" the reconstruction term training minimises, and in float64 "log_likelihood"
+    log p(x|z_k) under the model's likelihood (a density for the Gaussians),
     "log_weight" log p(x|z_k) + log p(z_k) - log q(z_k|x), and with discretized=True the same two under the
     likelihood of the 8-bit pixels ("log_likelihood_8bit", "log_weight_8bit"), from the same decoded images.
     Decodes at most DECODE_CHUNK_IMAGES images at once, so K may be large at any resolution.
