@@ -16,14 +16,16 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
-from datasets.preprocessing import ImageBatches, to_float
+from datasets.preprocessing import ImageBatches, flower_classes, to_float
 from vae import inference
-from vae.errors import UserError
-from vae.samplers import SAMPLER_KINDS
-from vae.metrics import psnr_db
 from vae.checkpoint import export_for_inference
 from vae.device import DEVICES, model_device, pick_device
+from vae.errors import UserError
+from vae.logs import log_projector
+from vae.metrics import psnr_db
+from vae.samplers import SAMPLER_KINDS
 from vae.training import evaluate
 
 
@@ -149,6 +151,13 @@ def build_parser():
     evaluate.add_argument("--variations", type=int, default=0, help="also make this many variations of each "
                           "image (at --temperature) and report their RMSE to it and to the nearest training image")
     add_sampler(evaluate)
+
+    projector = commands.add_parser("projector", help="posterior means, thumbnails and flower classes for "
+                                    "TensorBoard's PROJECTOR", formatter_class=defaults)
+    add_common(projector, makes_images=False)
+    add_data(projector, None, "images")
+    add_holdout(projector)
+    projector.add_argument("--log-dir", default="runs/projector", help="folder to write; then tensorboard --logdir it")
 
     export = commands.add_parser("export", help="a small copy of a checkpoint for inference and sharing",
                                  formatter_class=defaults)
@@ -372,6 +381,18 @@ def format_table(results):
     return "\n".join(lines)
 
 
+def run_projector(args, model, checkpoint):
+    images, names, described = split_images(args, checkpoint, subset="held-out")
+    classes = flower_classes(args.data_dir or checkpoint["config"].get("data_dir"), names)
+    try:
+        with SummaryWriter(args.log_dir) as writer:
+            log_projector(writer, model, images, classes, checkpoint.get("step") or 0)
+    except OSError as error:
+        raise UserError(f"cannot write {args.log_dir} ({error.strerror or error}); pass a writable --log-dir") from None
+    print(f"wrote the posterior means, thumbnails and classes of {len(images)} images ({described}) to "
+          f"{args.log_dir}; see them with: tensorboard --logdir {args.log_dir} (PROJECTOR tab)")
+
+
 def run_export(args, model, checkpoint):
     if args.fit_samplers:
         images, _, described = training_images(args, checkpoint)
@@ -384,7 +405,8 @@ def run_export(args, model, checkpoint):
 
 
 COMMANDS = {"sample": run_sample, "reconstruct": run_reconstruct, "variations": run_variations,
-            "interpolate": run_interpolate, "traverse": run_traverse, "evaluate": run_evaluate, "export": run_export}
+            "interpolate": run_interpolate, "traverse": run_traverse, "evaluate": run_evaluate,
+            "projector": run_projector, "export": run_export}
 
 
 def main(argv=None):

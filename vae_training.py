@@ -16,13 +16,14 @@ import time
 
 import torch
 
-from datasets.preprocessing import ImageBatches, holdout_split, random_subset, split_images, to_float
+from datasets.preprocessing import (ImageBatches, flower_classes, holdout_split, random_subset, split_images,
+                                    to_float)
 from vae import distributed
 from vae.checkpoint import checkpoint_to_resume, restore_model, save_checkpoint, unwrap
 from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args, validate_config
 from vae.errors import TrainingDiverged, UserError
 from vae.inference import fit_samplers
-from vae.logs import log_grids, log_scalars, open_writer
+from vae.logs import log_grids, log_hparams, log_projector, log_scalars, log_settings, open_writer
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
 from vae.run_folder import claim, resume_command, write_manifest
@@ -56,10 +57,10 @@ def parse_args(argv=None):
 
 
 def load_split(config, split):
-    """A split's uint8 images (N, 3, R, R) (several joined with +), through the image cache."""
+    """A split's (uint8 images (N, 3, R, R), file names) (several joined with +), through the image cache."""
     try:
         return split_images(config.data_dir, split, config.resolution, config.cache_dir, config.num_workers,
-                            config.skip_bad_images)[0]
+                            config.skip_bad_images)
     except UserError as error:
         if config.skip_bad_images or "cannot read image" not in str(error):
             raise
@@ -67,21 +68,23 @@ def load_split(config, split):
 
 
 def load_data(config):
-    """uint8 image tensors (train, eval); eval is None with --eval-split none. The per-epoch evaluation set is
-    a seeded random draw of --eval-size images: Flowers102's split lists are sorted by class."""
-    images = load_split(config, config.split)
+    """(train images, eval images, eval file names): uint8 tensors, eval None with --eval-split none. The
+    per-epoch evaluation set is a seeded random draw of --eval-size images: the split lists are sorted by class."""
+    images, names = load_split(config, config.split)
     if config.holdout:  # holdout_split rejects a fraction outside [0, 1)
         train_index, eval_index = holdout_split(len(images), config.holdout, config.seed)
-        train_images, eval_images = images[train_index], images[eval_index]
+        train_images, eval_images, eval_names = images[train_index], images[eval_index], \
+            [names[i] for i in eval_index.tolist()]
     else:
         train_images = images
-        eval_images = None if config.eval_split == "none" else load_split(config, config.eval_split)
+        eval_images, eval_names = (None, []) if config.eval_split == "none" else load_split(config, config.eval_split)
     if config.batch_size > len(train_images):
         raise UserError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} training images; "
                         f"use --batch-size {len(train_images)} or less")
     if eval_images is not None:
-        eval_images = eval_images[random_subset(len(eval_images), config.eval_size, config.seed)]
-    return train_images, eval_images
+        subset = random_subset(len(eval_images), config.eval_size, config.seed)
+        eval_images, eval_names = eval_images[subset], [eval_names[i] for i in subset.tolist()]
+    return train_images, eval_images, eval_names
 
 
 def train(config, resume="", explicit=()):
@@ -103,7 +106,7 @@ def train(config, resume="", explicit=()):
 
     # Data: the main process builds the image cache first; the others then load it.
     with distributed.main_process_first(process):
-        train_images, eval_images = load_data(config)
+        train_images, eval_images, eval_names = load_data(config)
     batches = ImageBatches(train_images, config.batch_size // process.world_size, device, shuffle=True,
                            seed=config.seed, rank=process.rank, world_size=process.world_size, hflip=config.hflip)
     eval_batches = None if eval_images is None else ImageBatches(
@@ -129,7 +132,7 @@ def train(config, resume="", explicit=()):
             lr_schedule.load_state_dict(checkpoint["lr_schedule"])
         if ema is not None:
             restore_model(ema.module, checkpoint, checkpoint_path, key="ema_model")
-            ema.n_averaged.fill_(max(1, checkpoint["step"]))  # any count > 0: the next update averages
+            ema.n_averaged.fill_(checkpoint["step"])  # one update per step: the warm-up resumes where it was
         state.update({key: checkpoint.get(key, value) for key, value in state.items()})
         metrics = checkpoint.get("eval")
         try:
@@ -164,6 +167,7 @@ def train(config, resume="", explicit=()):
     if main_process:
         write_manifest(run_dir, config, resumed_from=checkpoint_path)
         writer = open_writer(run_dir, resumed_step=state["step"] if checkpoint is not None else None)
+        log_settings(writer, config)
     try:
         with StopRequest() as stop:
             session_start = state["step"]
@@ -214,6 +218,10 @@ def train(config, resume="", explicit=()):
                 # A GMM of the training images' posteriors, so `vae_inference.py sample --sampler gmm` needs no data.
                 samplers = fit_samplers(unwrap(eval_model), train_images, seed=config.seed)
                 save("checkpoint.pt")
+                log_hparams(writer, config, metrics or {})
+                if eval_images is not None:
+                    log_projector(writer, eval_model, eval_images, flower_classes(config.data_dir, eval_names),
+                                  state["step"])
     except TrainingDiverged as error:
         kept = (f"{run_dir / 'checkpoint.pt'} keeps the last good state" if (run_dir / "checkpoint.pt").exists()
                 else "no checkpoint had been saved yet")

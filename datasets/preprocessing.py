@@ -461,6 +461,21 @@ def split_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip_
     return torch.cat(images), names
 
 
+def flower_classes(data_dir, names):
+    """The Flowers102 class (1-102, from imagelabels.mat) of each image file name ("image_00042.jpg"); 0 for a
+    name that is not one of its files."""
+    from scipy.io import loadmat
+
+    path = flowers_folder(data_dir) / "imagelabels.mat"
+    try:
+        labels = np.atleast_1d(loadmat(path, squeeze_me=True)["labels"])
+    except Exception as error:  # scipy raises several types for a damaged or foreign .mat file
+        raise UserError(f"cannot read the flower classes from {path} ({type(error).__name__}: {error}); replace "
+                        f"it with Flowers102's official imagelabels.mat") from None
+    numbers = [int(name[6:11]) if re.fullmatch(r"image_\d{5}\.jpg", name) else 0 for name in names]
+    return [int(labels[n - 1]) if 0 < n <= len(labels) else 0 for n in numbers]
+
+
 # -------------------------------------------------------------------------------------------- batches
 
 def holdout_split(num_images, fraction, seed):

@@ -385,3 +385,13 @@ def test_evaluate_reports_fid_and_kid_of_samples_and_reconstructions(checkpoint,
     for key in ("fid", "kid", "recon_fid"):
         assert math.isfinite(results[key]) and results[key] > 0, key
     assert math.isfinite(results["kid_stderr"])
+
+
+def test_projector_writes_any_checkpoints_posterior_means_with_classes(checkpoint, flowers_root, tmp_path):
+    out = tmp_path / "projector"
+    assert main(["projector", "--checkpoint", str(checkpoint), "--data-dir", str(flowers_root), "--split", "val",
+                 "--log-dir", str(out)]) == 0
+    assert "embeddings" in (out / "projector_config.pbtxt").read_text()
+    folder = next(path.parent for path in out.rglob("metadata.tsv"))
+    assert (folder / "metadata.tsv").read_text().split() == [str(i % 102 + 1) for i in range(33, 41)]  # val ids
+    assert len((folder / "tensors.tsv").read_text().splitlines()) == 8 and (folder / "sprite.png").is_file()

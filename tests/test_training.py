@@ -107,3 +107,38 @@ def test_amp_trains_under_bf16_autocast_on_the_cpu_and_keeps_float32_weights(flo
     assert autocast_dtypes == [("cpu", torch.bfloat16)] * 4  # one autocast region per step
     checkpoint = torch.load(tmp_path / "amp" / "checkpoint.pt", weights_only=True)
     assert all(t.dtype == torch.float32 for t in checkpoint["model"].values())
+
+
+def test_a_finished_run_fills_hparams_settings_and_the_projector(flowers_root, tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    train("--data-dir", flowers_root, "--holdout", 0.25, "--epochs", 1, "--log-dir", tmp_path, "--run-name", "hp",
+          *TINY)
+    run_dir = tmp_path / "hp"
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    hparams, metrics = {}, {}
+    for events in run_dir.rglob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(events)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    hparams.update({k: v for k, v in data.session_start_info.hparams.items()})
+                elif value.tag.startswith("hparams/"):
+                    metrics[value.tag] = value.simple_value if value.HasField("simple_value") else \
+                        torch.tensor(list(value.tensor.float_val)).item()
+    assert hparams["lr"].number_value == pytest.approx(1e-4) and hparams["likelihood"].string_value == "gaussian"
+    assert hparams["latent_shape"].string_value == "null"
+    assert metrics["hparams/psnr_db"] == pytest.approx(checkpoint["eval"]["psnr_db"], rel=1e-5)
+    assert metrics["hparams/bits_per_dim"] == pytest.approx(checkpoint["eval"]["bits_per_dim"], rel=1e-5)
+    assert "settings/text_summary" in load_events(run_dir).Tags()["tensors"]
+
+    config = (run_dir / "projector_config.pbtxt").read_text()
+    assert "metadata_path" in config and "sprite" in config
+    folder = next(path.parent for path in run_dir.rglob("tensors.tsv"))
+    means = [line.split("\t") for line in (folder / "tensors.tsv").read_text().splitlines()]
+    assert len(means) == 8 and len(means[0]) == 10  # the 8 held-out images, 10 latent dimensions
+    from datasets.preprocessing import holdout_split
+    held_out = holdout_split(32, 0.25, 0)[1].tolist()
+    classes = (folder / "metadata.tsv").read_text().split()
+    assert classes == [str((i + 1) % 102 + 1) for i in held_out]  # conftest's roots label image k as k % 102 + 1

@@ -4,15 +4,21 @@ Per-epoch logs use the global step as their x-axis, like the per-step losses: on
 resumed run's purge (at the checkpoint's step) removes whatever a crashed session logged after it.
 """
 
+import dataclasses
+import json
 import math
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
+from datasets.preprocessing import to_float
 from vae.checkpoint import unwrap
+from vae.inference import posterior_means
 
 LOSS_CURVES = ("KL Loss", "Reconstruction Loss", "Total Loss")  # the seed's add_scalars("loss", ...)
+# The held-out numbers that compare runs in the HPARAMS table (fid only where it was measured).
+HPARAM_METRICS = ("psnr_db", "neg_elbo_nats", "bits_per_dim", "kl_nats", "active_units", "fid")
 
 
 def open_writer(run_dir, resumed_step=None):
@@ -63,3 +69,26 @@ def log_grids(writer, model, fixed_images, fixed_noise, step):
     writer.add_image("reconstructions", make_grid(reconstructions, nrow=nrow), step)
     writer.add_image("samples", make_grid(model.decode(fixed_noise), nrow=nrow), step)
     model.train(was_training)
+
+
+def log_settings(writer, config):
+    """The run's settings as text (TEXT tab), so a run's curves and its flags are read in one place."""
+    writer.add_text("settings", "```json\n" + json.dumps(dataclasses.asdict(config), indent=2) + "\n```")
+
+
+def log_hparams(writer, config, metrics):
+    """The settings and the final held-out metrics in TensorBoard's HPARAMS table, where runs compare as rows.
+    Lists and None (e.g. --latent-shape) become their JSON text, the types HPARAMS takes."""
+    settings = {name: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+                for name, value in dataclasses.asdict(config).items()}
+    results = {f"hparams/{name}": metrics[name] for name in HPARAM_METRICS if metrics.get(name) is not None}
+    writer.add_hparams(settings, results, run_name=".")
+
+
+@torch.no_grad()
+def log_projector(writer, model, images_uint8, classes, step, tag="posterior_means"):
+    """TensorBoard's PROJECTOR: each image's posterior mean (flattened), its thumbnail (a sprite) and its flower
+    class, to see how the latent space arranges the flowers."""
+    model = unwrap(model)
+    writer.add_embedding(posterior_means(model, images_uint8), metadata=[str(c) for c in classes],
+                         label_img=to_float(images_uint8), global_step=step, tag=tag)

@@ -62,12 +62,18 @@ def make_lr_schedule(config, optimizer, steps_per_epoch):
 
 
 def make_ema(model, decay):
-    """An exponential moving average of the weights (and buffers), or None for decay 0: avg = decay * avg +
-    (1 - decay) * weights after every step. Its .module is a plain model to evaluate and save."""
+    """An exponential moving average of the weights (and buffers), or None for decay 0: after update n,
+    avg = d * avg + (1 - d) * weights with d = min(decay, (1 + n) / (10 + n)). The warm-up of d (as TensorFlow's
+    ExponentialMovingAverage does with num_updates) keeps the random initial weights from lingering in the
+    average: with a fixed 0.999 they would still weigh 4.5% after 3,100 steps. Its .module is a plain model."""
     if not decay:
         return None
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
-                                               use_buffers=True)
+
+    def update(averaged, weights, num_averaged):
+        n = float(num_averaged)
+        for average, weight in zip(averaged, weights):
+            average.lerp_(weight, 1 - min(decay, (1 + n) / (10 + n)))
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def memory_format(config, device):
