@@ -112,6 +112,7 @@ def test_preprocessing_resizes_to_299_and_maps_uint8_and_float_alike_to_minus_on
 
 
 @needs_inception
+@pytest.mark.slow  # Inception v3 on the CPU
 def test_inception_features_of_tiny_images():
     extractor = fid.load_inception("cpu")
     generator = torch.Generator().manual_seed(0)

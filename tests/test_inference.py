@@ -357,6 +357,7 @@ def test_sample_from_the_stored_gmm_and_a_missing_sampler_names_the_fix(checkpoi
     assert "no two-stage sampler" in error and "--fit-samplers" in error
 
 
+@pytest.mark.slow  # trains the two-stage sampler
 def test_export_fits_both_samplers_and_writes_a_small_inference_checkpoint(checkpoint, flowers_root, tmp_path):
     exported = tmp_path / "small.pt"
     assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "--data-dir", str(flowers_root),

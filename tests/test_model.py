@@ -86,6 +86,7 @@ def test_gradients_reach_the_encoder_through_the_reparameterisation():
     assert log_var.grad.abs().sum() > 0 and mean.grad.abs().sum() > 0
 
 
+@pytest.mark.slow  # hundreds of steps
 def test_model_overfits_one_small_batch():
     torch.manual_seed(0)
     model = VAE(latent_size=16)
@@ -240,6 +241,7 @@ def test_decoder_output_is_float32_under_bf16_autocast(arch, latent_shape):
     assert reconstruction.dtype == log_scale.dtype == torch.float32  # ... but not for the likelihood's parameters
 
 
+@pytest.mark.slow  # hundreds of steps
 def test_resnet_with_the_logistic_likelihood_learns_a_small_batch():
     torch.manual_seed(0)
     model = VAE(16, arch="resnet", width=8, latent_shape=(4, 4, 4), likelihood="logistic")

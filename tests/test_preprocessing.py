@@ -223,6 +223,7 @@ def test_benchmark_runs_end_to_end(flowers_root, capsys):
     assert figures["num_images"] == 40
 
 
+@pytest.mark.slow  # a subprocess
 def test_benchmark_command_line_cache_only(flowers_root):
     command = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--data-dir", str(flowers_root),
                "--cache-only", "--num-workers", "1"]

@@ -87,6 +87,7 @@ def two_stage():
     return fit_two_stage(latents, hidden_size=128, steps=1000, seed=0)
 
 
+@pytest.mark.slow  # trains the two-stage VAE
 def test_two_stage_sampler_matches_the_latent_distribution_far_better_than_the_prior(two_stage):
     data, centre, direction = _two_clusters_in_8d(4000, seed=1)
     samples = sample_latents(two_stage, 4000, generator=torch.Generator().manual_seed(0))
@@ -105,6 +106,7 @@ def test_two_stage_sampler_matches_the_latent_distribution_far_better_than_the_p
     assert 0.35 < (along > 0).float().mean() < 0.65
 
 
+@pytest.mark.slow  # trains the two-stage VAE
 def test_two_stage_sampler_reproduces_survives_weights_only_load_and_leaves_global_rng_alone(two_stage):
     loaded = _round_trip(two_stage)
     assert loaded["kind"] == "two-stage"
