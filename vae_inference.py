@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from datasets.preprocessing import ImageBatches, flower_classes, to_float
+from datasets.preprocessing import ImageBatches, flower_classes, random_subset, to_float
 from vae import inference
 from vae.checkpoint import export_for_inference
 from vae.device import DEVICES, model_device, pick_device
@@ -105,7 +105,8 @@ def build_parser():
                              "else --num images of --data-dir/--split")
     add_data(reconstruct, None, "images")
     add_holdout(reconstruct)
-    reconstruct.add_argument("--num", type=int, default=16, help="images taken from the split (its first NUM)")
+    reconstruct.add_argument("--num", type=int, default=16, help="images drawn at random (seeded by --seed) from "
+                             "the split, whose lists are sorted by class")
     reconstruct.add_argument("--nrow", type=int, default=8, help="images per grid row")
 
     variations = commands.add_parser("variations", help="new images around the encoding of your image",
@@ -257,7 +258,7 @@ def run_reconstruct(args, model, checkpoint):
         source = f"{len(args.images)} image file(s)"
     else:
         images, _, source = split_images(args, checkpoint, subset="held-out")
-        x = to_float(images[:args.num]).to(model_device(model))
+        x = to_float(images[random_subset(len(images), args.num, args.seed)]).to(model_device(model))
     reconstructions = inference.reconstruct(model, x)
     nrow = min(args.nrow, len(x))
     grid = inference.interleave_rows(x, reconstructions, nrow)

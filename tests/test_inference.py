@@ -396,3 +396,26 @@ def test_projector_writes_any_checkpoints_posterior_means_with_classes(checkpoin
     folder = next(path.parent for path in out.rglob("metadata.tsv"))
     assert (folder / "metadata.tsv").read_text().split() == [str(i % 102 + 1) for i in range(33, 41)]  # val ids
     assert len((folder / "tensors.tsv").read_text().splitlines()) == 8 and (folder / "sprite.png").is_file()
+
+
+# --------------------------------------------------------------------------------------- the shipped model
+
+def test_the_shipped_model_is_a_plain_checkpoint_of_the_flowers32_recipe():
+    from vae_inference import PRETRAINED
+
+    shipped = torch.load(PRETRAINED, weights_only=True)
+    recipe = json.loads((PRETRAINED.parent.parent / "recipes" / "flowers32.json").read_text())
+    for key, value in recipe.items():
+        assert shipped["config"][key.replace("-", "_")] == value, key
+    assert shipped["samplers"]["gmm"]["kind"] == "gmm" and PRETRAINED.stat().st_size < 10e6
+    assert shipped["eval"]["psnr_db"] > 20  # its held-out evaluation at the end of training
+
+
+@pytest.mark.slow
+def test_variations_of_a_users_photo_need_no_checkpoint_no_data_and_no_training(tmp_path):
+    photo = tmp_path / "my_flower.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(photo)
+    out = tmp_path / "v.png"
+    result = run_script("vae_inference.py", "variations", "--image", photo, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert png_size(out) == expected_grid(16, 8) and "pretrained" not in result.stderr
