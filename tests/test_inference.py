@@ -15,7 +15,8 @@ from conftest import error_line, run_script
 from datasets.preprocessing import ImageBatches, cached_images, holdout_split, to_float
 from vae import inference
 from vae.losses import ELBOLoss, reconstruction_nll
-from vae.metrics import active_units, bits_per_dim, discretized_gaussian_log_likelihood, iwae_log_likelihood
+from vae.metrics import (active_units, bits_per_dim, discretized_gaussian_log_likelihood, iwae_log_likelihood,
+                         posterior_variance)
 from vae.samplers import prior_state
 from vae.training import evaluate, importance_samples
 from vae.vae import VAE
@@ -308,7 +309,7 @@ def test_active_units_of_an_encoder_built_to_use_exactly_k_dimensions():
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     results = evaluate(model, ImageBatches(images, 16, "cpu", shuffle=False), iw_samples=2)
     assert results["active_units"] == k
-    assert active_units(torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 0.5]])) == 1
+    assert active_units(posterior_variance(torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 0.5]]))) == 1
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -52,5 +52,5 @@ def test_active_units_of_a_spatial_latent_count_each_position():
     means = torch.zeros(100, 2, 2, 2)
     means[:, 0, 1, 0] = torch.randn(100)  # one channel at one position varies across images
     means[:, 1] = torch.randn(100, 2, 2) * 0.01  # the rest barely does (variance 1e-4 < 0.01)
-    assert active_units(means) == 1
+    assert active_units(posterior_variance(means)) == 1
     assert posterior_variance(means).shape == (8,)  # one value per dimension, as for a dense latent

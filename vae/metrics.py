@@ -9,10 +9,10 @@ from vae.losses import PIXEL_LEVELS, discretized_logistic_log_probs
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
-def active_units(posterior_means, threshold=ACTIVE_UNIT_THRESHOLD):
+def active_units(variance, threshold=ACTIVE_UNIT_THRESHOLD):
     """Number of latent dimensions whose posterior mean varies across images: Var_x(E_q[z_d|x]) > threshold
-    (Burda et al. 2016). posterior_means: (num_images, *latent_shape). A collapsed model has few."""
-    return int((posterior_variance(posterior_means) > threshold).sum())
+    (Burda et al. 2016). variance: (D,), as posterior_variance gives it. A collapsed model has few."""
+    return int((torch.as_tensor(variance) > threshold).sum())
 
 
 def posterior_variance(posterior_means):
@@ -94,11 +94,3 @@ def iwae_log_likelihood(log_weights):
     Returns log (1/K) sum_k exp(log_weights_k), shape (batch,); with K = 1 it is the single-sample ELBO.
     """
     return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
-
-
-def standard_error(values):
-    """Standard error of the mean of per-image values: std / sqrt(n) (0 for a single value)."""
-    values = torch.as_tensor(values, dtype=torch.float64)
-    if values.numel() < 2:
-        return 0.0
-    return (values.std(unbiased=True) / math.sqrt(values.numel())).item()

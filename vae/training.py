@@ -20,7 +20,7 @@ from vae.checkpoint import unwrap
 from vae.device import model_device, sum_dtype
 from vae.errors import TrainingDiverged, UserError
 from vae.losses import kl_per_dimension, reconstruction_loss, reconstruction_nll
-from vae.metrics import ACTIVE_UNIT_THRESHOLD, bits_per_dim, discretized_log_likelihood, iwae_log_likelihood, psnr_db
+from vae.metrics import active_units, bits_per_dim, discretized_log_likelihood, iwae_log_likelihood, psnr_db
 from vae.schedules import KLSchedule
 
 # Decoded images held in memory at once while importance sampling: bounds memory for any K and resolution
@@ -314,7 +314,7 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
         "iwae_nll_nats": totals["iwae_nll"] / count,
         "iwae_nll_stderr": _standard_error(totals["iwae_nll"], totals["iwae_nll_sq"], count),
         "psnr_db": psnr_db(totals["squared_error"] / (count * num_dims)),
-        "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum()),
+        "active_units": active_units(variance),
         "latent_size": model.latent_size,
         "posterior_std": totals["posterior_std"] / count,
         "kl_per_dim": (kl_sum / count).tolist(),
