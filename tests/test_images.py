@@ -196,7 +196,7 @@ import sys, time
 from datasets import preprocessing
 decode = preprocessing.decode_rgb
 def slow_decode(*args, **kwargs):
-    time.sleep(0.02)
+    time.sleep(0.2)  # 30 s for the whole build: the signal always arrives while it runs
     return decode(*args, **kwargs)
 preprocessing.decode_rgb = slow_decode
 try:
@@ -240,10 +240,8 @@ def test_a_signal_during_the_cache_build_ends_it_promptly_without_tracebacks(thr
         while not re.search(rb" [1-9]\d*/300 ", bytes(stderr)):  # the progress bar has counted decoded images
             assert process.poll() is None and time.monotonic() < deadline, bytes(stderr).decode()[-2000:]
             time.sleep(0.02)
-        sent = time.monotonic()
         (os.killpg if whole_group else os.kill)(process.pid, signum)
-        returncode = process.wait(timeout=30)
-        waited = time.monotonic() - sent
+        returncode = process.wait(timeout=20)  # promptly: well before the build would have finished
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -252,7 +250,6 @@ def test_a_signal_during_the_cache_build_ends_it_promptly_without_tracebacks(thr
     text = bytes(stderr).decode(errors="replace")
     assert "Traceback" not in text, text[-3000:]
     assert returncode == 130 and "nothing to save" in text, (returncode, text[-2000:])
-    assert waited < 10, f"took {waited:.1f} s to stop"
     assert not list(cache_dir.glob("*.pt")), "an interrupted build must not leave a cache"
     with pytest.raises(ProcessLookupError):  # every worker has been ended and reaped, none is left over
         os.killpg(process.pid, 0)
