@@ -23,7 +23,7 @@ from vae.checkpoint import checkpoint_to_resume, restore_model, save_checkpoint,
 from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args, validate_config
 from vae.errors import TrainingDiverged, UserError
 from vae.inference import fit_samplers
-from vae.logs import log_grids, log_hparams, log_projector, log_scalars, log_settings, open_writer
+from vae.logs import log_grids, log_run_summary, log_scalars, log_settings, open_writer
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
 from vae.run_folder import claim, resume_command, write_manifest
@@ -135,11 +135,7 @@ def train(config, resume="", explicit=()):
             ema.n_averaged.fill_(checkpoint["step"])  # one update per step: the warm-up resumes where it was
         state.update({key: checkpoint.get(key, value) for key, value in state.items()})
         metrics = checkpoint.get("eval")
-        try:
-            set_rng_state(checkpoint["rng"], device)
-        except (KeyError, TypeError, RuntimeError) as error:
-            raise UserError(f"{checkpoint_path} has a malformed RNG state ({error}); it was not written by "
-                            f"vae_training.py") from None
+        set_rng_state(checkpoint["rng"], device, checkpoint_path)
         say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
     if process.rank > 0:  # every process draws its own reparameterisation noise
         torch.manual_seed(config.seed + 7919 * process.rank + state["step"])
@@ -218,10 +214,8 @@ def train(config, resume="", explicit=()):
                 # A GMM of the training images' posteriors, so `vae_inference.py sample --sampler gmm` needs no data.
                 samplers = fit_samplers(unwrap(eval_model), train_images, seed=config.seed)
                 save("checkpoint.pt")
-                log_hparams(writer, config, metrics or {})
-                if eval_images is not None:
-                    log_projector(writer, eval_model, eval_images, flower_classes(config.data_dir, eval_names),
-                                  state["step"])
+                log_run_summary(writer, config, metrics, eval_model, eval_images,
+                                flower_classes(config.data_dir, eval_names), state["step"])
     except TrainingDiverged as error:
         kept = (f"{run_dir / 'checkpoint.pt'} keeps the last good state" if (run_dir / "checkpoint.pt").exists()
                 else "no checkpoint had been saved yet")

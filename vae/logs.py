@@ -92,3 +92,10 @@ def log_projector(writer, model, images_uint8, classes, step, tag="posterior_mea
     model = unwrap(model)
     writer.add_embedding(posterior_means(model, images_uint8), metadata=[str(c) for c in classes],
                          label_img=to_float(images_uint8), global_step=step, tag=tag)
+
+
+def log_run_summary(writer, config, metrics, model, eval_images, classes, step):
+    """At the end of a run: HPARAMS with the last held-out metrics, and the PROJECTOR of the held-out images."""
+    log_hparams(writer, config, metrics or {})
+    if eval_images is not None:
+        log_projector(writer, model, eval_images, classes, step)

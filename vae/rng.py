@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from vae.errors import UserError
+
 
 def device_rng_state(device):
     """The generator state of the accelerator that trains (None on the CPU, whose state is torch's own)."""
@@ -38,11 +40,15 @@ def rng_state(device="cpu"):
     return state
 
 
-def set_rng_state(state, device="cpu"):
-    """Restore what rng_state saved (older checkpoints also hold Python and numpy states: nothing uses them)."""
-    torch.set_rng_state(state["torch"])
-    if torch.device(device).type != "cpu":  # a checkpoint from another kind of device has no state for this one
-        set_device_rng_state(device, state.get("device"))
+def set_rng_state(state, device="cpu", path="the checkpoint"):
+    """Restore what rng_state saved (older checkpoints also hold Python and numpy states: nothing uses them).
+    A state that is not one is a UserError naming the checkpoint's path."""
+    try:
+        torch.set_rng_state(state["torch"])
+        if torch.device(device).type != "cpu":  # a checkpoint from another kind of device has no state for this one
+            set_device_rng_state(device, state.get("device"))
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise UserError(f"{path} has a malformed RNG state ({error}); it was not written by vae_training.py") from None
 
 
 @contextlib.contextmanager
