@@ -192,8 +192,10 @@ def test_a_cache_whose_image_bytes_changed_is_noticed_and_rebuilt(tmp_path, caps
 # Builds a cache in two worker processes. Each decode is slowed down, so the test can interrupt mid-build; the
 # workers are forked, so they run the slowed function too. KeyboardInterrupt ends it as the training script does.
 BUILD_CACHE = """
-import sys, time
+import signal, sys, time
 from datasets import preprocessing
+# As in a terminal: a process started in the background of a non-interactive shell (CI) inherits SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 decode = preprocessing.decode_rgb
 def slow_decode(*args, **kwargs):
     time.sleep(0.2)  # 30 s for the whole build: the signal always arrives while it runs
