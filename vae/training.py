@@ -210,8 +210,8 @@ def _log_normal(z):
 
 def importance_samples(model, x, mean, log_var, noise, discretized=False):
     """Per importance sample z_k = mean + std * noise_k (noise: (K, B, *latent)): a dict of (K, B) tensors in
-    nats: "trained_term" the reconstruction term training minimises, and in float64 "log_likelihood"
-    log p(x|z_k) under the model's likelihood (a density for the Gaussians),
+    nats: "trained_term" (B,) the reconstruction term training minimises, for the first draw only, and in float64
+    "log_likelihood" log p(x|z_k) under the model's likelihood (a density for the Gaussians),
     "log_weight" log p(x|z_k) + log p(z_k) - log q(z_k|x), and with discretized=True the same two under the
     likelihood of the 8-bit pixels ("log_likelihood_8bit", "log_weight_8bit"), from the same decoded images.
     Decodes at most DECODE_CHUNK_IMAGES images at once, so K may be large at any resolution.
@@ -232,13 +232,16 @@ def importance_samples(model, x, mean, log_var, noise, discretized=False):
         likelihoods = {"": -reconstruction_nll(targets, decoded, model.likelihood, log_scale)}
         if discretized:
             likelihoods["_8bit"] = discretized_log_likelihood(targets, decoded, log_scale, model.likelihood)
-        chunk = {"trained_term": reconstruction_loss(targets, decoded, model.likelihood, log_scale).view(k, -1)}
+        chunk = {}
+        if start == 0:  # the trained term of the first draw only: all the training objective needs
+            first_scale = log_scale if log_scale is None or log_scale.dim() == 0 else log_scale[:len(x)]
+            trained_term = reconstruction_loss(x, decoded[:len(x)], model.likelihood, first_scale)
         for suffix, log_likelihood in likelihoods.items():
             log_likelihood = log_likelihood.view(k, len(x)).cpu().double()
             chunk["log_likelihood" + suffix] = log_likelihood
             chunk["log_weight" + suffix] = log_likelihood + log_prior - log_posterior
         chunks.append(chunk)
-    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
+    return {"trained_term": trained_term, **{name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}}
 
 
 # The sums evaluate() accumulates per image, reduced across processes in one call.
@@ -280,7 +283,7 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
         batch_sums = {
             "count": len(x), "kl": kl.sum(), "reconstruction": -samples["log_likelihood"].mean(dim=0).sum(),
             # The trained reconstruction term (SSE for the seed) of the first draw: the training objective.
-            "loss_reconstruction": samples["trained_term"][0].sum(),
+            "loss_reconstruction": samples["trained_term"].sum(),
             "iwae_nll": nll.sum(), "iwae_nll_sq": nll.pow(2).sum(),
             "squared_error": (model.decode(mean) - x).pow(2).sum(),
             "posterior_std": log_var.mul(0.5).exp().flatten(1).mean(dim=1).sum(),
