@@ -22,7 +22,7 @@ from vae import distributed
 from vae.checkpoint import checkpoint_to_resume, restore_model, save_checkpoint, unwrap
 from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args, validate_config
 from vae.errors import TrainingDiverged, UserError
-from vae.inference import fit_samplers
+from vae.inference import fit_samplers, sample_quality
 from vae.logs import log_grids, log_run_summary, log_scalars, log_settings, open_writer
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
@@ -213,6 +213,10 @@ def train(config, resume="", explicit=()):
             if main_process and state["epoch"] >= config.epochs:
                 # A GMM of the training images' posteriors, so `vae_inference.py sample --sampler gmm` needs no data.
                 samplers = fit_samplers(unwrap(eval_model), train_images, seed=config.seed)
+                if config.fid_samples and eval_images is not None:
+                    metrics = {**(metrics or {}), **sample_quality(unwrap(eval_model), samplers["gmm"], eval_images,
+                                                           config.fid_samples, 1.0, torch.Generator().manual_seed(
+                                                               config.seed), device)}
                 save("checkpoint.pt")
                 log_run_summary(writer, config, metrics, eval_model, eval_images,
                                 flower_classes(config.data_dir, eval_names), state["step"])

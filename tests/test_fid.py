@@ -4,9 +4,12 @@ import importlib.util
 import math
 
 import numpy as np
+import scipy.linalg
 import pytest
 import torch
+from conftest import TINY, error_line, load_events, train
 
+import vae_training
 from vae import fid
 from vae.errors import UserError
 
@@ -52,12 +55,28 @@ def test_frechet_distance_with_full_covariances_matches_eigen_decomposition():
     assert fid.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
 
 
+def test_frechet_distance_with_fewer_images_than_dimensions_matches_eigen_decomposition():
+    # n, m < dim: the n x m route, against the dim x dim symmetric route written out here, and scipy's sqrtm.
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(12, 20)) + 1.0, rng.normal(size=(15, 20)) * 2.0
+    mean_a, cov_a = _mean_and_covariance_by_loops(a)
+    mean_b, cov_b = _mean_and_covariance_by_loops(b)
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
+    expected = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root
+    assert fid.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    offset = 1e-9 * np.eye(20)  # sqrtm needs a nonsingular product
+    by_sqrtm = np.trace(scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))).real
+    assert trace_root == pytest.approx(by_sqrtm, rel=1e-4)
+
+
 def test_frechet_distance_of_a_set_with_itself_is_zero_even_when_singular():
     rng = np.random.default_rng(2)
     features = rng.normal(size=(500, 16))
     assert abs(fid.frechet_distance(features, features)) < 1e-8
     few = rng.normal(size=(10, 64))  # fewer vectors than dimensions: singular covariances
-    assert abs(fid.frechet_distance(few, few)) < 1e-4
+    assert abs(fid.frechet_distance(few, few)) < 1e-9
     assert math.isfinite(fid.frechet_distance(few, rng.normal(size=(10, 64))))
 
 
@@ -126,3 +145,25 @@ def test_inception_features_of_tiny_images():
     # Batching does not change the result (beyond float32 rounding).
     np.testing.assert_allclose(fid.inception_features(images, extractor, batch_size=3, progress=False), features,
                                rtol=1e-4, atol=1e-5)
+
+
+@needs_inception
+@pytest.mark.slow  # Inception v3 on the CPU
+def test_training_with_fid_samples_puts_fid_in_hparams(flowers_root, tmp_path):
+    train("--data-dir", flowers_root, "--holdout", 0.125, "--epochs", 1, "--fid-samples", 3, "--log-dir", tmp_path,
+          "--run-name", "fid", *TINY)
+    run_dir = tmp_path / "fid"
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=True)["eval"]
+    # 3 samples of the GMM fitted at the end against the 4 held-out images.
+    assert final["fid_samples"] == 3 and final["fid_reference_images"] == 4
+    assert final["fid"] > 0 and math.isfinite(final["kid"]) and final["recon_fid"] > 0
+    logged = load_events(run_dir).Scalars("hparams/fid")
+    assert [point.value for point in logged] == [pytest.approx(final["fid"], rel=1e-5)]
+
+
+def test_fid_samples_without_the_package_fails_before_training(flowers_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
+    assert vae_training.main(["--data-dir", str(flowers_root), "--holdout", "0.25", "--fid-samples", "4",
+                              "--log-dir", str(tmp_path), *TINY]) == 2
+    assert "pip install -r requirements-metrics.txt" in error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []  # no run folder: nothing started

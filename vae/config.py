@@ -13,6 +13,7 @@ import torch
 
 from vae.device import DEVICES
 from vae.errors import UserError
+from vae.fid import inception_path
 from vae.losses import LIKELIHOODS, SEED_SIGMA
 from vae.schedules import SCHEDULES
 
@@ -20,7 +21,7 @@ SPLITS = ("train", "val", "test")
 # Settings that may change when a run is resumed: where it runs, how long, and speed-only switches. Any other
 # difference would silently make it another run.
 RESUMABLE = {"epochs", "max_steps", "log_dir", "run_name", "num_workers", "device", "checkpoint_every", "data_dir",
-             "cache_dir", "amp", "compile"}
+             "cache_dir", "amp", "compile", "fid_samples"}
 
 
 def _flag(default, help, **argparse_kwargs):
@@ -94,6 +95,8 @@ class TrainConfig:
     checkpoint_every: float = _flag(10.0, "also save checkpoint.pt every this many minutes within an epoch "
                                     "(0 = only at the end of each epoch)")
     grid_size: int = _flag(32, "images in each TensorBoard grid (originals, reconstructions, samples)")
+    fid_samples: int = _flag(0, "at the end, FID and KID of this many samples (from the GMM fitted then) against "
+                             "the evaluation images, into HPARAMS (0 = off; needs requirements-metrics.txt)")
 
 
 def build_parser(config_class=TrainConfig, **parser_kwargs) -> argparse.ArgumentParser:
@@ -214,10 +217,15 @@ def validate_config(config):
         (config.lr_warmup_epochs >= 0, f"--lr-warmup-epochs must be >= 0, got {config.lr_warmup_epochs}"),
         (config.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {config.checkpoint_every}"),
         (config.num_workers >= 1, f"--num-workers must be at least 1, got {config.num_workers}"),
+        (0 <= config.fid_samples <= 100_000, f"--fid-samples must be in [0, 100000], got {config.fid_samples}"),
+        (not config.fid_samples or config.eval_split != "none" or config.holdout > 0,
+         "--fid-samples compares samples with the evaluation images; pass --holdout or an --eval-split"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if config.fid_samples:
+        inception_path()  # now, not after hours of training: says how to install the extractor when it is absent
     try:  # the model's own checks (resnet stages, latent shape), without allocating its weights
         with torch.device("meta"):
             build_model(config)

@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
 
 from datasets.preprocessing import to_float
@@ -81,8 +82,15 @@ def log_hparams(writer, config, metrics):
     Lists and None (e.g. --latent-shape) become their JSON text, the types HPARAMS takes."""
     settings = {name: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
                 for name, value in dataclasses.asdict(config).items()}
-    results = {f"hparams/{name}": metrics[name] for name in HPARAM_METRICS if metrics.get(name) is not None}
-    writer.add_hparams(settings, results, run_name=".")
+    # Every run declares every metric, measured or not: TensorBoard takes the table's columns from the first run
+    # it reads, so a run without FID must not hide the FID column of the runs that have one.
+    declared = {f"hparams/{name}": 0.0 for name in HPARAM_METRICS}
+    file_writer = writer._get_file_writer()
+    for summary in hparams(settings, declared):  # the experiment, the session's start and its end
+        file_writer.add_summary(summary)
+    for name in HPARAM_METRICS:
+        if metrics.get(name) is not None:
+            writer.add_scalar(f"hparams/{name}", metrics[name])
 
 
 @torch.no_grad()
