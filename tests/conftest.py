@@ -4,12 +4,16 @@ in-process, the scripts run as a user runs them, and TensorBoard's own event rea
 Tests that start a subprocess (a script, torchrun, the notebook, a server) are marked `slow`:
 `python -m pytest -m "not slow" -q` is the quick edit-test loop, `python -m pytest -q` runs everything."""
 
+import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 # Tiny models gain nothing from several threads, and OpenMP threads that spin while other processes hold the
@@ -134,3 +138,74 @@ def checkpoint(flowers_root, tmp_path_factory):
     train("--data-dir", flowers_root, "--epochs", 3, "--lr", 1e-2, "--log-dir", log_dir, "--run-name", "t",
           *TINY)
     return log_dir / "t" / "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------ servers and a real browser
+
+@contextlib.contextmanager
+def serve(command, url, timeout=180):
+    """A server command (the web page, TensorBoard) as a user starts it, from the repository root: yields url
+    once the server prints it, and stops the server after."""
+    server = subprocess.Popen([str(part) for part in command], cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.monotonic() + timeout
+    try:
+        while url not in "".join(lines[-1:]):
+            line = server.stdout.readline()
+            if not line and server.poll() is not None:
+                pytest.fail(f"{command[1]} exited {server.returncode} before serving:\n{''.join(lines)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{command[1]} did not serve {url} within {timeout} s:\n{''.join(lines)}")
+            lines.append(line)
+        # Keep reading what it prints, so a full pipe never blocks it.
+        threading.Thread(target=server.stdout.read, daemon=True).start()
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def chromium():
+    """Debian's chromium (.ci/run installs it), or the Chrome/Chromium binary CHROMIUM names."""
+    found = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium on PATH: .ci/run installs Debian's chromium package")
+        pytest.skip("no chromium: apt-get install chromium (or set CHROMIUM=/path/to/chrome) to run the browser tests")
+    return found
+
+
+@contextlib.contextmanager
+def browser_page(url, width=1400, height=900):
+    """A Playwright page in headless chromium at url. Asserts on the way out that the page only ever asked the
+    loopback address for anything (no fonts, scripts or analytics from the internet)."""
+    from playwright.sync_api import sync_playwright
+
+    outside = []
+    with sync_playwright() as playwright:
+        # SwiftShader: WebGL (TensorBoard's projector) drawn on the CPU; there is no GPU here.
+        browser = playwright.chromium.launch(executable_path=chromium(), args=[
+            "--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
+            "--use-angle=swiftshader", "--enable-unsafe-swiftshader"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.on("request", lambda request: None if LOOPBACK.match(request.url) else outside.append(request.url))
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+    assert outside == [], f"requests beyond the loopback address: {outside}"
+
+
+LOOPBACK = re.compile(r"(https?://(127\.0\.0\.1|localhost)[:/]|data:|blob:|about:)")
+
+
+def screenshot(page, name, full_page=True):
+    """With VAE_SCREENSHOTS=FOLDER, the page is saved there as a JPEG (the README's pictures are made so)."""
+    folder = os.environ.get("VAE_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / name), full_page=full_page, quality=80)
