@@ -1,0 +1,241 @@
+"""The web page (vae_demo.py): what each section returns for good and bad uploads, then the page itself served
+by `python vae_demo.py` and used in a real headless Chromium (Debian's `chromium`, driven by Playwright)."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    ONE_THREAD,
+    REPO,
+    browser_page,
+    closed_port,
+    error_line,
+    real_flower_files,
+    screenshot,
+    serve,
+)
+from PIL import Image
+
+import vae_demo
+
+SCALE = 4
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return vae_demo.Demo(vae_demo.PRETRAINED, torch.device("cpu"), scale=SCALE)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return str(real_flower_files(1)[0])
+
+
+def side(demo):
+    return demo.model.image_resolution[0] * SCALE
+
+
+def pixels(picture):
+    return np.asarray(picture, dtype=np.int16)
+
+
+def all_different(pictures):
+    arrays = [pixels(p) for p in pictures]
+    return all(not np.array_equal(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
+
+
+def save(image, folder, name, **options):
+    path = Path(folder) / name
+    image.save(path, **options)
+    return str(path)
+
+
+def test_variations_of_a_photo(demo, photo):
+    seen, reconstruction, variations, message = demo.variations(photo, 6, 1.0, 0)
+    assert message == ""
+    assert seen.size == reconstruction.size == (side(demo), side(demo))
+    assert len(variations) == 6 and all(v.size == seen.size for v in variations)
+    assert all_different(variations)
+    # What the model sees is the photo as training preprocesses it, each pixel enlarged into a SCALE x SCALE block.
+    assert np.array_equal(pixels(seen)[::SCALE, ::SCALE], pixels(seen)[SCALE - 1::SCALE, SCALE - 1::SCALE])
+    # A seed gives the same variations again; another seed others.
+    assert not all_different([variations[0], demo.variations(photo, 6, 1.0, 0)[2][0]])
+    assert all_different([variations[0], demo.variations(photo, 6, 1.0, 1)[2][0]])
+
+
+def test_temperature_zero_gives_the_reconstruction(demo, photo):
+    _, reconstruction, variations, _ = demo.variations(photo, 2, 0.0, 0)
+    assert all(np.array_equal(pixels(v), pixels(reconstruction)) for v in variations)
+
+
+def test_greyscale_and_transparent_uploads_work_with_a_note(demo, photo, tmp_path):
+    grey = save(Image.open(photo).convert("L"), tmp_path, "grey.png")
+    seen, _, variations, message = demo.variations(grey, 2, 1.0, 0)
+    assert "grey.png is greyscale" in message and len(variations) == 2
+    assert np.array_equal(pixels(seen)[..., 0], pixels(seen)[..., 2])
+
+    rgba = Image.open(photo).convert("RGBA")
+    rgba.putalpha(Image.new("L", rgba.size, 0))  # fully transparent: the model sees white
+    seen, _, variations, message = demo.variations(save(rgba, tmp_path, "clear.png"), 2, 1.0, 0)
+    assert "clear.png has transparent parts" in message and len(variations) == 2
+    assert pixels(seen).min() == 255
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda folder: save_bytes(folder, "notes.jpg", b"shopping list: tulips, roses\n"), "notes.jpg is not an image"),
+    (lambda folder: save_bytes(folder, "cut.jpg", half_a_jpeg()), "cut.jpg could not be decoded"),
+    (lambda folder: save(Image.new("1", (9000, 6000)), folder, "poster.png"), "9000 x 6000 pixels (54 megapixels)"),
+    # Over Pillow's own limit (2 x 89.5 megapixels): refused from the header, never decoded.
+    (lambda folder: save(Image.new("1", (14000, 14000)), folder, "bomb.png"), "too many pixels"),
+])
+def test_bad_uploads_say_what_is_wrong(demo, tmp_path, make, expected):
+    seen, reconstruction, variations, message = demo.variations(make(tmp_path), 4, 1.0, 0)
+    assert (seen, reconstruction, variations) == (None, None, [])
+    assert message.startswith("**Error:** ") and expected in message and "\n" not in message
+
+
+def save_bytes(folder, name, data):
+    path = Path(folder) / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def half_a_jpeg():
+    """The first half of a JPEG file, as an interrupted download leaves it: its header reads, its pixels do not."""
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, "JPEG")
+    return buffer.getvalue()[:len(buffer.getvalue()) // 2]
+
+
+def test_gradio_payloads_and_missing_uploads(demo, photo):
+    # With preprocess=False the page passes Gradio's file payload; the user's own file name is the one shown.
+    payload = {"path": photo, "orig_name": "my flower.jpg", "meta": {"_type": "gradio.FileData"}}
+    assert len(demo.variations(payload, 3, 1.0, 0)[2]) == 3
+    assert "upload a photo first" in demo.variations(None, 3, 1.0, 0)[3]
+    assert "upload a photo B first" in demo.interpolation(photo, None, 5, False)[1]
+
+
+def test_interpolation(demo, photo):
+    other = str(real_flower_files(2)[1])
+    for spherical in (False, True):
+        path, message = demo.interpolation(photo, other, 5, spherical)
+        assert message == "" and len(path) == 5 and all_different(path)
+        # The ends are the two reconstructions.
+        assert np.array_equal(pixels(path[0]), pixels(demo.variations(photo, 1, 0.0, 0)[1]))
+        assert np.array_equal(pixels(path[-1]), pixels(demo.variations(other, 1, 0.0, 0)[1]))
+
+
+def test_samples_from_each_sampler_the_checkpoint_has(demo):
+    assert demo.samplers == ["prior", "gmm"]  # pretrained/flowers32.pt ships a GMM
+    drawn = {}
+    for sampler in demo.samplers:
+        images, message = demo.samples(sampler, 5, 1.0, 0)
+        assert message == "" and len(images) == 5 and all_different(images)
+        assert images[0].size == (side(demo), side(demo))
+        drawn[sampler] = images[0]
+    assert all_different(drawn.values())
+    assert "no two-stage sampler" in demo.samples("two-stage", 5, 1.0, 0)[1]
+
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda d, p: d.variations(p, 1000, 1.0, 0)[3], "number of variations must be between 1 and 32"),
+    (lambda d, p: d.variations(p, 4, float("nan"), 0)[3], "temperature must be between"),
+    (lambda d, p: d.interpolation(p, p, 1, False)[1], "number of steps must be between 2 and 16"),
+    (lambda d, p: d.samples("prior", 0, 1.0, 0)[1], "number of samples must be between 1 and 32"),
+    (lambda d, p: d.samples("prior", 4, 1.0, 2 ** 70)[1], "seed must be between 0 and"),
+    (lambda d, p: d.variations(p, None, 1.0, 0)[3], "number of variations must be between"),  # an emptied box
+])
+def test_controls_are_checked_on_the_server(demo, photo, call, expected):
+    assert expected in call(demo, photo)
+
+
+def test_without_gradio_one_line_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
+    assert vae_demo.main(["--port", "7860"]) == 2
+    assert "pip install -r requirements-demo.txt" in error_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------------------ in a real browser
+
+@pytest.fixture(scope="module")
+def served_page():
+    port = closed_port()
+    with serve([sys.executable, "vae_demo.py", "--port", port, "--device", "cpu"], f"http://127.0.0.1:{port}") as url:
+        yield url
+
+
+def image_urls(page, selector):
+    return page.eval_on_selector_all(f"{selector} img", "images => images.map(image => image.src)")
+
+
+def png_images(page, selector, count, replacing=(), timeout=60_000):
+    """The images under selector, once there are count of them and none of them is one of the urls `replacing`
+    (an earlier result), fetched and decoded, asserting that each is a PNG."""
+    page.wait_for_function("([selector, count, old]) => { const urls = [...document.querySelectorAll(selector + ' img')]"
+                           ".map(image => image.src); return urls.length === count && !urls.some(url => "
+                           "old.includes(url)); }", arg=[selector, count, list(replacing)], timeout=timeout)
+    pictures = []
+    for url in image_urls(page, selector):
+        picture = Image.open(io.BytesIO(page.request.get(url).body()))
+        assert picture.format == "PNG", url
+        pictures.append(picture.convert("RGB"))
+    return pictures
+
+
+@pytest.mark.slow
+def test_the_page_in_a_browser(served_page, photo, tmp_path):
+    other = str(real_flower_files(2)[1])
+    with browser_page(served_page, width=1280) as page:
+
+        # A real photo: what the model sees, its reconstruction and 8 variations (the default count) come back.
+        page.locator("#photo input[type=file]").set_input_files(photo)
+        variations = png_images(page, "#variations", 8)
+        seen, reconstruction = png_images(page, "#seen", 1) + png_images(page, "#reconstruction", 1)
+        size = (32 * SCALE, 32 * SCALE)
+        assert seen.size == reconstruction.size == size and all(v.size == size for v in variations)
+        assert all_different([seen, reconstruction, *variations])
+
+        # Two photos interpolated in 8 steps (the default).
+        page.locator("#photo-a input[type=file]").set_input_files(photo)
+        page.locator("#photo-b input[type=file]").set_input_files(other)
+        page.click("#interpolate")
+        path = png_images(page, "#path", 8)
+        assert all(p.size == size for p in path) and all_different(path)
+
+        # 16 samples (the default) from each sampler the shipped model has.
+        first = {}
+        for sampler in ("prior", "gmm"):
+            earlier = image_urls(page, "#samples")
+            page.locator("#sampler").get_by_label(sampler).check()
+            page.click("#draw")
+            samples = png_images(page, "#samples", 16, replacing=earlier)
+            assert all(s.size == size for s in samples) and all_different(samples)
+            first[sampler] = samples[0]
+        assert all_different(first.values())
+        screenshot(page, "demo.jpg")
+
+        # A file that is not an image: the message shows on the page, the outputs are emptied, no traceback.
+        bad = save_bytes(tmp_path, "notes.jpg", b"shopping list: tulips, roses\n")
+        page.locator("#photo input[type=file]").set_input_files(bad)
+        page.wait_for_selector("#variations-message >> text=notes.jpg is not an image")
+        page.wait_for_function("document.querySelectorAll('#variations img').length === 0")
+        assert "Traceback" not in page.content()
+
+
+@pytest.mark.slow
+def test_a_port_in_use_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = subprocess.run([sys.executable, "vae_demo.py", "--port", str(busy.getsockname()[1]), "--device",
+                                 "cpu"], cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2
+    assert "pass a free --port" in error_line(result.stderr)

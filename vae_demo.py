@@ -1,0 +1,253 @@
+"""A web page for a trained VAE: variations of your own photo, interpolation between two photos, new flowers.
+
+    pip install -r requirements-demo.txt
+    python vae_demo.py                                   # http://127.0.0.1:7860, pretrained/flowers32.pt
+    python vae_demo.py --checkpoint runs/NAME/checkpoint.pt --port 7861
+
+The page is vae.inference (what vae_inference.py runs) behind Gradio controls. It serves on the loopback
+address only: the page is for the machine it runs on. An upload is checked before it is decoded, and whatever
+is wrong with it (not an image, too many pixels) or worth knowing (greyscale, transparent) is shown on the page.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.transforms.functional import to_pil_image
+
+from vae import inference
+from vae.device import DEVICES, pick_device
+from vae.errors import UserError
+
+REPO = Path(__file__).resolve().parent
+PRETRAINED = REPO / "pretrained" / "flowers32.pt"
+# Photos of Flowers102 that pretrained/flowers32.pt was not trained on (its held-out images).
+EXAMPLES = sorted((REPO / "pretrained" / "examples").glob("*.jpg"))
+HOST = "127.0.0.1"
+MAX_UPLOAD_MB = 25
+# Above this an upload is refused before decoding: a small file can hold a huge image (a "decompression bomb").
+MAX_MEGAPIXELS = 50
+# Bounds of the controls, checked again on the server: the page's API can be called without the page.
+COUNT, STEPS, TEMPERATURE, SEED = (1, 32), (2, 16), (0.0, 3.0), (0, 2 ** 32 - 1)
+
+
+# ------------------------------------------------------------------------------------------ uploads
+
+def upload_path(upload):
+    """(path, name the user gave it) of an upload: a path, or Gradio's file payload (a dict)."""
+    if isinstance(upload, dict):
+        return upload["path"], upload.get("orig_name") or Path(upload["path"]).name
+    return str(upload), Path(upload).name
+
+
+def check_upload(path, name):
+    """Reads only an upload's header and refuses what the model cannot take; returns notes worth showing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                transparent = image.has_transparency_data
+    except Image.DecompressionBombError:
+        raise UserError(f"{name} has too many pixels to open safely; upload a photo of at most "
+                        f"{MAX_MEGAPIXELS} megapixels") from None
+    except (OSError, ValueError, SyntaxError):
+        raise UserError(f"{name} is not an image this page can read; upload a JPEG, PNG or WebP photo") from None
+    if width * height > MAX_MEGAPIXELS * 1e6:
+        raise UserError(f"{name} is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels); upload a "
+                        f"photo of at most {MAX_MEGAPIXELS} megapixels")
+    return [f"{name} has transparent parts: the model sees them as white."] if transparent else []
+
+
+def read_upload(upload, model, what="photo"):
+    """(image (1, 3, R, R) on the model's device, notes) of an upload, preprocessed as training did."""
+    if upload is None:
+        raise UserError(f"upload a {what} first, or pick an example")
+    path, name = upload_path(upload)
+    notes = check_upload(path, name)
+    try:
+        x = inference.load_images([path], model, next(model.parameters()).device)
+    except UserError:
+        raise UserError(f"{name} could not be decoded (a damaged or cut-off file?); upload another photo") from None
+    if torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
+        notes.append(f"{name} is greyscale: the model, trained on colour photos, sees a grey colour photo.")
+    return x, notes
+
+
+def check_range(label, value, bounds):
+    low, high = bounds
+    if not isinstance(value, (int, float)) or not low <= value <= high:
+        raise UserError(f"{label} must be between {low} and {high}, not {value}")
+    return value
+
+
+# -------------------------------------------------------------------------------------------- the page
+
+class Demo:
+    """The trained model and what the page does with it. Each method returns the page's outputs and a message:
+    a problem with the input empties the outputs and says what to do instead."""
+
+    def __init__(self, checkpoint_path, device, scale=4):
+        self.model, self.checkpoint = inference.load_model(checkpoint_path, device)
+        self.samplers = ["prior", *(self.checkpoint.get("samplers") or {})]
+        self.scale = scale
+
+    def pictures(self, images):
+        """Model images (N, 3, R, R) in [0, 1] as PIL images, enlarged by `scale` with hard pixel edges."""
+        images = torch.nn.functional.interpolate(images.float().cpu(), scale_factor=self.scale, mode="nearest")
+        return [to_pil_image(image) for image in images]
+
+    def variations(self, upload, count, temperature, seed):
+        """(what the model sees, its reconstruction, the variations, message)."""
+        try:
+            x, notes = read_upload(upload, self.model)
+            count = int(check_range("the number of variations", count, COUNT))
+            temperature = check_range("the temperature", temperature, TEMPERATURE)
+            generator = torch.Generator().manual_seed(int(check_range("the seed", seed, SEED)))
+            images = inference.variations(self.model, x, count, temperature, generator)[0]
+            seen, reconstruction = self.pictures(torch.cat([x, inference.reconstruct(self.model, x)]))
+            return seen, reconstruction, self.pictures(images), message(notes)
+        except UserError as error:
+            return None, None, [], message(error=error)
+
+    def interpolation(self, upload_a, upload_b, steps, spherical):
+        """(the decoded path from photo A to photo B, message)."""
+        try:
+            x_a, notes_a = read_upload(upload_a, self.model, "photo A")
+            x_b, notes_b = read_upload(upload_b, self.model, "photo B")
+            steps = int(check_range("the number of steps", steps, STEPS))
+            images = inference.interpolate(self.model, x_a, x_b, steps, spherical=bool(spherical))
+            return self.pictures(images), message(notes_a + notes_b)
+        except UserError as error:
+            return [], message(error=error)
+
+    def samples(self, sampler, count, temperature, seed):
+        """(new images from a sampler the checkpoint has, message)."""
+        try:
+            if sampler not in self.samplers:
+                raise UserError(f"this checkpoint has no {sampler} sampler; pick one of {', '.join(self.samplers)}")
+            count = int(check_range("the number of samples", count, COUNT))
+            temperature = check_range("the temperature", temperature, TEMPERATURE)
+            state = inference.sampler_state(self.model, self.checkpoint, sampler, "the checkpoint")
+            generator = torch.Generator().manual_seed(int(check_range("the seed", seed, SEED)))
+            images = inference.sample_images(self.model, state, count, temperature, generator)[0]
+            return self.pictures(images), message()
+        except UserError as error:
+            return [], message(error=error)
+
+
+def message(notes=(), error=None):
+    """The text under a section's outputs (Markdown)."""
+    if error is not None:
+        return f"**Error:** {error}"
+    return "\n\n".join(f"**Note:** {note}" for note in notes)
+
+
+def draw_controls(gr, what, count):
+    """The controls of a random draw: how many images, the temperature and the seed."""
+    return (gr.Slider(*COUNT, value=count, step=1, label=what),
+            gr.Slider(*TEMPERATURE, value=1.0, step=0.05, label="Temperature"),
+            gr.Number(value=0, precision=0, minimum=0, label="Seed"))
+
+
+def build_page(demo, checkpoint_name):
+    """The Gradio Blocks of the page (not launched)."""
+    import gradio as gr
+
+    height, width = demo.model.image_resolution
+    examples = [str(path) for path in EXAMPLES]
+    # preprocess=False hands the upload to read_upload as it came: Gradio's own decoding would fail on a bad
+    # upload with a message of its own, and would decode a huge image in full before any check.
+    raw = {"preprocess": False}
+    gallery = {"format": "png", "columns": 8, "object_fit": "contain", "allow_preview": False}
+    inputs = {"type": "filepath", "sources": ["upload"], "height": 260}
+    with gr.Blocks(title="VAE on Flowers102", analytics_enabled=False) as page:
+        gr.Markdown(f"# VAE on Flowers102\nModel: `{checkpoint_name}`, {width}x{height} pixels, "
+                    f"samplers: {', '.join(demo.samplers)}. Images are shown {demo.scale}x enlarged.")
+
+        gr.Markdown("## Variations of your photo\nThe photo is encoded to q(z|x); its reconstruction is decoded "
+                    "from the posterior mean, the variations from draws z = mean + temperature x std x noise.")
+        with gr.Row():
+            photo = gr.Image(label="Your photo", elem_id="photo", **inputs)
+            seen = gr.Image(label="What the model sees", format="png", interactive=False, height=260, elem_id="seen")
+            reconstruction = gr.Image(label="Reconstruction", format="png", interactive=False, height=260,
+                                      elem_id="reconstruction")
+        variation_message = gr.Markdown(elem_id="variations-message")  # beside the upload, where it is seen
+        gr.Examples(examples, inputs=photo, label="Example photos (not trained on)")
+        with gr.Row():
+            count, temperature, seed = draw_controls(gr, "Variations", 8)
+        vary = gr.Button("Make variations", variant="primary", elem_id="vary")
+        variation_gallery = gr.Gallery(label="Variations", elem_id="variations", height=200, **gallery)
+        outputs = [seen, reconstruction, variation_gallery, variation_message]
+        for event in (photo.change, vary.click):
+            event(demo.variations, [photo, count, temperature, seed], outputs, **raw)
+
+        gr.Markdown("## Interpolate between two photos\nDecoded points on the path between the two posterior "
+                    "means; spherical follows the great circle (slerp).")
+        with gr.Row():
+            photo_a = gr.Image(label="Photo A", elem_id="photo-a", **inputs)
+            photo_b = gr.Image(label="Photo B", elem_id="photo-b", **inputs)
+        path_message = gr.Markdown(elem_id="path-message")
+        gr.Examples([examples[i:i + 2] for i in range(0, len(examples) - 1, 2)], inputs=[photo_a, photo_b],
+                    label="Example pairs")
+        with gr.Row():
+            steps = gr.Slider(*STEPS, value=8, step=1, label="Steps")
+            spherical = gr.Checkbox(label="Spherical (slerp)")
+        interpolate = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
+        path_gallery = gr.Gallery(label="A to B", elem_id="path", height=200, **gallery)
+        interpolate.click(demo.interpolation, [photo_a, photo_b, steps, spherical], [path_gallery, path_message],
+                          **raw)
+
+        gr.Markdown("## New flowers\nDecoded draws of a sampler: the prior N(0, I), or one fitted to the training "
+                    "images' posterior means and stored in the checkpoint.")
+        with gr.Row():
+            sampler = gr.Radio(demo.samplers, value=demo.samplers[-1], label="Sampler", elem_id="sampler")
+            sample_count, sample_temperature, sample_seed = draw_controls(gr, "Samples", 16)
+        draw = gr.Button("Draw samples", variant="primary", elem_id="draw")
+        sample_gallery = gr.Gallery(label="Samples", elem_id="samples", height=360, **gallery)
+        sample_message = gr.Markdown(elem_id="samples-message")
+        draw.click(demo.samples, [sampler, sample_count, sample_temperature, sample_seed],
+                   [sample_gallery, sample_message], **raw)
+    return page
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(PRETRAINED), help="checkpoint of a training run, or an export")
+    parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 to serve the page on")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs")
+    parser.add_argument("--scale", type=int, default=4, help="enlarge every image by this factor (nearest "
+                        "neighbour) so the model's pixels stay visible")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_range("--port", args.port, (1, 65535))
+        check_range("--scale", args.scale, (1, 16))
+        try:
+            import gradio as gr
+        except ImportError:
+            raise UserError("the web page needs Gradio: pip install -r requirements-demo.txt") from None
+        demo = Demo(args.checkpoint, pick_device(args.device), args.scale)
+        page = build_page(demo, os.path.relpath(args.checkpoint, Path.cwd()))
+        try:
+            page.launch(server_name=HOST, server_port=args.port, max_file_size=f"{MAX_UPLOAD_MB}mb",
+                        theme=gr.themes.Default())
+        except OSError as error:
+            raise UserError(f"cannot serve on {HOST}:{args.port} ({error}); pass a free --port") from None
+        return 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    sys.exit(main())
