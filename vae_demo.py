@@ -177,7 +177,7 @@ def build_page(demo, checkpoint_name):
             reconstruction = gr.Image(label="Reconstruction", format="png", interactive=False, height=260,
                                       elem_id="reconstruction")
         variation_message = gr.Markdown(elem_id="variations-message")  # beside the upload, where it is seen
-        gr.Examples(examples, inputs=photo, label="Example photos (not trained on)")
+        gr.Examples(examples, inputs=photo, label="Example photos (not trained on)", elem_id="examples")
         with gr.Row():
             count, temperature, seed = draw_controls(gr, "Variations", 8)
         vary = gr.Button("Make variations", variant="primary", elem_id="vary")

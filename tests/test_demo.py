@@ -155,6 +155,16 @@ def test_controls_are_checked_on_the_server(demo, photo, call, expected):
     assert expected in call(demo, photo)
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+    (["--port", "70000"], "--port must be between 1 and 65535"),
+    (["--scale", "0"], "--scale must be between 1 and 16"),
+])
+def test_bad_arguments_are_one_line_before_anything_is_served(args, expected, capsys):
+    assert vae_demo.main(args) == 2
+    assert expected in error_line(capsys.readouterr().err)
+
+
 def test_without_gradio_one_line_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
     assert vae_demo.main(["--port", "7860"]) == 2
@@ -226,6 +236,11 @@ def test_the_page_in_a_browser(served_page, photo, tmp_path):
         page.wait_for_selector("#variations-message >> text=notes.jpg is not an image")
         page.wait_for_function("document.querySelectorAll('#variations img').length === 0")
         assert "Traceback" not in page.content()
+
+        # A bundled example photo instead: variations again, and the message is gone.
+        page.locator("#examples button.gallery-item").nth(1).click()
+        assert all_different(png_images(page, "#variations", 8))
+        assert page.inner_text("#variations-message").strip() == ""
 
 
 @pytest.mark.slow
