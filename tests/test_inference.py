@@ -420,3 +420,18 @@ def test_variations_of_a_users_photo_need_no_checkpoint_no_data_and_no_training(
     result = run_script("vae_inference.py", "variations", "--image", photo, "--out", out)
     assert result.returncode == 0, result.stderr
     assert png_size(out) == expected_grid(16, 8) and "pretrained" not in result.stderr
+
+
+def test_posterior_means_encode_in_eval_mode_and_leave_the_model_as_it_was():
+    from vae.config import TrainConfig
+    from vae.vae import build_model
+
+    model = build_model(TrainConfig(batch_norm=True)).train()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    means = inference.posterior_means(model, images, batch_size=4)
+    assert model.training  # back in the mode it came in
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # stats untouched
+    with torch.no_grad():
+        expected = model.eval().encode(images.float() / 255)[0]
+    assert torch.allclose(means, expected, atol=1e-6)  # BatchNorm with its running statistics, batches of 4 and 2

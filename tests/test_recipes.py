@@ -11,7 +11,7 @@ from conftest import TINY, train
 from datasets.preprocessing import ImageBatches
 from vae import inference
 from vae.config import TrainConfig
-from vae.training import evaluate, make_lr_schedule, train_one_epoch
+from vae.training import evaluate, make_ema, make_lr_schedule, train_one_epoch
 from vae.losses import ELBOLoss
 from vae.vae import VAE
 
@@ -114,3 +114,31 @@ def test_logistic_bits_per_dim_are_its_own_negative_elbo_on_8_bit_pixels():
     assert metrics["bits_per_dim"] == pytest.approx(metrics["iwae_nll_nats"] / (192 * math.log(2)), rel=1e-6)
     assert metrics["neg_elbo_bits_per_dim"] == pytest.approx(metrics["neg_elbo_nats"] / (192 * math.log(2)),
                                                              rel=1e-6)
+
+
+def test_ema_follows_its_warm_up_recurrence_and_copies_counters():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = make_ema(model, 0.5)
+    expected = {name: value.clone() for name, value in model.state_dict().items()}
+    for n in range(4):  # update n (n >= 1) moves by 1 - min(decay, (1 + n) / (10 + n)); update 0 copies
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        model(torch.randn(4, 2))  # train mode: moves the running statistics and counts the batch
+        ema.update_parameters(model)
+        rate = 1.0 if n == 0 else 1 - min(0.5, (1 + n) / (10 + n))
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                expected[name] = expected[name] + rate * (value - expected[name])
+            else:
+                expected[name] = value.clone()
+    for name, value in ema.module.state_dict().items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name
+    assert ema.module[1].num_batches_tracked.item() == 4
+
+
+def test_batch_norm_with_ema_trains(flowers_root, tmp_path):
+    train("--data-dir", flowers_root, "--batch-norm", "--ema", "0.9", "--epochs", 1, "--log-dir", tmp_path,
+          "--run-name", "bn", *TINY)
+    checkpoint = torch.load(tmp_path / "bn" / "checkpoint.pt", weights_only=True)
+    counter = next(name for name in checkpoint["model"] if name.endswith("num_batches_tracked"))
+    assert checkpoint["ema_model"][counter] == checkpoint["model"][counter] == 4

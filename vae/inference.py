@@ -70,10 +70,16 @@ def posterior(model, x):
 
 @torch.no_grad()
 def posterior_means(model, images_uint8, batch_size=256):
-    """The posterior means E[z|x] of uint8 images, flattened to (N, latent_size), on the CPU."""
+    """The posterior means E[z|x] of uint8 images, flattened to (N, latent_size), on the CPU. Encoded in eval
+    mode (BatchNorm's running statistics, which it leaves as they were), whatever mode the model is in."""
     device = model_device(model)
-    return torch.cat([model.encode(to_float(images_uint8[start:start + batch_size].to(device)))[0].flatten(1).cpu()
-                      for start in range(0, len(images_uint8), batch_size)])
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model.encode(to_float(images_uint8[start:start + batch_size].to(device)))[0].flatten(1)
+                          .cpu() for start in range(0, len(images_uint8), batch_size)])
+    finally:
+        model.train(was_training)
 
 
 def fit_samplers(model, images_uint8, kinds=("gmm",), seed=0):

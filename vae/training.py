@@ -70,9 +70,13 @@ def make_ema(model, decay):
         return None
 
     def update(averaged, weights, num_averaged):
-        n = float(num_averaged)
+        # A tensor on the model's device: reading the count as a Python number would wait for the GPU.
+        rate = 1 - ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay)
         for average, weight in zip(averaged, weights):
-            average.lerp_(weight, 1 - min(decay, (1 + n) / (10 + n)))
+            if average.is_floating_point():
+                average.lerp_(weight, rate.to(average.dtype))
+            else:  # counters, such as BatchNorm's num_batches_tracked, are copied: an average of counts is none
+                average.copy_(weight)
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
