@@ -233,9 +233,13 @@ def importance_samples(model, x, mean, log_var, noise, discretized=False):
         log_prior = _log_normal(z).cpu().double()
         # log q(z|x) from the noise itself: z - mean would cancel digits when std is far below |mean|.
         log_posterior = (_log_normal(eps) - log_var.mul(0.5).flatten(1).sum(dim=1)).cpu().double()
-        likelihoods = {"": -reconstruction_nll(targets, decoded, model.likelihood, log_scale)}
+        log_likelihood_8bit = (discretized_log_likelihood(targets, decoded, log_scale, model.likelihood)
+                               if discretized else None)
+        # The logistic's likelihood is the 8-bit one: computed once (in float64), not twice.
+        likelihoods = {"": log_likelihood_8bit if model.likelihood == "logistic" else
+                       -reconstruction_nll(targets, decoded, model.likelihood, log_scale)}
         if discretized:
-            likelihoods["_8bit"] = discretized_log_likelihood(targets, decoded, log_scale, model.likelihood)
+            likelihoods["_8bit"] = log_likelihood_8bit
         chunk = {}
         if start == 0:  # the trained term of the first draw only: all the training objective needs
             first_scale = log_scale if log_scale is None or log_scale.dim() == 0 else log_scale[:len(x)]
