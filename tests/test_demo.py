@@ -237,6 +237,11 @@ def test_the_page_in_a_browser(served_page, photo, tmp_path):
         page.wait_for_function("document.querySelectorAll('#variations img').length === 0")
         assert "Traceback" not in page.content()
 
+        # A file over the upload limit is refused by the page itself, with a message of its own.
+        big = save_bytes(tmp_path, "big.jpg", bytes((vae_demo.MAX_UPLOAD_MB + 1) * 2 ** 20))
+        page.locator("#photo input[type=file]").set_input_files(big)
+        page.get_by_text("exceed the maximum allowed size").wait_for()
+
         # A bundled example photo instead: variations again, and the message is gone.
         page.locator("#examples button.gallery-item").nth(1).click()
         assert all_different(png_images(page, "#variations", 8))
