@@ -28,6 +28,7 @@ SCALE = 4
 
 @pytest.fixture(scope="module")
 def demo():
+    """The page's model: the shipped pretrained/flowers32.pt."""
     return vae_demo.Demo(vae_demo.PRETRAINED, torch.device("cpu"), scale=SCALE)
 
 
@@ -259,3 +260,13 @@ def test_a_port_in_use_is_one_line(tmp_path):
                                  "cpu"], cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=180)
     assert result.returncode == 2
     assert "pass a free --port" in error_line(result.stderr)
+
+
+def test_any_training_checkpoint_serves_the_page(checkpoint, photo):
+    # A seed-architecture run with a dense 10-d latent, trained by the conftest fixture.
+    other = vae_demo.Demo(checkpoint, torch.device("cpu"), scale=2)
+    assert other.samplers == ["prior", "gmm"]  # a finished run fits its GMM
+    seen, _, variations, message = other.variations(photo, 3, 1.0, 0)
+    assert message == "" and seen.size == (64, 64) and len(variations) == 3
+    assert len(other.interpolation(photo, photo, 4, True)[0]) == 4
+    assert len(other.samples("gmm", 5, 0.5, 0)[0]) == 5
