@@ -158,6 +158,7 @@ def test_controls_are_checked_on_the_server(demo, photo, call, expected):
 
 @pytest.mark.parametrize("args, expected", [
     (["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+    (["--checkpoint", "pretrained"], "checkpoint pretrained is a folder; pass the checkpoint.pt inside"),
     (["--port", "70000"], "--port must be between 1 and 65535"),
     (["--scale", "0"], "--scale must be between 1 and 16"),
 ])

@@ -435,3 +435,9 @@ def test_posterior_means_encode_in_eval_mode_and_leave_the_model_as_it_was():
     with torch.no_grad():
         expected = model.eval().encode(images.float() / 255)[0]
     assert torch.allclose(means, expected, atol=1e-6)  # BatchNorm with its running statistics, batches of 4 and 2
+
+
+def test_a_run_folder_given_as_the_checkpoint_says_which_file_to_pass(checkpoint, tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(checkpoint.parent), "--out", str(tmp_path / "s.png")]) == 2
+    assert "is a folder; pass the checkpoint.pt inside a run folder (it holds one)" in error_line(
+        capsys.readouterr().err)

@@ -82,6 +82,9 @@ def _allow_torch_version():
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint safely (weights_only: no code in the file runs) and check it is this project's."""
     path = Path(path)
+    if path.is_dir():
+        inside = " (it holds one)" if (path / "checkpoint.pt").is_file() else ""
+        raise UserError(f"checkpoint {path} is a folder; pass the checkpoint.pt inside a run folder{inside}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the checkpoint.pt of a training run")
     try:
