@@ -51,15 +51,17 @@ def check_upload(path, name):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height = image.size
-                transparent = image.has_transparency_data
+                if width * height > MAX_MEGAPIXELS * 1e6:
+                    raise UserError(f"{name} is {width} x {height} pixels ({width * height / 1e6:.0f} "
+                                    f"megapixels); upload a photo of at most {MAX_MEGAPIXELS} megapixels")
+                # An alpha channel alone says nothing: many PNGs carry one that is opaque everywhere.
+                transparent = (image.has_transparency_data
+                               and image.convert("RGBA").getchannel("A").getextrema()[0] < 255)
     except Image.DecompressionBombError:
         raise UserError(f"{name} has too many pixels to open safely; upload a photo of at most "
                         f"{MAX_MEGAPIXELS} megapixels") from None
     except (OSError, ValueError, SyntaxError):
         raise UserError(f"{name} is not an image this page can read; upload a JPEG, PNG or WebP photo") from None
-    if width * height > MAX_MEGAPIXELS * 1e6:
-        raise UserError(f"{name} is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels); upload a "
-                        f"photo of at most {MAX_MEGAPIXELS} megapixels")
     return [f"{name} has transparent parts: the model sees them as white."] if transparent else []
 
 
@@ -141,7 +143,7 @@ class Demo:
 
 
 def message(notes=(), error=None):
-    """The text under a section's outputs (Markdown)."""
+    """A section's message (Markdown): what went wrong, or what is worth knowing about the upload."""
     if error is not None:
         return f"**Error:** {error}"
     return "\n\n".join(f"**Note:** {note}" for note in notes)

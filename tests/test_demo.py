@@ -85,6 +85,9 @@ def test_greyscale_and_transparent_uploads_work_with_a_note(demo, photo, tmp_pat
     seen, _, variations, message = demo.variations(save(rgba, tmp_path, "clear.png"), 2, 1.0, 0)
     assert "clear.png has transparent parts" in message and len(variations) == 2
     assert pixels(seen).min() == 255
+    # An alpha channel that is opaque everywhere is no transparency.
+    opaque = save(Image.open(photo).convert("RGBA"), tmp_path, "opaque.png")
+    assert demo.variations(opaque, 2, 1.0, 0)[3] == ""
 
 
 @pytest.mark.parametrize("make, expected", [
