@@ -4,8 +4,6 @@ Only torch's generators are saved (the CPU one, and the training device's): noth
 Python's `random` or numpy's global generator.
 """
 
-import contextlib
-
 import torch
 
 from vae.errors import UserError
@@ -49,19 +47,3 @@ def set_rng_state(state, device="cpu", path="the checkpoint"):
             set_device_rng_state(device, state.get("device"))
     except (KeyError, TypeError, RuntimeError) as error:
         raise UserError(f"{path} has a malformed RNG state ({error}); it was not written by vae_training.py") from None
-
-
-@contextlib.contextmanager
-def rng_untouched(device):
-    """A context that restores the global torch RNG (CPU, and the accelerator in use) on exit.
-
-    Evaluation samples z from the same generator as training; inside this context it leaves the training
-    stream where it was, so evaluating more or less often never changes what training does, and a resumed
-    run stays identical to an uninterrupted one.
-    """
-    cpu, accelerator = torch.get_rng_state(), device_rng_state(device)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        set_device_rng_state(device, accelerator)
