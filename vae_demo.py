@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
 from vae import inference
-from vae.device import DEVICES, pick_device
+from vae.device import DEVICES, model_device, pick_device
 from vae.errors import UserError
 
 REPO = Path(__file__).resolve().parent
@@ -72,7 +72,7 @@ def read_upload(upload, model, what="photo"):
     path, name = upload_path(upload)
     notes = check_upload(path, name)
     try:
-        x = inference.load_images([path], model, next(model.parameters()).device)
+        x = inference.load_images([path], model, model_device(model))
     except UserError:
         raise UserError(f"{name} could not be decoded (a damaged or cut-off file?); upload another photo") from None
     if torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
@@ -100,8 +100,7 @@ class Demo:
 
     def pictures(self, images):
         """Model images (N, 3, R, R) in [0, 1] as PIL images, enlarged by `scale` with hard pixel edges."""
-        images = torch.nn.functional.interpolate(images.float().cpu(), scale_factor=self.scale, mode="nearest")
-        return [to_pil_image(image) for image in images]
+        return [to_pil_image(image) for image in inference.enlarge(images.float().cpu(), self.scale)]
 
     def variations(self, upload, count, temperature, seed):
         """(what the model sees, its reconstruction, the variations, message)."""

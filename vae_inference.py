@@ -204,10 +204,15 @@ def cache_settings(args, config):
             "skip_bad_images": config.get("skip_bad_images", False)}
 
 
+def data_dir_of(args, config):
+    """--data-dir, or the training run's own."""
+    return args.data_dir or config.get("data_dir")
+
+
 def split_images(args, checkpoint, subset):
     """(uint8 images, names, description) of --data-dir/--split, restricted to the hold-out when asked."""
     config = checkpoint["config"]
-    data_dir = args.data_dir or config.get("data_dir")
+    data_dir = data_dir_of(args, config)
     holdout, seed = holdout_settings(args, config)
     split = args.split or (config.get("split", "train") if holdout > 0 else "test")
     images, names = inference.dataset_images(data_dir, split, config["resolution"], subset=subset,
@@ -222,7 +227,7 @@ def training_images(args, checkpoint):
     """(uint8 images, names, description) of the images the checkpoint's run trained on: --split (default the
     run's) of --data-dir, its hold-out left out when it is the run's own split."""
     config = checkpoint["config"]
-    data_dir = args.data_dir or config.get("data_dir")
+    data_dir = data_dir_of(args, config)
     split = args.split or config.get("split", "train")
     holdout = config.get("holdout", 0.0) if split == config.get("split", "train") else 0.0
     images, names = inference.dataset_images(data_dir, split, config["resolution"], subset="train", holdout=holdout,
@@ -384,7 +389,7 @@ def format_table(results):
 
 def run_projector(args, model, checkpoint):
     images, names, described = split_images(args, checkpoint, subset="held-out")
-    classes = flower_classes(args.data_dir or checkpoint["config"].get("data_dir"), names)
+    classes = flower_classes(data_dir_of(args, checkpoint["config"]), names)
     try:
         with SummaryWriter(args.log_dir) as writer:
             log_projector(writer, model, images, classes, checkpoint.get("step") or 0)

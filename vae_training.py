@@ -214,9 +214,9 @@ def train(config, resume="", explicit=()):
                 # A GMM of the training images' posteriors, so `vae_inference.py sample --sampler gmm` needs no data.
                 samplers = fit_samplers(unwrap(eval_model), train_images, seed=config.seed)
                 if config.fid_samples and eval_images is not None:
-                    metrics = {**(metrics or {}), **sample_quality(unwrap(eval_model), samplers["gmm"], eval_images,
-                                                           config.fid_samples, 1.0, torch.Generator().manual_seed(
-                                                               config.seed), device)}
+                    quality = sample_quality(unwrap(eval_model), samplers["gmm"], eval_images, config.fid_samples,
+                                             1.0, torch.Generator().manual_seed(config.seed), device)
+                    metrics = {**(metrics or {}), **quality}
                 save("checkpoint.pt")
                 log_run_summary(writer, config, metrics, eval_model, eval_images,
                                 flower_classes(config.data_dir, eval_names), state["step"])

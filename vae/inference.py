@@ -18,7 +18,7 @@ from vae.device import model_device
 from vae.errors import UserError
 from vae.fid import fid_kid, frechet_distance, inception_features, load_inception
 from vae.samplers import fit_gmm, fit_two_stage, prior_state, sample_latents
-from vae.vae import build_model
+from vae.vae import build_model, eval_mode
 
 GMM_COMPONENTS = 4
 
@@ -73,13 +73,9 @@ def posterior_means(model, images_uint8, batch_size=256):
     """The posterior means E[z|x] of uint8 images, flattened to (N, latent_size), on the CPU. Encoded in eval
     mode (BatchNorm's running statistics, which it leaves as they were), whatever mode the model is in."""
     device = model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return torch.cat([model.encode(to_float(images_uint8[start:start + batch_size].to(device)))[0].flatten(1)
                           .cpu() for start in range(0, len(images_uint8), batch_size)])
-    finally:
-        model.train(was_training)
 
 
 def fit_samplers(model, images_uint8, kinds=("gmm",), seed=0):
@@ -116,15 +112,14 @@ def sample_quality(model, state, real_uint8, num_samples, temperature, generator
     """FID and KID (Heusel et al. 2017; Binkowski et al. 2018) of num_samples generated images against the real
     images, and recon_fid, the FID of the real images' reconstructions: how far the model is from the data
     before any sampling. Inception v3 pool features at 299x299 (see vae.fid)."""
-    extractor = load_inception(device)
-    real = inception_features(to_float(real_uint8), extractor, batch_size, device=device)
+    extractor = load_inception(device)  # features are computed on its device
+    real = inception_features(real_uint8, extractor, batch_size)
     generated = torch.cat([sample_images(model, state, min(batch_size, num_samples - start), temperature,
                                          generator)[0].cpu() for start in range(0, num_samples, batch_size)])
     reconstructions = torch.cat([reconstruct(model, to_float(real_uint8[start:start + batch_size]).to(
         model_device(model))).cpu() for start in range(0, len(real_uint8), batch_size)])
-    results = fid_kid(real, inception_features(generated, extractor, batch_size, device=device))
-    results["recon_fid"] = frechet_distance(real, inception_features(reconstructions, extractor, batch_size,
-                                                                     device=device))
+    results = fid_kid(real, inception_features(generated, extractor, batch_size))
+    results["recon_fid"] = frechet_distance(real, inception_features(reconstructions, extractor, batch_size))
     return {**results, "fid_samples": num_samples, "fid_reference_images": len(real_uint8)}
 
 
@@ -189,12 +184,17 @@ def traverse(model, center, value_range, steps):
     return model.decode(z.view(-1, *model.latent_shape))
 
 
+def enlarge(images, scale):
+    """Images (N, 3, H, W) upscaled by the integer `scale` with nearest neighbour, so each model pixel stays a
+    visible square."""
+    return images if scale == 1 else torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+
+
 def save_grid(images, path, nrow, scale=1):
     """Write images (N, 3, H, W) in [0, 1] as one PNG grid, nrow per row, each image upscaled by `scale`
     (nearest neighbour, so 32x32 pixels stay visible). Returns the path."""
     path = Path(path)
-    if scale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    images = enlarge(images, scale)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(images.cpu(), path, nrow=nrow, padding=2, pad_value=1.0)

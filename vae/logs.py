@@ -16,6 +16,7 @@ from torchvision.utils import make_grid
 from datasets.preprocessing import to_float
 from vae.checkpoint import unwrap
 from vae.inference import posterior_means
+from vae.vae import eval_mode
 
 LOSS_CURVES = ("KL Loss", "Reconstruction Loss", "Total Loss")  # the seed's add_scalars("loss", ...)
 # The held-out numbers that compare runs in the HPARAMS table (fid only where it was measured).
@@ -62,14 +63,13 @@ def log_grids(writer, model, fixed_images, fixed_noise, step):
     """originals, reconstructions (decoded from the posterior mean) and prior samples of the same fixed inputs
     every epoch, so frames compare across epochs."""
     model = unwrap(model)
-    was_training = model.training
-    model.eval()
     nrow = max(1, int(math.sqrt(len(fixed_images))))
-    reconstructions = model.decode(model.encode(fixed_images)[0])
+    with eval_mode(model):
+        reconstructions = model.decode(model.encode(fixed_images)[0])
+        samples = model.decode(fixed_noise)
     writer.add_image("originals", make_grid(fixed_images, nrow=nrow), step)
     writer.add_image("reconstructions", make_grid(reconstructions, nrow=nrow), step)
-    writer.add_image("samples", make_grid(model.decode(fixed_noise), nrow=nrow), step)
-    model.train(was_training)
+    writer.add_image("samples", make_grid(samples, nrow=nrow), step)
 
 
 def log_settings(writer, config):

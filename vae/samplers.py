@@ -17,7 +17,6 @@ no scikit-learn:
 sample_latents(state, num, temperature) draws (num, D) latents from any of them.
 """
 
-import math
 from collections import deque
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vae.errors import UserError
+from vae.losses import gaussian_nll_from_sse, kl_divergence, sum_squared_error
 
 SAMPLER_KINDS = ("prior", "gmm", "two-stage")
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
@@ -116,10 +116,9 @@ class _SecondStage(nn.Module):
         """Negative ELBO in nats per latent vector, averaged over the batch (beta = 1)."""
         mean, log_var = self.encoder(z).chunk(2, dim=1)
         u = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
-        log_gamma = self.log_gamma.clamp(min=min_log_gamma)
-        reconstruction = (0.5 * ((z - self.decoder(u)) ** 2 / log_gamma.exp() + log_gamma + math.log(2 * math.pi))).sum(1)
-        kl = 0.5 * (mean ** 2 + log_var.exp() - 1 - log_var).sum(1)
-        return (reconstruction + kl).mean()
+        log_gamma = self.log_gamma.clamp(min=min_log_gamma)  # gamma is a variance: log sigma = log_gamma / 2
+        reconstruction = gaussian_nll_from_sse(sum_squared_error(z, self.decoder(u)), 0.5 * log_gamma, z.shape[1])
+        return (reconstruction + kl_divergence(mean, log_var)).mean()
 
 
 def fit_two_stage(latents, second_latent_size=None, hidden_size=256, num_layers=2, steps=1500, batch_size=256,

@@ -22,6 +22,7 @@ from vae.errors import TrainingDiverged, UserError
 from vae.losses import kl_per_dimension, reconstruction_loss, reconstruction_nll
 from vae.metrics import active_units, bits_per_dim, discretized_log_likelihood, iwae_log_likelihood, psnr_db
 from vae.schedules import KLSchedule
+from vae.vae import eval_mode
 
 # Decoded images held in memory at once while importance sampling: bounds memory for any K and resolution
 # (4096 images of 64x64 are 200 MB in float32, about 1 GB with the float64 likelihood terms).
@@ -272,8 +273,6 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
     shard and the sums are reduced.
     """
     model = unwrap(model)
-    was_training = model.training
-    model.eval()
     device = model_device(model)
     dtype = sum_dtype(device)
     discretized = model.likelihood != "bernoulli"
@@ -281,32 +280,32 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
     sums = torch.zeros(len(_SUMS), dtype=torch.float64)
     # Per latent dimension: summed KL and the first two moments of the posterior means (for their variance).
     moments = torch.zeros(3, model.latent_size, dtype=dtype, device=device)
-    for x in tqdm(batches.epoch(0), total=len(batches), desc=f"evaluating (K={iw_samples})", unit="batch",
-                  leave=False, disable=not progress):
-        mean, log_var = model.encode(x)
-        kl = kl_per_dimension(mean, log_var)
-        noise = torch.randn(iw_samples, *mean.shape, generator=generator).to(device)
-        samples = importance_samples(model, x, mean, log_var, noise, discretized)
-        nll = -iwae_log_likelihood(samples["log_weight"])
-        batch_sums = {
-            "count": len(x), "kl": kl.sum(), "reconstruction": -samples["log_likelihood"].mean(dim=0).sum(),
-            # The trained reconstruction term (SSE for the seed) of the first draw: the training objective.
-            "loss_reconstruction": samples["trained_term"].sum(),
-            "iwae_nll": nll.sum(), "iwae_nll_sq": nll.pow(2).sum(),
-            "squared_error": (model.decode(mean) - x).pow(2).sum(),
-            "posterior_std": log_var.mul(0.5).exp().flatten(1).mean(dim=1).sum(),
-        }
-        if discretized:
-            nll_8bit = -iwae_log_likelihood(samples["log_weight_8bit"])
-            batch_sums.update(reconstruction_8bit=-samples["log_likelihood_8bit"].mean(dim=0).sum(),
-                              iwae_nll_8bit=nll_8bit.sum(), iwae_nll_8bit_sq=nll_8bit.pow(2).sum())
-        sums += torch.tensor([float(batch_sums.get(name, 0.0)) for name in _SUMS], dtype=torch.float64)
-        kl = kl.to(dtype)
-        moments += torch.stack([kl.sum(dim=0), mean.flatten(1).to(dtype).sum(dim=0),
-                                mean.flatten(1).to(dtype).pow(2).sum(dim=0)])
+    with eval_mode(model):
+        for x in tqdm(batches.epoch(0), total=len(batches), desc=f"evaluating (K={iw_samples})", unit="batch",
+                      leave=False, disable=not progress):
+            mean, log_var = model.encode(x)
+            kl = kl_per_dimension(mean, log_var)
+            noise = torch.randn(iw_samples, *mean.shape, generator=generator).to(device)
+            samples = importance_samples(model, x, mean, log_var, noise, discretized)
+            nll = -iwae_log_likelihood(samples["log_weight"])
+            batch_sums = {
+                "count": len(x), "kl": kl.sum(), "reconstruction": -samples["log_likelihood"].mean(dim=0).sum(),
+                # The trained reconstruction term (SSE for the seed) of the first draw: the training objective.
+                "loss_reconstruction": samples["trained_term"].sum(),
+                "iwae_nll": nll.sum(), "iwae_nll_sq": nll.pow(2).sum(),
+                "squared_error": (model.decode(mean) - x).pow(2).sum(),
+                "posterior_std": log_var.mul(0.5).exp().flatten(1).mean(dim=1).sum(),
+            }
+            if discretized:
+                nll_8bit = -iwae_log_likelihood(samples["log_weight_8bit"])
+                batch_sums.update(reconstruction_8bit=-samples["log_likelihood_8bit"].mean(dim=0).sum(),
+                                  iwae_nll_8bit=nll_8bit.sum(), iwae_nll_8bit_sq=nll_8bit.pow(2).sum())
+            sums += torch.tensor([float(batch_sums.get(name, 0.0)) for name in _SUMS], dtype=torch.float64)
+            kl = kl.to(dtype)
+            moments += torch.stack([kl.sum(dim=0), mean.flatten(1).to(dtype).sum(dim=0),
+                                    mean.flatten(1).to(dtype).pow(2).sum(dim=0)])
     sums = distributed.all_reduce_sum(sums.to(device=device, dtype=dtype)).double().cpu()
     distributed.all_reduce_sum(moments)
-    model.train(was_training)
     totals = dict(zip(_SUMS, sums.tolist()))
     count = totals["count"]
     if count == 0:

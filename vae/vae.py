@@ -1,5 +1,6 @@
 """VAE: the model the scripts import."""
 
+import contextlib
 import math
 
 import torch
@@ -105,6 +106,18 @@ class VAE(nn.Module):
         if self.likelihood == "logistic":
             return self.decoder(z)
         return self.decoder(z), self.log_sigma()
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (BatchNorm on its running statistics) inside the block, and back in the mode it
+    was in afterwards, whatever happens inside."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def build_model(config) -> VAE:
