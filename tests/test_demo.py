@@ -204,8 +204,10 @@ def png_images(page, selector, count, replacing=(), timeout=60_000):
 
 
 @pytest.mark.slow
-def test_the_page_in_a_browser(served_page, photo, tmp_path):
-    other = str(real_flower_files(2)[1])
+def test_the_page_in_a_browser(served_page, tmp_path):
+    # Two real photos the shipped model never trained on (the bundled examples, uploaded as files), so that the
+    # screenshot shows what it does with new photos.
+    photo, other = (str(path) for path in vae_demo.EXAMPLES[:2])
     with browser_page(served_page, width=1280) as page:
 
         # A real photo: what the model sees, its reconstruction and 8 variations (the default count) come back.
