@@ -11,6 +11,7 @@ is wrong with it (not an image, too many pixels) or worth knowing (greyscale, tr
 
 import argparse
 import os
+import secrets
 import sys
 import warnings
 from pathlib import Path
@@ -32,7 +33,7 @@ MAX_UPLOAD_MB = 25
 # Above this an upload is refused before decoding: a small file can hold a huge image (a "decompression bomb").
 MAX_MEGAPIXELS = 50
 # Bounds of the controls, checked again on the server: the page's API can be called without the page.
-COUNT, STEPS, TEMPERATURE, SEED = (1, 32), (2, 16), (0.0, 3.0), (0, 2 ** 32 - 1)
+COUNT, STEPS, TEMPERATURE, STRENGTH, SEED = (1, 32), (2, 16), (0.0, 3.0), (0.0, 1.0), (0, 2 ** 32 - 1)
 
 
 # ------------------------------------------------------------------------------------------ uploads
@@ -96,24 +97,31 @@ class Demo:
     def __init__(self, checkpoint_path, device, scale=4):
         self.model, self.checkpoint = inference.load_model(checkpoint_path, device)
         self.samplers = ["prior", *(self.checkpoint.get("samplers") or {})]
+        # The variation modes this checkpoint can run, best first: the first is the page's default.
+        self.modes = [mode for mode in inference.VARIATION_MODES
+                      if mode == "posterior" or mode in (self.checkpoint.get("samplers") or {})]
         self.scale = scale
 
     def pictures(self, images):
         """Model images (N, 3, R, R) in [0, 1] as PIL images, enlarged by `scale` with hard pixel edges."""
         return [to_pil_image(image) for image in inference.enlarge(images.float().cpu(), self.scale)]
 
-    def variations(self, upload, count, temperature, seed):
-        """(what the model sees, its reconstruction, the variations, message)."""
+    def variations(self, upload, mode, count, strength, seed, fixed_seed=False):
+        """(what the model sees, its reconstruction, the variations, message, the seed used). A new random seed
+        on every call unless fixed_seed, so that each press gives new flowers."""
+        seed = seed_for(seed, fixed_seed)
         try:
             x, notes = read_upload(upload, self.model)
+            if mode not in self.modes:
+                raise UserError(f"this checkpoint cannot make {mode} variations; pick one of {', '.join(self.modes)}")
             count = int(check_range("the number of variations", count, COUNT))
-            temperature = check_range("the temperature", temperature, TEMPERATURE)
-            generator = torch.Generator().manual_seed(int(check_range("the seed", seed, SEED)))
-            images = inference.variations(self.model, x, count, temperature, generator)[0]
+            strength = check_range("the strength", strength, STRENGTH)
+            generator = torch.Generator().manual_seed(seed)
+            images = inference.variations(self.model, x, count, strength, generator, mode, self.checkpoint)[0]
             seen, reconstruction = self.pictures(torch.cat([x, inference.reconstruct(self.model, x)]))
-            return seen, reconstruction, self.pictures(images), message(notes)
+            return seen, reconstruction, self.pictures(images), message(notes), seed
         except UserError as error:
-            return None, None, [], message(error=error)
+            return None, None, [], message(error=error), seed
 
     def interpolation(self, upload_a, upload_b, steps, spherical):
         """(the decoded path from photo A to photo B, message)."""
@@ -126,19 +134,27 @@ class Demo:
         except UserError as error:
             return [], message(error=error)
 
-    def samples(self, sampler, count, temperature, seed):
-        """(new images from a sampler the checkpoint has, message)."""
+    def samples(self, sampler, count, temperature, seed, fixed_seed=False):
+        """(new images from a sampler the checkpoint has, message, the seed used: new unless fixed_seed)."""
+        seed = seed_for(seed, fixed_seed)
         try:
             if sampler not in self.samplers:
                 raise UserError(f"this checkpoint has no {sampler} sampler; pick one of {', '.join(self.samplers)}")
             count = int(check_range("the number of samples", count, COUNT))
             temperature = check_range("the temperature", temperature, TEMPERATURE)
             state = inference.sampler_state(self.model, self.checkpoint, sampler, "the checkpoint")
-            generator = torch.Generator().manual_seed(int(check_range("the seed", seed, SEED)))
-            images = inference.sample_images(self.model, state, count, temperature, generator)[0]
-            return self.pictures(images), message()
+            images = inference.sample_images(self.model, state, count, temperature,
+                                             torch.Generator().manual_seed(seed))[0]
+            return self.pictures(images), message(), seed
         except UserError as error:
-            return [], message(error=error)
+            return [], message(error=error), seed
+
+
+def seed_for(seed, fixed):
+    """The seed a draw uses: the user's when fixed (checked), else a new random one."""
+    if not fixed:
+        return secrets.randbelow(SEED[1] + 1)
+    return int(check_range("the seed", seed, SEED))
 
 
 def message(notes=(), error=None):
@@ -148,11 +164,10 @@ def message(notes=(), error=None):
     return "\n\n".join(f"**Note:** {note}" for note in notes)
 
 
-def draw_controls(gr, what, count):
-    """The controls of a random draw: how many images, the temperature and the seed."""
-    return (gr.Slider(*COUNT, value=count, step=1, label=what),
-            gr.Slider(*TEMPERATURE, value=1.0, step=0.05, label="Temperature"),
-            gr.Number(value=0, precision=0, minimum=0, label="Seed"))
+def seed_controls(gr, elem_id):
+    """The seed of a random draw, and whether it is fixed: each press draws a new one and shows it here."""
+    return (gr.Number(value=0, precision=0, minimum=0, label="Seed (the last one used)", elem_id=f"{elem_id}-seed"),
+            gr.Checkbox(label="Fix the seed (repeat the last draw)", elem_id=f"{elem_id}-fixed"))
 
 
 def build_page(demo, checkpoint_name):
@@ -170,8 +185,10 @@ def build_page(demo, checkpoint_name):
         gr.Markdown(f"# VAE on Flowers102\nModel: `{checkpoint_name}`, {width}x{height} pixels, "
                     f"samplers: {', '.join(demo.samplers)}. Images are shown {demo.scale}x enlarged.")
 
-        gr.Markdown("## Variations of your photo\nThe photo is encoded to q(z|x); its reconstruction is decoded "
-                    "from the posterior mean, the variations from draws z = mean + temperature x std x noise.")
+        gr.Markdown("## New flowers like your photo\nThe photo is encoded to its latent code; its reconstruction "
+                    "is decoded from the posterior mean. **Strength** says how far the variations go: near 0 they "
+                    "are the photo, around 0.5 the same kind of flower posed and shaped anew, at 1 any flower. "
+                    f"Modes: {'; '.join(f'**{m}**: {inference.VARIATION_MODES[m]}' for m in demo.modes)}.")
         with gr.Row():
             photo = gr.Image(label="Your photo", elem_id="photo", **inputs)
             seen = gr.Image(label="What the model sees", format="png", interactive=False, height=260, elem_id="seen")
@@ -180,12 +197,17 @@ def build_page(demo, checkpoint_name):
         variation_message = gr.Markdown(elem_id="variations-message")  # beside the upload, where it is seen
         gr.Examples(examples, inputs=photo, label="Example photos (not trained on)", elem_id="examples")
         with gr.Row():
-            count, temperature, seed = draw_controls(gr, "Variations", 8)
+            strength = gr.Slider(*STRENGTH, value=inference.DEFAULT_STRENGTH, step=0.05, label="Strength",
+                                 elem_id="strength")
+            count = gr.Slider(*COUNT, value=8, step=1, label="Variations")
+            mode = gr.Radio(demo.modes, value=demo.modes[0], label="Mode", elem_id="mode")
+        with gr.Row():
+            seed, fixed = seed_controls(gr, "variations")
         vary = gr.Button("Make variations", variant="primary", elem_id="vary")
         variation_gallery = gr.Gallery(label="Variations", elem_id="variations", height=200, **gallery)
-        outputs = [seen, reconstruction, variation_gallery, variation_message]
+        outputs = [seen, reconstruction, variation_gallery, variation_message, seed]
         for event in (photo.change, vary.click):
-            event(demo.variations, [photo, count, temperature, seed], outputs, **raw)
+            event(demo.variations, [photo, mode, count, strength, seed, fixed], outputs, **raw)
 
         gr.Markdown("## Interpolate between two photos\nDecoded points on the path between the two posterior "
                     "means; spherical follows the great circle (slerp).")
@@ -204,15 +226,19 @@ def build_page(demo, checkpoint_name):
                           **raw)
 
         gr.Markdown("## New flowers\nDecoded draws of a sampler: the prior N(0, I), or one fitted to the training "
-                    "images' posterior means and stored in the checkpoint.")
+                    "images' posteriors and stored in the checkpoint (diffusion: a learned diffusion prior).")
         with gr.Row():
-            sampler = gr.Radio(demo.samplers, value=demo.samplers[-1], label="Sampler", elem_id="sampler")
-            sample_count, sample_temperature, sample_seed = draw_controls(gr, "Samples", 16)
+            sampler = gr.Radio(demo.samplers, value=inference.best_sampler(demo.checkpoint), label="Sampler",
+                               elem_id="sampler")
+            sample_count = gr.Slider(*COUNT, value=16, step=1, label="Samples")
+            sample_temperature = gr.Slider(*TEMPERATURE, value=1.0, step=0.05, label="Temperature")
+        with gr.Row():
+            sample_seed, sample_fixed = seed_controls(gr, "samples")
         draw = gr.Button("Draw samples", variant="primary", elem_id="draw")
         sample_gallery = gr.Gallery(label="Samples", elem_id="samples", height=360, **gallery)
         sample_message = gr.Markdown(elem_id="samples-message")
-        draw.click(demo.samples, [sampler, sample_count, sample_temperature, sample_seed],
-                   [sample_gallery, sample_message], **raw)
+        draw.click(demo.samples, [sampler, sample_count, sample_temperature, sample_seed, sample_fixed],
+                   [sample_gallery, sample_message, sample_seed], **raw)
     return page
 
 

@@ -3,7 +3,7 @@ traversals, and honest evaluation. The checkpoint's config rebuilds the model; n
 
     python vae_inference.py sample --checkpoint runs/NAME/checkpoint.pt --num 64 --out samples.png
     python vae_inference.py reconstruct --checkpoint C --data-dir DIR --split test --num 16 --out rec.png
-    python vae_inference.py variations --checkpoint C --image my_flower.jpg --num 14 --out variations.png
+    python vae_inference.py variations --checkpoint C --images a.jpg b.jpg --num 8 --out-dir variations/
     python vae_inference.py interpolate --checkpoint C --images a.jpg b.jpg --steps 10 --slerp --out path.png
     python vae_inference.py traverse --checkpoint C --image a.jpg --range 3 --steps 9 --out traverse.png
     python vae_inference.py evaluate --checkpoint C --data-dir DIR --split train --holdout-from-checkpoint
@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ from vae.errors import UserError
 from vae.logs import log_projector
 from vae.metrics import psnr_db
 from vae.samplers import SAMPLER_KINDS
+
+FITTED_SAMPLERS = ("gmm", "two-stage", "diffusion")
 from vae.training import evaluate
 
 
@@ -44,8 +47,9 @@ def add_common(parser, makes_images=True, default_out=None):
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     if makes_images:
         parser.add_argument("--out", default=default_out, help="PNG file the image grid is written to")
-        parser.add_argument("--scale", type=int, default=1,
-                            help="upscale each image by this integer factor (nearest neighbour) in the grid")
+        parser.add_argument("--scale", type=int, default=None,
+                            help="upscale each image by this integer factor (nearest neighbour) in the grid "
+                                 "(default: about 96 pixels per image, 3 for 32x32, 2 for 64x64)")
 
 
 def add_data(parser, split_default, what):
@@ -59,11 +63,22 @@ def add_data(parser, split_default, what):
 
 
 def add_sampler(parser):
-    parser.add_argument("--sampler", default="prior", choices=SAMPLER_KINDS,
+    parser.add_argument("--sampler", default="auto", choices=("auto", *SAMPLER_KINDS),
                         help="where z comes from: prior N(0, I), or a sampler fitted to the training images' "
-                             "posteriors and stored in the checkpoint (gmm, two-stage)")
+                             "posteriors and stored in the checkpoint (gmm, two-stage, diffusion: a learned "
+                             "diffusion prior); auto: the first of diffusion, gmm, two-stage, prior it has")
     parser.add_argument("--temperature", type=float, default=1.0, help="spread of the draws: z ~ N(0, T^2 I) for "
                         "the prior; below 1 trades variety for typical images")
+
+
+def add_variation_mode(parser):
+    modes = "; ".join(f"{name}: {text}" for name, text in inference.VARIATION_MODES.items())
+    parser.add_argument("--mode", default="auto", choices=("auto", *inference.VARIATION_MODES),
+                        help=f"how variations are made. auto: the first of diffusion, gmm, posterior the checkpoint "
+                             f"can run; {modes}")
+    parser.add_argument("--strength", type=float, default=inference.DEFAULT_STRENGTH,
+                        help="how far variations go from the photo, from 0 (its reconstruction) through 0.5 (the "
+                             "same kind of flower, posed and shaped anew) to 1 (any flower)")
 
 
 def add_holdout(parser):
@@ -109,14 +124,15 @@ def build_parser():
                              "the split, whose lists are sorted by class")
     reconstruct.add_argument("--nrow", type=int, default=8, help="images per grid row")
 
-    variations = commands.add_parser("variations", help="new images around the encoding of your image",
+    variations = commands.add_parser("variations", help="new flowers of the kind of your photo(s)",
                                      formatter_class=defaults)
     add_common(variations, default_out="variations.png")
-    variations.add_argument("--image", required=True, help="any image file: JPEG/PNG, any size, RGBA or grey")
-    variations.add_argument("--num", type=int, default=14, help="number of variations")
-    variations.add_argument("--temperature", type=float, default=1.0,
-                            help="z = mean + T * std * eps around the image's posterior")
-    variations.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    variations.add_argument("--images", "--image", nargs="+", required=True, dest="images",
+                            help="one or more image files: JPEG/PNG, any size, RGBA or grey")
+    variations.add_argument("--num", type=int, default=14, help="variations of each photo")
+    add_variation_mode(variations)
+    variations.add_argument("--out-dir", default=None, help="write each variation to OUT_DIR/<photo name>-<k>.png "
+                            "instead of one grid to --out")
     variations.add_argument("--data-dir", default=None, help="Flowers102 root: print each variation's distance "
                             "to its nearest training image (the images the checkpoint was trained on)")
     variations.add_argument("--split", default=None, help="split(s) of those training images (default: the "
@@ -150,7 +166,9 @@ def build_parser():
                           "with the evaluated images: FID, KID and the reconstructions' FID (needs "
                           "requirements-metrics.txt; about 3 images/s on two CPU cores)")
     evaluate.add_argument("--variations", type=int, default=0, help="also make this many variations of each "
-                          "image (at --temperature) and report their RMSE to it and to the nearest training image")
+                          "image (--mode, --strength) and measure them: species kept, diversity, FID, distance to "
+                          "the nearest training image (needs requirements-metrics.txt)")
+    add_variation_mode(evaluate)
     add_sampler(evaluate)
 
     projector = commands.add_parser("projector", help="posterior means, thumbnails and flower classes for "
@@ -164,8 +182,12 @@ def build_parser():
                                  formatter_class=defaults)
     add_common(export, makes_images=False)
     export.add_argument("--out", required=True, help="where the exported checkpoint goes (e.g. pretrained/mine.pt)")
-    export.add_argument("--fit-samplers", action="store_true", help="fit the gmm and two-stage latent samplers to "
-                        "the posterior means of the images the run trained on (needs --data-dir) and store them")
+    export.add_argument("--fit-samplers", nargs="*", default=None, choices=FITTED_SAMPLERS, metavar="KIND",
+                        help=f"fit latent samplers to the posteriors of the images the run trained on (needs the "
+                             f"data: --data-dir) and store them; with no KIND all of {', '.join(FITTED_SAMPLERS)}")
+    export.add_argument("--diffusion-steps", type=int, default=inference.DIFFUSION_STEPS,
+                        help="training steps of the diffusion prior (about 5 minutes for 4000 on two CPU cores "
+                             "for the 8x8x8 latent of flowers32)")
     add_data(export, None, "training images")
     return parser
 
@@ -177,7 +199,8 @@ SEED_RANGE = (0, 2 ** 32 - 1)
 FLAG_RANGES = {"num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64),
                "temperature": (0.0, 100.0), "range": (0.0, 100.0), "seed": SEED_RANGE, "holdout_seed": SEED_RANGE,
                "iw_samples": (1, 100_000), "batch_size": (1, 100_000), "holdout": (0.0, 0.999),
-               "fid_samples": (0, 100_000), "variations": (0, 1_000)}
+               "fid_samples": (0, 100_000), "variations": (0, 1_000),
+               "strength": (0.0, 1.0), "diffusion_steps": (1, 1_000_000)}
 
 
 def check_flag_ranges(args):
@@ -247,6 +270,7 @@ def report_grid(path, count, nrow, what):
 # ------------------------------------------------------------------------------------------- commands
 
 def run_sample(args, model, checkpoint):
+    args.sampler = inference.best_sampler(checkpoint) if args.sampler == "auto" else args.sampler
     state = inference.sampler_state(model, checkpoint, args.sampler, args.checkpoint)
     images, _ = inference.sample_images(model, state, args.num, args.temperature, generator_for(args))
     path = inference.save_grid(images, args.out, args.nrow, args.scale)
@@ -274,26 +298,42 @@ def run_reconstruct(args, model, checkpoint):
 
 
 def run_variations(args, model, checkpoint):
-    x = inference.load_images([args.image], model, model_device(model))
-    images, z, mean = inference.variations(model, x, args.num, args.temperature, generator_for(args))
-    reconstruction = inference.reconstruct(model, x)
-    grid = torch.cat([x, reconstruction, images])
-    path = inference.save_grid(grid, args.out, args.nrow, args.scale)
-    report_grid(path, len(grid), args.nrow, f"the input, its reconstruction, then {args.num} variations at "
-                f"temperature {args.temperature}")
+    mode = inference.variation_mode(checkpoint, args.mode)
+    stems = [Path(path).stem for path in args.images]
+    if args.out_dir and len(set(stems)) < len(stems):
+        twice = next(stem for stem in stems if stems.count(stem) > 1)
+        raise UserError(f"two of --images are named {twice}, so their variations would overwrite each other in "
+                        f"{args.out_dir}; rename one, or pass --out for one grid")
+    x = inference.load_images(args.images, model, model_device(model))
+    images, _, _ = inference.variations(model, x, args.num, args.strength, generator_for(args), mode, checkpoint)
+    what = f"{args.num} {mode} variations at strength {args.strength:g}"
+    if args.out_dir:
+        for stem, photo_variations in zip(stems, images.split(args.num)):
+            for k, image in enumerate(photo_variations, start=1):
+                inference.save_grid(image[None], Path(args.out_dir) / f"{stem}-{k}.png", 1, args.scale)
+        print(f"wrote {len(images)} images to {args.out_dir}: {what} of each of {len(x)} photo(s), "
+              f"named <photo>-<k>.png")
+    else:
+        reconstructions = inference.reconstruct(model, x)
+        rows = [torch.cat([photo[None], reconstruction[None], varied]) for photo, reconstruction, varied
+                in zip(x, reconstructions, images.split(args.num))]
+        path = inference.save_grid(torch.cat(rows), args.out, args.num + 2, args.scale)
+        report_grid(path, len(x) * (args.num + 2), args.num + 2, f"a row per photo: the photo, its reconstruction, "
+                    f"then {what}")
     if args.data_dir:
-        print_nearest_training_images(args, checkpoint, x, reconstruction, images)
+        print_nearest_training_images(args, checkpoint, x, inference.reconstruct(model, x), images)
 
 
-def print_nearest_training_images(args, checkpoint, x, reconstruction, variations):
+def print_nearest_training_images(args, checkpoint, x, reconstructions, variations):
     """How far each image is from the closest image the model trained on (RMSE, 0-255 scale)."""
     training, names, described = training_images(args, checkpoint)
     print(f"distance to the nearest of the {described}: RMSE per pixel, 0-255 scale")
-    rows = [("input", x), ("reconstruction", reconstruction)] + \
-           [(f"variation {i + 1}", image[None]) for i, image in enumerate(variations)]
-    for label, image in rows:
-        distance, index = inference.nearest_distances(image, training)
-        print(f"  {label:<16} {distance.item():7.2f}   nearest: {names[index.item()]}")
+    for path, photo, reconstruction, varied in zip(args.images, x, reconstructions, variations.split(args.num)):
+        rows = [(Path(path).name, photo[None]), ("reconstruction", reconstruction[None])] + \
+               [(f"variation {i + 1}", image[None]) for i, image in enumerate(varied)]
+        for label, image in rows:
+            distance, index = inference.nearest_distances(image, training)
+            print(f"  {label:<16} {distance.item():7.2f}   nearest: {names[index.item()]}")
 
 
 def run_interpolate(args, model, checkpoint):
@@ -322,7 +362,7 @@ def run_traverse(args, model, checkpoint):
 
 
 def run_evaluate(args, model, checkpoint):
-    images, _, described = split_images(args, checkpoint, subset="held-out")
+    images, names, described = split_images(args, checkpoint, subset="held-out")
     print(f"evaluating {args.checkpoint} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('step')}) on "
           f"{len(images)} images: {described}")
     batches = ImageBatches(images, args.batch_size, model_device(model), shuffle=False)
@@ -330,10 +370,13 @@ def run_evaluate(args, model, checkpoint):
     results = {"checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
                "data": described, "seed": args.seed, **results}
     if args.variations:
-        training, _, _ = training_images(args, checkpoint)
-        results.update(inference.variation_distances(model, images, training, args.variations, args.temperature,
-                                                     generator_for(args)))
+        training, training_names, _ = training_images(args, checkpoint)
+        data_dir = data_dir_of(args, checkpoint["config"])
+        results.update(inference.variation_quality(
+            model, checkpoint, images, flower_classes(data_dir, names), training, flower_classes(data_dir, training_names),
+            args.variations, args.strength, inference.variation_mode(checkpoint, args.mode), generator_for(args)))
     if args.fid_samples:
+        args.sampler = inference.best_sampler(checkpoint) if args.sampler == "auto" else args.sampler
         state = inference.sampler_state(model, checkpoint, args.sampler, args.checkpoint)
         results.update(sampler=args.sampler, temperature=args.temperature, **inference.sample_quality(
             model, state, images, args.fid_samples, args.temperature, generator_for(args), model_device(model)))
@@ -371,10 +414,19 @@ def format_table(results):
          + (" ..." if len(results["kl_per_dim"]) > KL_DIMS_SHOWN else "") + " nats"),
     ]
     if "variation_rmse_to_input" in results:
-        rows.append((f"{results['variations']} variations (T = {results['variation_temperature']:g}), RMSE",
-                     f"{number(results['variation_rmse_to_input'])} to their photo, "
-                     f"{number(results['variation_rmse_to_nearest_training'])} to the nearest training image "
-                     f"(the photo itself: {number(results['input_rmse_to_nearest_training'])})"))
+        what = f"{results['variations']} {results['variation_mode']} variations (strength " \
+               f"{results['variation_strength']:g})"
+        rows += [
+            (f"{what}: species kept", f"{number(results['species_kept'])} (real photos: "
+             f"{number(results['species_accuracy_real'])}, reconstructions: "
+             f"{number(results['species_kept_reconstructions'])})"),
+            ("  diversity", f"{number(results['variation_diversity'])} (1: as varied as two photos of one "
+             f"species, over {results['same_species_pairs']} such pairs)"),
+            ("  FID", f"{number(results['variation_fid'])} against the {results['variation_fid_reference_images']} "
+             f"photos (their reconstructions: {number(results['variation_reconstruction_fid'])})"),
+            ("  RMSE (0-255)", f"{number(results['variation_rmse_to_input'])} to their photo, "
+             f"{number(results['variation_rmse_to_nearest_training'])} to the nearest training image "
+             f"(the photo itself: {number(results['input_rmse_to_nearest_training'])})")]
     if "fid" in results:
         rows.append((f"FID / KID ({results['fid_samples']} {results['sampler']} samples)",
                      f"{number(results['fid'])} / {number(results['kid'], 4)} +- {number(results['kid_stderr'], 4)}"
@@ -400,11 +452,16 @@ def run_projector(args, model, checkpoint):
 
 
 def run_export(args, model, checkpoint):
-    if args.fit_samplers:
+    if args.fit_samplers is not None:
+        kinds = args.fit_samplers or FITTED_SAMPLERS
         images, _, described = training_images(args, checkpoint)
-        print(f"fitting the gmm and two-stage samplers to the posterior means of the {described}")
-        checkpoint = {**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), **inference.fit_samplers(
-            model, images, kinds=("gmm", "two-stage"), seed=args.seed)}}
+        print(f"fitting the {', '.join(kinds)} sampler(s) to the posteriors of the {described}")
+        started = time.perf_counter()
+        fitted = inference.fit_samplers(model, images, kinds=kinds, seed=args.seed,
+                                        hflip=checkpoint["config"].get("hflip", False),
+                                        diffusion_steps=args.diffusion_steps, progress=True)
+        print(f"fitted in {(time.perf_counter() - started) / 60:.1f} minutes")
+        checkpoint = {**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), **fitted}}
     export_for_inference(checkpoint, args.out)
     size = Path(args.out).stat().st_size / 1e6
     print(f"wrote {args.out} ({size:.1f} MB): the weights inference uses, the config and the run's evaluation")
@@ -421,6 +478,8 @@ def main(argv=None):
         check_flag_ranges(args)
         device = pick_device(args.device)
         model, checkpoint = inference.load_model(args.checkpoint, device)
+        if getattr(args, "scale", 0) is None:
+            args.scale = inference.readable_scale(model.image_resolution)
         COMMANDS[args.command](args, model, checkpoint)
         return 0
     except UserError as error:

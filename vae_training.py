@@ -211,10 +211,13 @@ def train(config, resume="", explicit=()):
                 save("checkpoint.pt")
                 say(line + f"  ({images_per_s:.0f} img/s)")
             if main_process and state["epoch"] >= config.epochs:
-                # A GMM of the training images' posteriors, so `vae_inference.py sample --sampler gmm` needs no data.
-                samplers = fit_samplers(unwrap(eval_model), train_images, seed=config.seed)
+                # Samplers of the training images' posteriors (a GMM, and the diffusion prior when asked), so that sampling
+                # and variations need no data.
+                kinds = ("gmm", "diffusion") if config.diffusion_prior_steps else ("gmm",)
+                samplers = fit_samplers(unwrap(eval_model), train_images, kinds, seed=config.seed, hflip=config.hflip,
+                                        diffusion_steps=config.diffusion_prior_steps, progress=True)
                 if config.fid_samples and eval_images is not None:
-                    quality = sample_quality(unwrap(eval_model), samplers["gmm"], eval_images, config.fid_samples,
+                    quality = sample_quality(unwrap(eval_model), samplers[kinds[-1]], eval_images, config.fid_samples,
                                              1.0, torch.Generator().manual_seed(config.seed), device)
                     metrics = {**(metrics or {}), **quality}
                 save("checkpoint.pt")

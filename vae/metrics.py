@@ -94,3 +94,35 @@ def iwae_log_likelihood(log_weights):
     Returns log (1/K) sum_k exp(log_weights_k), shape (batch,); with K = 1 it is the single-sample ELBO.
     """
     return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
+
+
+# ------------------------------------------------------------------------------ variations of a photo
+
+DIVERSITY_POOL = 8  # images are average-pooled to 8x8: structure and colour stay, pixel noise averages out
+
+
+def pooled(images, size=DIVERSITY_POOL):
+    """Images (N, 3, H, W) in [0, 1] average-pooled to (N, 3 * size * size) (H and W multiples of size)."""
+    return torch.nn.functional.adaptive_avg_pool2d(images.float(), size).flatten(1)
+
+
+def mean_pairwise_rmse(images, size=DIVERSITY_POOL):
+    """Mean RMSE (0-1 scale) over all pairs of images (N >= 2, (N, 3, H, W) in [0, 1]) after pooling to
+    size x size: how far apart a set of images is in layout and colour."""
+    if len(images) < 2:
+        raise ValueError(f"pairwise distances need at least 2 images, got {len(images)}")
+    features = pooled(images, size).double()
+    distances = torch.cdist(features, features) / math.sqrt(features.shape[1])
+    return distances[torch.triu_indices(len(images), len(images), offset=1).unbind()].mean().item()
+
+
+def same_class_pairwise_rmse(images, classes, size=DIVERSITY_POOL):
+    """Mean pooled RMSE over the pairs of images that share a class (see mean_pairwise_rmse), and the number of
+    such pairs; (None, 0) when no two images share one."""
+    features = pooled(images, size).double()
+    classes = torch.as_tensor(classes)
+    same = (classes[:, None] == classes[None, :]).triu(diagonal=1)
+    if not same.any():
+        return None, 0
+    distances = torch.cdist(features, features) / math.sqrt(features.shape[1])
+    return distances[same].mean().item(), int(same.sum())

@@ -1,0 +1,132 @@
+"""The learned diffusion prior and the variation modes: the noise schedule against its definition, the reverse
+process against the distribution it was fitted to, SDEdit and the GMM step at their two ends, and the maths of
+the diversity measure by hand."""
+
+import math
+
+import pytest
+import torch
+
+from vae import diffusion_prior
+from vae.metrics import mean_pairwise_rmse, same_class_pairwise_rmse
+from vae.samplers import fit_gmm, gmm_vary, sample_latents
+from vae.species import fit_species_classifier
+
+LATENT = (2, 2, 2)
+
+
+def test_the_cosine_schedule_runs_from_all_signal_to_none():
+    assert diffusion_prior.signal_level(0.0).item() == pytest.approx(1.0)
+    assert diffusion_prior.signal_level(1.0).item() == pytest.approx(0.0, abs=1e-6)
+    t = torch.linspace(0, 1, 101)
+    levels = diffusion_prior.signal_level(t)
+    assert (levels[1:] < levels[:-1]).all()  # strictly decreasing
+    # Nichol & Dhariwal's definition, f(t) / f(0) with f(t) = cos^2(pi/2 (t + s) / (1 + s)).
+    f = lambda v: math.cos(math.pi / 2 * (v + 0.008) / 1.008) ** 2  # noqa: E731
+    assert levels[50].item() == pytest.approx(f(0.5) / f(0.0), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_clusters():
+    """Codes of two kinds, +-2 on every dimension, with posterior noise 0.1: a distribution with a hole at 0."""
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (512, 1), generator=generator).float() * 2 - 1
+    means = signs * 2.0 + 0.05 * torch.randn(512, 8, generator=generator)
+    return means.view(512, *LATENT), torch.full((512, *LATENT), 0.1)
+
+
+@pytest.fixture(scope="module")
+def fitted(two_clusters):
+    means, stds = two_clusters
+    return diffusion_prior.fit_diffusion_prior(means, stds, LATENT, steps=600, batch_size=128, lr=3e-3, width=32,
+                                               num_blocks=2, seed=0)
+
+
+def test_samples_of_the_fitted_prior_fall_in_the_clusters_not_between_them(fitted):
+    samples = sample_latents(fitted, 400, generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (400, 8)
+    kind = samples.mean(dim=1)
+    # Both kinds, about equally often, each near +-2 on every dimension: the prior N(0, I) would put most
+    # draws near 0, the hole.
+    assert 0.3 < (kind > 0).float().mean() < 0.7
+    assert (kind.abs() > 1.2).float().mean() > 0.9
+    assert (samples - 2 * kind.sign()[:, None]).abs().median() < 0.5
+
+
+def test_the_fitted_state_is_plain_data_and_reproducible(fitted, two_clusters, tmp_path):
+    torch.save({"samplers": {"diffusion": fitted}}, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)["samplers"]["diffusion"]
+    draw = lambda state: sample_latents(state, 5, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    assert torch.equal(draw(fitted), draw(loaded))
+    again = diffusion_prior.fit_diffusion_prior(*two_clusters, LATENT, steps=20, width=32, num_blocks=2, seed=0)
+    once_more = diffusion_prior.fit_diffusion_prior(*two_clusters, LATENT, steps=20, width=32, num_blocks=2, seed=0)
+    assert all(torch.equal(again["network"][k], once_more["network"][k]) for k in again["network"])
+
+
+def test_sdedit_keeps_a_code_at_strength_zero_and_its_kind_at_low_strength(fitted):
+    generator = torch.Generator().manual_seed(2)
+    code = torch.full((64, 8), 2.0)  # the + kind
+    assert torch.equal(diffusion_prior.vary(fitted, code, 0.0, generator), code)
+    low = diffusion_prior.vary(fitted, code, 0.3, generator)
+    assert (low.mean(dim=1) > 1.0).float().mean() > 0.95, "a little noise, denoised, stays in the photo's cluster"
+    assert torch.pdist(low).min() > 0, "and the variations differ"
+    free = diffusion_prior.vary(fitted, code, 1.0, generator).mean(dim=1)
+    assert (free < -1.2).any() and (free > 1.2).any(), "at strength 1 the photo is forgotten: both kinds appear"
+
+
+def test_a_dense_latent_is_modelled_as_a_one_by_one_map():
+    means = torch.randn(64, 5)
+    state = diffusion_prior.fit_diffusion_prior(means, torch.full_like(means, 0.1), (5,), steps=5, width=16,
+                                                num_blocks=1)
+    assert diffusion_prior.grid_shape((5,)) == (5, 1, 1)
+    assert sample_latents(state, 3, generator=torch.Generator().manual_seed(0)).shape == (3, 5)
+
+
+def test_the_gmm_step_leaves_its_component_unchanged():
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.tensor([3.0, -1.0])
+    scale_tril = torch.tensor([[1.0, 0.0], [0.8, 0.5]])
+    state = {"kind": "gmm", "weights": torch.ones(1), "means": mean[None], "scale_tril": scale_tril[None]}
+    draws = mean + torch.randn(20000, 2, generator=generator) @ scale_tril.T
+    assert torch.equal(gmm_vary(state, draws[:5], 0.0, generator), draws[:5])
+    moved = gmm_vary(state, draws, 0.5, generator)
+    # The step is a Markov kernel whose stationary law is the component: the moments stay those of N(mean, LL^T).
+    torch.testing.assert_close(moved.mean(0), mean, atol=0.05, rtol=0)
+    torch.testing.assert_close(torch.cov(moved.T), scale_tril @ scale_tril.T, atol=0.06, rtol=0)
+    rho = diffusion_prior.signal_level(0.5).sqrt().item()
+    correlation = torch.corrcoef(torch.stack([draws[:, 0], moved[:, 0]]))[0, 1].item()
+    assert correlation == pytest.approx(rho, abs=0.03)  # and it keeps the share rho of the code
+    free = gmm_vary(state, draws, 1.0, generator)
+    assert abs(torch.corrcoef(torch.stack([draws[:, 0], free[:, 0]]))[0, 1].item()) < 0.03
+
+
+def test_the_gmm_step_picks_the_component_a_code_belongs_to():
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.cat([torch.randn(300, 3, generator=generator) - 5, torch.randn(300, 3, generator=generator) + 5])
+    state = fit_gmm(latents, num_components=2, seed=0)
+    near_minus = gmm_vary(state, torch.full((200, 3), -5.0), 0.7, generator)
+    assert (near_minus.mean(dim=1) < 0).all()
+
+
+def test_pooled_pairwise_rmse_by_hand():
+    black, white = torch.zeros(1, 3, 16, 16), torch.ones(1, 3, 16, 16)
+    half = torch.cat([torch.zeros(1, 3, 16, 8), torch.ones(1, 3, 16, 8)], dim=3)
+    # Pairs: black-white 1, black-half sqrt(1/2), white-half sqrt(1/2); pooling to 8x8 keeps these halves.
+    expected = (1 + 2 * math.sqrt(0.5)) / 3
+    assert mean_pairwise_rmse(torch.cat([black, white, half])) == pytest.approx(expected)
+    # Pixel noise that averages out over each 2x2 block (a checkerboard) is invisible to the measure.
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None]) % 2
+    noisy = (0.5 + 0.2 * (checker * 2 - 1)).expand(1, 3, 16, 16)
+    assert mean_pairwise_rmse(torch.cat([noisy, torch.full((1, 3, 16, 16), 0.5)])) == pytest.approx(0, abs=1e-7)
+    spread, pairs = same_class_pairwise_rmse(torch.cat([black, white, half]), [1, 1, 2])
+    assert (spread, pairs) == (pytest.approx(1.0), 1)
+    assert same_class_pairwise_rmse(torch.cat([black, white]), [1, 2]) == (None, 0)
+
+
+def test_the_species_classifier_learns_separable_features():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(40)
+    features = torch.randn(120, 16, generator=generator) + 4 * torch.nn.functional.one_hot(labels, 16)
+    predict = fit_species_classifier(features.numpy(), labels.numpy() + 1)
+    fresh = torch.randn(30, 16, generator=generator) + 4 * torch.nn.functional.one_hot(labels[::4], 16)
+    assert (predict(fresh.numpy()) == labels[::4].numpy() + 1).mean() > 0.9

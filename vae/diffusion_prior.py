@@ -1,0 +1,226 @@
+"""A learned prior over the VAE's latent space: a small denoising diffusion model fitted to the training images'
+posteriors (the second stage of LSGM, Vahdat et al. 2021, trained after the VAE instead of with it).
+
+The VAE's prior N(0, I) puts mass where no image's posterior does; this model learns the aggregate posterior
+q(z) = E_x q(z|x) instead, so that its draws decode to flower-like images. It also gives variations of a photo:
+noise the photo's code part of the way and let the model denoise it (SDEdit, Meng et al. 2022). The photo's
+kind survives in what the noise leaves of its code; the rest is filled in with what real flowers' codes hold.
+
+The process (DDPM, Ho et al. 2020) runs in continuous time t in [0, 1] on standardised latents u:
+    u_t = sqrt(a(t)) u_0 + sqrt(1 - a(t)) eps,   a(t) = cos^2(pi/2 (t + s) / (1 + s)),  s = 0.008
+(the cosine schedule of Nichol & Dhariwal 2021), and a network predicts v = sqrt(a) eps - sqrt(1 - a) u_0 from
+(u_t, t) (Salimans & Ho 2022): u_0 = sqrt(a) u_t - sqrt(1 - a) v needs no division by sqrt(a), which an
+eps-prediction network's errors would be multiplied by near t = 1. A latent of shape
+(C, H, W) is modelled as a C-channel map with 3x3 convolutions; a dense latent (D,) as a (D, 1, 1) map.
+
+The fitted model is a plain dict of tensors, ints and floats (see fit_diffusion_prior), so it is stored in a
+checkpoint under "samplers" and loads with torch.load(weights_only=True); sampling needs no data.
+"""
+
+import math
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+SCHEDULE_OFFSET = 0.008  # s of the cosine schedule: keeps a(0) just below 1 so eps is defined at t = 0
+MAX_T = 0.999  # a(1) = 0 exactly would make sqrt(a) / sqrt(1 - a) degenerate; the last step starts just short
+SAMPLING_STEPS = 50  # reverse steps for a full sample; a variation at strength s takes about s times as many
+
+
+def signal_level(t):
+    """a(t) of the cosine schedule: the share of the variance of u_t that is signal (1 at t=0, 0 at t=1)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    level = torch.cos(0.5 * math.pi * (t + SCHEDULE_OFFSET) / (1 + SCHEDULE_OFFSET)).pow(2) / \
+        math.cos(0.5 * math.pi * SCHEDULE_OFFSET / (1 + SCHEDULE_OFFSET)) ** 2
+    return level.float()
+
+
+def grid_shape(latent_shape):
+    """(C, H, W) the network sees for a latent of latent_shape: spatial latents as they are, dense ones as
+    (D, 1, 1)."""
+    return tuple(latent_shape) if len(latent_shape) == 3 else (int(latent_shape[0]), 1, 1)
+
+
+class TimeEmbedding(nn.Module):
+    """t in [0, 1] -> a vector of `width`: sinusoids of 1000 t at geometric frequencies, then a small MLP."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        half = self.width // 2
+        frequencies = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
+        angles = 1000 * t[:, None] * frequencies[None]
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=1))
+
+
+class DenoiserBlock(nn.Module):
+    """Pre-activation residual block: GroupNorm, SiLU, 3x3 conv, with the time embedding as a per-channel scale
+    and shift between the two convolutions."""
+
+    def __init__(self, width):
+        super().__init__()
+        groups = math.gcd(8, width)
+        self.norm1, self.norm2 = nn.GroupNorm(groups, width), nn.GroupNorm(groups, width)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.time = nn.Linear(width, 2 * width)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, h, embedding):
+        scale, shift = self.time(embedding)[:, :, None, None].chunk(2, dim=1)
+        out = self.conv1(torch.nn.functional.silu(self.norm1(h)))
+        out = self.norm2(out) * (1 + scale) + shift
+        return h + self.conv2(torch.nn.functional.silu(out))
+
+
+class Denoiser(nn.Module):
+    """v-prediction network: (u_t (B, C, H, W), t (B,)) -> predicted v (B, C, H, W).
+
+    num_blocks residual blocks of `width` channels at the latent's own resolution: on an 8x8 grid four blocks
+    (eight 3x3 convolutions) see the whole grid, so every position is denoised knowing the whole flower.
+    """
+
+    def __init__(self, channels, width=64, num_blocks=4):
+        super().__init__()
+        self.time = TimeEmbedding(width)
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        self.blocks = nn.ModuleList(DenoiserBlock(width) for _ in range(num_blocks))
+        self.out = nn.Sequential(nn.GroupNorm(math.gcd(8, width), width), nn.SiLU(),
+                                 nn.Conv2d(width, channels, 3, padding=1))
+
+    def forward(self, u, t):
+        embedding = self.time(t)
+        h = self.stem(u)
+        for block in self.blocks:
+            h = block(h, embedding)
+        return self.out(h)
+
+
+def _standardise(latents, state):
+    return (latents - state["shift"].to(latents.device)) / state["scale"].to(latents.device)
+
+
+def _unstandardise(u, state):
+    return u * state["scale"].to(u.device) + state["shift"].to(u.device)
+
+
+def fit_diffusion_prior(means, stds, latent_shape, steps=4000, batch_size=128, lr=2e-3, width=64, num_blocks=4,
+                        seed=0, device="cpu", progress=False):
+    """Fit the diffusion prior to the aggregate posterior of the training images.
+
+    means, stds: (N, *latent_shape) posterior means and standard deviations of the training images (include
+    their mirror images when the VAE trained with --hflip). Each step draws a batch of fresh z ~ q(z|x) =
+    N(mean, std^2), so the model learns the aggregate posterior, the distribution the decoder was trained on,
+    not N points it could memorise. Latents are standardised per dimension (shift and scale stored). Adam, the
+    learning rate warmed up over the first 5% of `steps`, then cosine-annealed to 0, and an exponential moving average of the weights
+    (decay 0.999), which is what is stored. The caller's RNG streams are untouched.
+
+    Returns {"kind": "diffusion", "latent_shape", "latent_dim", "width", "num_blocks", "network": the averaged
+    weights, "shift", "scale", "steps", "loss": mean v-prediction MSE over the last 200 steps}.
+    """
+    device = torch.device(device)
+    means = means.detach().float().reshape(len(means), *grid_shape(latent_shape))
+    stds = stds.detach().float().reshape(means.shape)
+    # The aggregate posterior's moments: Var z = Var(mean) + E[std^2].
+    shift = means.mean(0)
+    scale = (means.var(0, unbiased=False) + stds.pow(2).mean(0)).sqrt().clamp(min=1e-6)
+    state = {"shift": shift, "scale": scale}
+    means_u, stds_u = _standardise(means, state).to(device), (stds / scale).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        network = Denoiser(means.shape[1], width, num_blocks).to(device)
+        average = torch.optim.swa_utils.AveragedModel(
+            network, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999))
+        optimizer = torch.optim.Adam(network.parameters(), lr=lr)
+        warmup = max(1, steps // 20)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
+            1 + math.cos(math.pi * step / steps)))
+        recent = []
+        for _ in tqdm(range(steps), desc="diffusion prior", unit="step", disable=not progress):
+            index = torch.randint(len(means_u), (min(batch_size, len(means_u)),), generator=generator, device=device)
+            u0 = means_u[index] + stds_u[index] * torch.randn(means_u[index].shape, generator=generator,
+                                                              device=device)
+            t = torch.rand(len(u0), generator=generator, device=device) * MAX_T
+            eps = torch.randn(u0.shape, generator=generator, device=device)
+            a = signal_level(t).to(device)[:, None, None, None]
+            v = a.sqrt() * eps - (1 - a).sqrt() * u0
+            loss = (network(a.sqrt() * u0 + (1 - a).sqrt() * eps, t) - v).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            average.update_parameters(network)
+            recent = (recent + [loss.item()])[-200:]
+    return {
+        "kind": "diffusion",
+        "latent_shape": [int(size) for size in latent_shape],
+        "latent_dim": int(math.prod(latent_shape)),
+        "width": int(width),
+        "num_blocks": int(num_blocks),
+        "network": {name: value.detach().cpu().clone() for name, value in average.module.state_dict().items()},
+        "shift": shift.cpu(),
+        "scale": scale.cpu(),
+        "steps": int(steps),
+        "loss": float(sum(recent) / max(1, len(recent))),
+    }
+
+
+def _noise(shape, generator, device):
+    return torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
+
+
+def load_denoiser(state, device):
+    network = Denoiser(grid_shape(state["latent_shape"])[0], state["width"], state["num_blocks"])
+    network.load_state_dict(state["network"])
+    return network.to(device).eval()
+
+
+@torch.no_grad()
+def denoise(state, u, t_start, generator=None, temperature=1.0, steps=SAMPLING_STEPS, network=None):
+    """Run the reverse process on standardised latents u (B, C, H, W) at time t_start down to t = 0.
+
+    DDPM's ancestral steps (Ho et al. 2020) on an even grid of max(1, round(steps * t_start)) steps, each a
+    draw from the posterior q(u_s | u_t, u_0 = predicted) of the forward process; `temperature` scales the
+    noise of every step (1: the model's own distribution). Returns u_0 (B, C, H, W).
+    """
+    network = network if network is not None else load_denoiser(state, u.device)
+    num_steps = max(1, round(steps * t_start))
+    times = torch.linspace(t_start, 0.0, num_steps + 1).tolist()
+    for t, s in zip(times[:-1], times[1:]):
+        a_t, a_s = float(signal_level(t)), float(signal_level(s))
+        v = network(u, torch.full((len(u),), t, device=u.device))
+        u0 = math.sqrt(a_t) * u - math.sqrt(1 - a_t) * v
+        if s == 0.0:
+            return u0
+        # q(u_s | u_t, u_0): mean and variance of the forward process's Gaussian posterior.
+        alpha = a_t / a_s  # signal kept from s to t
+        variance = (1 - alpha) * (1 - a_s) / (1 - a_t)
+        mean = (math.sqrt(a_s) * (1 - alpha) * u0 + math.sqrt(alpha) * (1 - a_s) * u) / (1 - a_t)
+        u = mean + temperature * math.sqrt(variance) * _noise(u.shape, generator, u.device).to(u.device)
+    return u
+
+
+@torch.no_grad()
+def sample(state, num, temperature=1.0, generator=None, device="cpu"):
+    """num latents (num, latent_dim) drawn from the prior: pure noise at t = MAX_T, denoised."""
+    u = temperature * _noise((num, *grid_shape(state["latent_shape"])), generator, device).to(device)
+    return _unstandardise(denoise(state, u, MAX_T, generator, temperature), state).flatten(1)
+
+
+@torch.no_grad()
+def vary(state, latents, strength, generator=None):
+    """SDEdit: each latent (B, latent_dim) noised to time t = strength (0: unchanged; 1: all noise, a new sample)
+    and denoised by the prior. Returns (B, latent_dim)."""
+    if strength <= 0:
+        return latents.clone()
+    t = min(float(strength), MAX_T)
+    u = _standardise(latents.reshape(len(latents), *grid_shape(state["latent_shape"])), state)
+    a = float(signal_level(t))
+    u = math.sqrt(a) * u + math.sqrt(1 - a) * _noise(u.shape, generator, u.device).to(u.device)
+    return _unstandardise(denoise(state, u, t, generator), state).flatten(1)
