@@ -25,7 +25,7 @@ from vae.device import DEVICES, model_device, pick_device
 from vae.errors import UserError
 
 REPO = Path(__file__).resolve().parent
-PRETRAINED = REPO / "pretrained" / "flowers32.pt"
+PRETRAINED = inference.PRETRAINED
 # Photos of Flowers102 that pretrained/flowers32.pt was not trained on (its held-out images).
 EXAMPLES = sorted((REPO / "pretrained" / "examples").glob("*.jpg"))
 HOST = "127.0.0.1"
@@ -109,16 +109,17 @@ class Demo:
     def variations(self, upload, mode, count, strength, seed, fixed_seed=False):
         """(what the model sees, its reconstruction, the variations, message, the seed used). A new random seed
         on every call unless fixed_seed, so that each press gives new flowers."""
-        seed = seed_for(seed, fixed_seed)
         try:
+            seed = seed_for(seed, fixed_seed)
             x, notes = read_upload(upload, self.model)
             if mode not in self.modes:
                 raise UserError(f"this checkpoint cannot make {mode} variations; pick one of {', '.join(self.modes)}")
             count = int(check_range("the number of variations", count, COUNT))
             strength = check_range("the strength", strength, STRENGTH)
             generator = torch.Generator().manual_seed(seed)
-            images = inference.variations(self.model, x, count, strength, generator, mode, self.checkpoint)[0]
-            seen, reconstruction = self.pictures(torch.cat([x, inference.reconstruct(self.model, x)]))
+            images, _, mean = inference.variations(self.model, x, count, strength, generator, mode, self.checkpoint)
+            with torch.no_grad():
+                seen, reconstruction = self.pictures(torch.cat([x, self.model.decode(mean)]))
             return seen, reconstruction, self.pictures(images), message(notes), seed
         except UserError as error:
             return None, None, [], message(error=error), seed
@@ -136,8 +137,8 @@ class Demo:
 
     def samples(self, sampler, count, temperature, seed, fixed_seed=False):
         """(new images from a sampler the checkpoint has, message, the seed used: new unless fixed_seed)."""
-        seed = seed_for(seed, fixed_seed)
         try:
+            seed = seed_for(seed, fixed_seed)
             if sampler not in self.samplers:
                 raise UserError(f"this checkpoint has no {sampler} sampler; pick one of {', '.join(self.samplers)}")
             count = int(check_range("the number of samples", count, COUNT))
@@ -187,7 +188,8 @@ def build_page(demo, checkpoint_name):
 
         gr.Markdown("## New flowers like your photo\nThe photo is encoded to its latent code; its reconstruction "
                     "is decoded from the posterior mean. **Strength** says how far the variations go: near 0 they "
-                    "are the photo, around 0.5 the same kind of flower posed and shaped anew, at 1 any flower. "
+                    "are the photo, around 0.3 another flower of the same kind and colours, posed and shaped "
+                    "anew, at 1 any flower. "
                     f"Modes: {'; '.join(f'**{m}**: {inference.VARIATION_MODES[m]}' for m in demo.modes)}.")
         with gr.Row():
             photo = gr.Image(label="Your photo", elem_id="photo", **inputs)

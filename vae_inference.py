@@ -32,8 +32,7 @@ FITTED_SAMPLERS = ("gmm", "two-stage", "diffusion")
 from vae.training import evaluate
 
 
-# The shipped model (recipes/flowers32.json), used when --checkpoint is not given.
-PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "flowers32.pt"
+PRETRAINED = inference.PRETRAINED
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -77,8 +76,8 @@ def add_variation_mode(parser):
                         help=f"how variations are made. auto: the first of diffusion, gmm, posterior the checkpoint "
                              f"can run; {modes}")
     parser.add_argument("--strength", type=float, default=inference.DEFAULT_STRENGTH,
-                        help="how far variations go from the photo, from 0 (its reconstruction) through 0.5 (the "
-                             "same kind of flower, posed and shaped anew) to 1 (any flower)")
+                        help="how far variations go from the photo, from 0 (its reconstruction) through about 0.3 "
+                             "(another flower of the same kind and colours, posed and shaped anew) to 1 (any flower)")
 
 
 def add_holdout(parser):
@@ -186,7 +185,7 @@ def build_parser():
                         help=f"fit latent samplers to the posteriors of the images the run trained on (needs the "
                              f"data: --data-dir) and store them; with no KIND all of {', '.join(FITTED_SAMPLERS)}")
     export.add_argument("--diffusion-steps", type=int, default=inference.DIFFUSION_STEPS,
-                        help="training steps of the diffusion prior (about 5 minutes for 4000 on two CPU cores "
+                        help="training steps of the diffusion prior (about 20 minutes for 6000 on two CPU cores "
                              "for the 8x8x8 latent of flowers32)")
     add_data(export, None, "training images")
     return parser
@@ -305,7 +304,9 @@ def run_variations(args, model, checkpoint):
         raise UserError(f"two of --images are named {twice}, so their variations would overwrite each other in "
                         f"{args.out_dir}; rename one, or pass --out for one grid")
     x = inference.load_images(args.images, model, model_device(model))
-    images, _, _ = inference.variations(model, x, args.num, args.strength, generator_for(args), mode, checkpoint)
+    images, _, means = inference.variations(model, x, args.num, args.strength, generator_for(args), mode, checkpoint)
+    with torch.no_grad():  # decoded from the posterior means the variations started from
+        reconstructions = model.decode(means)
     what = f"{args.num} {mode} variations at strength {args.strength:g}"
     if args.out_dir:
         for stem, photo_variations in zip(stems, images.split(args.num)):
@@ -314,14 +315,13 @@ def run_variations(args, model, checkpoint):
         print(f"wrote {len(images)} images to {args.out_dir}: {what} of each of {len(x)} photo(s), "
               f"named <photo>-<k>.png")
     else:
-        reconstructions = inference.reconstruct(model, x)
         rows = [torch.cat([photo[None], reconstruction[None], varied]) for photo, reconstruction, varied
                 in zip(x, reconstructions, images.split(args.num))]
         path = inference.save_grid(torch.cat(rows), args.out, args.num + 2, args.scale)
         report_grid(path, len(x) * (args.num + 2), args.num + 2, f"a row per photo: the photo, its reconstruction, "
                     f"then {what}")
     if args.data_dir:
-        print_nearest_training_images(args, checkpoint, x, inference.reconstruct(model, x), images)
+        print_nearest_training_images(args, checkpoint, x, reconstructions, images)
 
 
 def print_nearest_training_images(args, checkpoint, x, reconstructions, variations):
@@ -362,6 +362,8 @@ def run_traverse(args, model, checkpoint):
 
 
 def run_evaluate(args, model, checkpoint):
+    if args.variations == 1:
+        raise UserError("--variations 1 cannot show how variations differ from each other; pass 2 or more (or 0)")
     images, names, described = split_images(args, checkpoint, subset="held-out")
     print(f"evaluating {args.checkpoint} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('step')}) on "
           f"{len(images)} images: {described}")
@@ -372,9 +374,10 @@ def run_evaluate(args, model, checkpoint):
     if args.variations:
         training, training_names, _ = training_images(args, checkpoint)
         data_dir = data_dir_of(args, checkpoint["config"])
-        results.update(inference.variation_quality(
-            model, checkpoint, images, flower_classes(data_dir, names), training, flower_classes(data_dir, training_names),
-            args.variations, args.strength, inference.variation_mode(checkpoint, args.mode), generator_for(args)))
+        judge = inference.VariationJudge(images, flower_classes(data_dir, names), training,
+                                         flower_classes(data_dir, training_names), model_device(model))
+        results.update(judge.judge(model, checkpoint, args.variations, args.strength,
+                                   inference.variation_mode(checkpoint, args.mode), generator_for(args)))
     if args.fid_samples:
         args.sampler = inference.best_sampler(checkpoint) if args.sampler == "auto" else args.sampler
         state = inference.sampler_state(model, checkpoint, args.sampler, args.checkpoint)
@@ -462,6 +465,8 @@ def run_export(args, model, checkpoint):
                                         diffusion_steps=args.diffusion_steps, progress=True)
         print(f"fitted in {(time.perf_counter() - started) / 60:.1f} minutes")
         checkpoint = {**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), **fitted}}
+        if "diffusion" in kinds:  # what the recipe's --diffusion-prior-steps does at the end of training
+            checkpoint["config"] = {**checkpoint["config"], "diffusion_prior_steps": args.diffusion_steps}
     export_for_inference(checkpoint, args.out)
     size = Path(args.out).stat().st_size / 1e6
     print(f"wrote {args.out} ({size:.1f} MB): the weights inference uses, the config and the run's evaluation")

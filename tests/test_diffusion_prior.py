@@ -78,7 +78,7 @@ def test_a_dense_latent_is_modelled_as_a_one_by_one_map():
     means = torch.randn(64, 5)
     state = diffusion_prior.fit_diffusion_prior(means, torch.full_like(means, 0.1), (5,), steps=5, width=16,
                                                 num_blocks=1)
-    assert diffusion_prior.grid_shape((5,)) == (5, 1, 1)
+    assert diffusion_prior.map_shape((5,)) == (5, 1, 1)
     assert sample_latents(state, 3, generator=torch.Generator().manual_seed(0)).shape == (3, 5)
 
 

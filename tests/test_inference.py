@@ -15,8 +15,7 @@ from conftest import error_line, run_script
 from datasets.preprocessing import ImageBatches, cached_images, holdout_split, to_float
 from vae import inference
 from vae.losses import ELBOLoss, reconstruction_nll
-from vae.metrics import (active_units, bits_per_dim, discretized_gaussian_log_likelihood, iwae_log_likelihood,
-                         posterior_variance)
+from vae.metrics import (active_units, bits_per_dim, discretized_gaussian_log_likelihood, iwae_log_likelihood)
 from vae.samplers import prior_state
 from vae.training import evaluate, importance_samples
 from vae.vae import VAE
@@ -41,15 +40,25 @@ def png_size(path):
 
 def expected_grid(num_images, nrow, resolution=32, scale=3):
     """The size of a grid of 32x32 images, at the readable default scale of 3 unless told."""
-    height, width = inference.grid_shape(num_images, nrow, resolution, resolution, scale)
+    height, width = grid_shape(num_images, nrow, resolution, resolution, scale)
     return width, height
 
 
 # ------------------------------------------------------------------------------------------ subcommands
 
-def test_grid_shape_matches_make_grid_arithmetic():
-    assert inference.grid_shape(10, 4, 32, 32) == (3 * 34 + 2, 4 * 34 + 2)
-    assert inference.grid_shape(3, 8, 32, 32, scale=2) == (66 + 2, 3 * 66 + 2)
+def grid_shape(num_images, nrow, height, width, scale=1, padding=2):
+    """(height, width) in pixels of the grid save_grid writes: make_grid's arithmetic."""
+    rows = math.ceil(num_images / min(nrow, num_images))
+    cols = min(nrow, num_images)
+    return rows * (height * scale + padding) + padding, cols * (width * scale + padding) + padding
+
+
+def test_save_grid_writes_make_grid_sizes(tmp_path):
+    for count, nrow, scale in ((10, 4, 1), (3, 8, 2)):
+        path = inference.save_grid(torch.rand(count, 3, 32, 32), tmp_path / f"{count}.png", nrow, scale)
+        height, width = grid_shape(count, nrow, 32, 32, scale)
+        assert png_size(path) == (width, height)
+    assert grid_shape(10, 4, 32, 32) == (3 * 34 + 2, 4 * 34 + 2)
 
 
 def test_sample_grid_single_files_and_seed(checkpoint, tmp_path):
@@ -345,7 +354,7 @@ def test_active_units_of_an_encoder_built_to_use_exactly_k_dimensions():
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     results = evaluate(model, ImageBatches(images, 16, "cpu", shuffle=False), iw_samples=2)
     assert results["active_units"] == k
-    assert active_units(posterior_variance(torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 0.5]]))) == 1
+    assert active_units(torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 0.5]]).flatten(1).var(dim=0)) == 1
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -401,6 +410,8 @@ def test_export_fits_both_samplers_and_writes_a_small_inference_checkpoint(check
                  "--diffusion-steps", "100", "--out", str(exported)]) == 0
     small = torch.load(exported, weights_only=True)
     assert {"model", "config", "samplers", "git_sha"} <= small.keys() and "optimizer" not in small
+    assert small["config"]["data_dir"] == "datasets" and small["config"]["log_dir"] == "runs"  # no machine paths
+    assert small["config"]["diffusion_prior_steps"] == 100
     assert set(small["samplers"]) == {"gmm", "two-stage", "diffusion"}
     assert exported.stat().st_size < checkpoint.stat().st_size
     draws = {}
@@ -443,6 +454,13 @@ def test_the_diffusion_prior_samples_and_makes_the_default_variations(with_diffu
     assert main(["variations", "--checkpoint", str(with_diffusion_prior), "--images", str(flower_files[0]),
                  "--num", "3", "--out", str(tmp_path / "v.png")]) == 0
     assert "3 diffusion variations at strength" in capsys.readouterr().out
+    # The API beside the CLI has the same defaults: the best mode the checkpoint has, the default strength.
+    model, loaded = inference.load_model(with_diffusion_prior, "cpu")
+    x = inference.load_images([flower_files[0]], model, "cpu")
+    by_default = inference.variations(model, x, 2, generator=torch.Generator().manual_seed(5), checkpoint=loaded)[0]
+    spelled_out = inference.variations(model, x, 2, inference.DEFAULT_STRENGTH, torch.Generator().manual_seed(5),
+                                       "diffusion", loaded)[0]
+    assert torch.equal(by_default, spelled_out)
 
 
 @pytest.mark.slow  # Inception v3 on the CPU
@@ -470,8 +488,33 @@ def test_evaluate_measures_variations_species_diversity_and_fid(with_diffusion_p
     # At strength 0 every variation is the reconstruction: no diversity, and the species of the reconstructions.
     assert still["variation_diversity"] == pytest.approx(0, abs=1e-6)
     assert still["species_kept"] == still["species_kept_reconstructions"]
-    assert still["variation_fid"] == pytest.approx(still["variation_reconstruction_fid"], rel=1e-3)
     assert varied["species_accuracy_real"] == still["species_accuracy_real"]  # one classifier, fitted once
+
+
+@pytest.mark.slow  # Inception v3 on the CPU, and the script in its own process
+def test_the_variation_sweep_measures_each_mode_and_draws_the_plot_and_grid(with_diffusion_prior, tmp_path):
+    pytest.importorskip("matplotlib", reason="the optional requirements-metrics.txt is not installed")
+    from conftest import make_flowers_root
+
+    root = make_flowers_root(tmp_path / "four", classes=4)
+    # A run that held out a quarter of train+val (40 images): 10 held-out photos, about two of each class.
+    held_out = with_config(with_diffusion_prior, tmp_path / "holdout.pt", split="train+val", holdout=0.25)
+    plot, grid = tmp_path / "sweep.png", tmp_path / "grid.png"
+    result = run_script("benchmarks/variation_sweep.py", "--checkpoint", held_out, "--data-dir", root, "--modes",
+                        "diffusion", "posterior", "--strengths", "0.2", "0.6", "--posterior-strengths", "0.5",
+                        "--variations", "2", "--plot", plot, "--grid", grid, "--grid-photos", "2")
+    assert result.returncode == 0, result.stderr
+    sweep = json.loads(result.stdout.splitlines()[-1])
+    assert sweep["photos"] == 10
+    points = [(p["variation_mode"], p["variation_strength"]) for p in sweep["points"]]
+    assert points == [("diffusion", 0.2), ("diffusion", 0.6), ("posterior", 0.5)]
+    assert all(p["species_kept"] is not None and p["variation_diversity"] > 0 for p in sweep["points"])
+    assert png_size(plot)[0] > 500
+    # Two rows: the photo, then 4 variations at each of the three grid strengths, at the readable scale.
+    assert png_size(grid) == expected_grid(2 * 13, 13)
+    without_holdout = run_script("benchmarks/variation_sweep.py", "--checkpoint", with_diffusion_prior, "--data-dir",
+                                 root)
+    assert without_holdout.returncode == 2 and "trained without --holdout" in error_line(without_holdout.stderr)
 
 
 def test_projector_writes_any_checkpoints_posterior_means_with_classes(checkpoint, flowers_root, tmp_path):
@@ -493,7 +536,10 @@ def test_the_shipped_model_is_a_plain_checkpoint_of_the_flowers32_recipe():
     recipe = json.loads((PRETRAINED.parent.parent / "recipes" / "flowers32.json").read_text())
     for key, value in recipe.items():
         assert shipped["config"][key.replace("-", "_")] == value, key
-    assert shipped["samplers"]["gmm"]["kind"] == "gmm" and PRETRAINED.stat().st_size < 10e6
+    assert shipped["samplers"]["gmm"]["kind"] == "gmm" and PRETRAINED.stat().st_size < 20e6  # the design's limit
+    assert shipped["samplers"]["diffusion"]["kind"] == "diffusion"  # the recipe's prior, fitted on its images
+    # No folder of the machine that trained it: inference falls back to the defaults a user has.
+    assert (shipped["config"]["data_dir"], shipped["config"]["cache_dir"]) == ("datasets", "")
     assert shipped["eval"]["psnr_db"] > 20  # its held-out evaluation at the end of training
 
 

@@ -18,7 +18,7 @@ from vae.vae import VAE
 RESNET = ["--arch", "resnet", "--width", "8", "--latent-shape", "4", "4", "4", "--likelihood", "logistic",
           "--beta", "1", "--lr", "1e-3"]
 PRACTICE = ["--split", "train+val", "--holdout", "0.2", "--hflip", "--ema", "0.9", "--lr-schedule", "cosine",
-            "--lr-warmup-epochs", "1", "--grad-clip", "50"]
+            "--lr-warmup-epochs", "1", "--grad-clip", "50", "--diffusion-prior-steps", "20"]
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,18 @@ def test_ema_weights_differ_from_the_trained_ones_and_inference_uses_them(recipe
     assert torch.equal(model.state_dict()["decoder.output.weight"], checkpoint["ema_model"]["decoder.output.weight"])
 
 
-def test_a_finished_run_stores_a_gmm_of_its_training_posteriors(recipe_runs):
+def test_a_finished_run_stores_a_gmm_and_the_diffusion_prior_of_its_training_posteriors(recipe_runs, tmp_path):
     gmm = recipe_runs["straight"]["samplers"]["gmm"]
     assert gmm["kind"] == "gmm" and gmm["means"].shape[1] == 4 * 4 * 4
     assert gmm["weights"].sum().item() == pytest.approx(1.0, abs=1e-5)
+    prior = recipe_runs["straight"]["samplers"]["diffusion"]
+    assert prior["kind"] == "diffusion" and prior["latent_shape"] == [4, 4, 4] and prior["steps"] == 20
+    path = tmp_path / "c.pt"
+    torch.save(recipe_runs["straight"], path)
+    model, checkpoint = inference.load_model(path, "cpu")
+    assert inference.best_sampler(checkpoint) == "diffusion" and inference.variation_mode(checkpoint) == "diffusion"
+    images, z = inference.sample_images(model, prior, 3, 1.0, torch.Generator().manual_seed(0))
+    assert images.shape == (3, 3, 32, 32) and z.shape == (3, 4, 4, 4)
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine_to_zero():

@@ -130,6 +130,6 @@ def test_gmm_state_survives_torch_save_and_weights_only_load(gmm):
 def test_samplers_fit_the_shapes_the_model_uses():
     latents = torch.randn(40, 6)
     with pytest.raises(ValueError, match=r"\(N, D\)"):
-        fit_gmm(latents.reshape(40, 2, 3))
+        fit_gmm(latents.reshape(40, 2, 3), num_components=2)
     with pytest.raises(ValueError, match="at least"):
         fit_gmm(latents[:2], num_components=3)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae.config import resumed_config
+from vae.config import TrainConfig, resumed_config
 from vae.errors import TrainingDiverged, UserError
 
 FORMAT_VERSION = 1
@@ -151,12 +151,18 @@ def checkpoint_to_resume(resume, config, explicit):
     return checkpoint, path, config
 
 
+# Settings that are paths of the machine a run trained on: an export, made to be shared, keeps their defaults.
+MACHINE_PATHS = ("data_dir", "cache_dir", "log_dir")
+
+
 def export_for_inference(checkpoint, path):
     """Write a small checkpoint for inference and sharing: the weights inference uses (the moving average's when
-    the run had --ema), the config, the run's last evaluation and latent sampler, epoch, step, and the versions
-    and git commit that trained it. No optimizer or RNG state: it cannot be resumed."""
+    the run had --ema), the config (its folders, MACHINE_PATHS, set back to their defaults), the run's last
+    evaluation and latent samplers, epoch, step, and the versions and git commit that trained it. No optimizer or
+    RNG state: it cannot be resumed."""
     weights = checkpoint.get("ema_model", checkpoint["model"])
     kept = {key: checkpoint[key] for key in ("eval", "samplers", "epoch", "step", "versions", "git_sha")
             if key in checkpoint}
     save_checkpoint(path, model={name: tensor.clone() for name, tensor in weights.items()},
-                    config=checkpoint["config"], **kept)
+                    config={**checkpoint["config"], **{name: getattr(TrainConfig, name) for name in MACHINE_PATHS}},
+                    **kept)

@@ -36,7 +36,7 @@ def signal_level(t):
     return level.float()
 
 
-def grid_shape(latent_shape):
+def map_shape(latent_shape):
     """(C, H, W) the network sees for a latent of latent_shape: spatial latents as they are, dense ones as
     (D, 1, 1)."""
     return tuple(latent_shape) if len(latent_shape) == 3 else (int(latent_shape[0]), 1, 1)
@@ -109,7 +109,7 @@ def _unstandardise(u, state):
     return u * state["scale"].to(u.device) + state["shift"].to(u.device)
 
 
-def fit_diffusion_prior(means, stds, latent_shape, steps=4000, batch_size=128, lr=2e-3, width=64, num_blocks=4,
+def fit_diffusion_prior(means, stds, latent_shape, steps=6000, batch_size=128, lr=2e-3, width=128, num_blocks=4,
                         seed=0, device="cpu", progress=False):
     """Fit the diffusion prior to the aggregate posterior of the training images.
 
@@ -124,7 +124,7 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=4000, batch_size=128, l
     weights, "shift", "scale", "steps", "loss": mean v-prediction MSE over the last 200 steps}.
     """
     device = torch.device(device)
-    means = means.detach().float().reshape(len(means), *grid_shape(latent_shape))
+    means = means.detach().float().reshape(len(means), *map_shape(latent_shape))
     stds = stds.detach().float().reshape(means.shape)
     # The aggregate posterior's moments: Var z = Var(mean) + E[std^2].
     shift = means.mean(0)
@@ -176,7 +176,7 @@ def _noise(shape, generator, device):
 
 
 def load_denoiser(state, device):
-    network = Denoiser(grid_shape(state["latent_shape"])[0], state["width"], state["num_blocks"])
+    network = Denoiser(map_shape(state["latent_shape"])[0], state["width"], state["num_blocks"])
     network.load_state_dict(state["network"])
     return network.to(device).eval()
 
@@ -209,7 +209,7 @@ def denoise(state, u, t_start, generator=None, temperature=1.0, steps=SAMPLING_S
 @torch.no_grad()
 def sample(state, num, temperature=1.0, generator=None, device="cpu"):
     """num latents (num, latent_dim) drawn from the prior: pure noise at t = MAX_T, denoised."""
-    u = temperature * _noise((num, *grid_shape(state["latent_shape"])), generator, device).to(device)
+    u = temperature * _noise((num, *map_shape(state["latent_shape"])), generator, device).to(device)
     return _unstandardise(denoise(state, u, MAX_T, generator, temperature), state).flatten(1)
 
 
@@ -220,7 +220,7 @@ def vary(state, latents, strength, generator=None):
     if strength <= 0:
         return latents.clone()
     t = min(float(strength), MAX_T)
-    u = _standardise(latents.reshape(len(latents), *grid_shape(state["latent_shape"])), state)
+    u = _standardise(latents.reshape(len(latents), *map_shape(state["latent_shape"])), state)
     a = float(signal_level(t))
     u = math.sqrt(a) * u + math.sqrt(1 - a) * _noise(u.shape, generator, u.device).to(u.device)
     return _unstandardise(denoise(state, u, t, generator), state).flatten(1)

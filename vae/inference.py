@@ -22,8 +22,10 @@ from vae import diffusion_prior
 from vae.samplers import SAMPLER_PREFERENCE, fit_gmm, fit_two_stage, gmm_vary, prior_state, sample_latents
 from vae.vae import build_model, eval_mode
 
+# The shipped model (recipes/flowers32.json): the default --checkpoint of the scripts and the page.
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained" / "flowers32.pt"
 GMM_COMPONENTS = 4
-DIFFUSION_STEPS = 4000  # about 5 minutes on two CPU cores for the 8x8x8 latent of flowers32
+DIFFUSION_STEPS = 6000  # about 20 minutes on two CPU cores for the 8x8x8 latent of flowers32
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -172,7 +174,7 @@ VARIATION_MODES = {
                  "the same flower with its pixels varied",
 }
 # The strength of the default mode: the one the README's sweep of diffusion variations settled on.
-DEFAULT_STRENGTH = 0.7
+DEFAULT_STRENGTH = 0.35
 MAX_POSTERIOR_TEMPERATURE = 100.0
 
 
@@ -192,29 +194,33 @@ def variation_mode(checkpoint, mode="auto"):
 
 
 @torch.no_grad()
-def variations(model, x, num_variations, strength, generator, mode="posterior", checkpoint=None):
+def variations(model, x, num_variations, strength=DEFAULT_STRENGTH, generator=None, mode="auto", checkpoint=None):
     """num_variations new images from the code of each photo x (N, 3, H, W); returns (images (N * num_variations,
     3, H, W), photo by photo, their z, the photos' posterior means (N, *latent_shape)).
 
     strength in [0, 1] says how far from the photo they go: 0 decodes the photo's posterior mean (its
     reconstruction), 1 is as free as a new sample. The mode (VARIATION_MODES) says how; "diffusion" and "gmm"
-    take their fitted sampler from the checkpoint's "samplers".
+    take their fitted sampler from the checkpoint's "samplers", and "auto" is the best one the checkpoint has
+    (see variation_mode). Noise comes from `generator` (a CPU one unless given; None: seeded from torch's
+    global generator).
     """
     if not 0 <= strength <= 1:
         raise UserError(f"the strength must be in [0, 1], got {strength}")
+    mode = variation_mode(checkpoint or {}, mode)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
     mean, std = posterior(model, x)
     repeated = lambda tensor: tensor.repeat_interleave(num_variations, dim=0).flatten(1)  # noqa: E731
     if mode == "posterior":
-        temperature = min(strength / (1 - strength), MAX_POSTERIOR_TEMPERATURE) if strength < 1 else \
-            MAX_POSTERIOR_TEMPERATURE
+        temperature = MAX_POSTERIOR_TEMPERATURE if strength >= 1 else \
+            min(strength / (1 - strength), MAX_POSTERIOR_TEMPERATURE)
         eps = torch.randn(repeated(mean).shape, generator=generator, device=generator.device).to(mean.device)
         z = repeated(mean) + temperature * repeated(std) * eps
+    elif mode == "diffusion":  # the denoiser runs on the model's device, its noise drawn from the generator
+        z = diffusion_prior.vary(checkpoint["samplers"]["diffusion"], repeated(mean), strength, generator)
     else:
-        state = checkpoint["samplers"][mode]
-        on_generator = repeated(mean).to(generator.device)
-        moved = diffusion_prior.vary(state, on_generator, strength, generator) if mode == "diffusion" else \
-            gmm_vary(state, on_generator, strength, generator)
-        z = moved.to(mean.device)
+        z = gmm_vary(checkpoint["samplers"]["gmm"], repeated(mean).to(generator.device), strength,
+                     generator).to(mean.device)
     z = z.view(-1, *model.latent_shape)
     return model.decode(z), z, mean
 
@@ -287,13 +293,6 @@ def save_grid(images, path, nrow, scale=1):
     return path
 
 
-def grid_shape(num_images, nrow, height, width, scale=1, padding=2):
-    """(height, width) in pixels of the grid save_grid writes: what make_grid produces."""
-    rows = math.ceil(num_images / min(nrow, num_images))
-    cols = min(nrow, num_images)
-    return rows * (height * scale + padding) + padding, cols * (width * scale + padding) + padding
-
-
 def interleave_rows(top, bottom, nrow):
     """Stack rows of `top` above the matching rows of `bottom` (both (N, ...)) for a grid of nrow columns."""
     blocks = []
@@ -343,58 +342,71 @@ def decode_in_batches(model, function, images_uint8, batch_size=32):
                       for start in range(0, len(images_uint8), batch_size)])
 
 
-@torch.no_grad()
-def variation_quality(model, checkpoint, images_uint8, classes, training_uint8, training_classes, num_variations,
-                      strength, mode, generator, batch_size=64):
-    """Do variations of held-out photos keep their kind, and how much do they vary? A dict of:
+class VariationJudge:
+    """Measures variations of held-out photos: do they keep their kind, and how much do they vary?
+
+    Built once for a set of photos (uint8, with their classes, 0 for unknown) and the training images (with
+    theirs): the Inception features of both, the species classifier and the real photos' spread are computed
+    here, so that a sweep over strengths and modes pays for them once. judge() returns a dict of:
 
     - species_kept: the share of variations that a species classifier puts in their photo's species. The
       classifier is linear on Inception v3 features (vae.species), fitted on the training images' classes only;
       species_accuracy_real is its accuracy on the photos themselves (the ceiling), and
-      species_kept_reconstructions on their reconstructions.
+      species_kept_reconstructions on their reconstructions. None where the classes are unknown.
     - variation_diversity: the mean pooled RMSE between two variations of one photo (metrics.mean_pairwise_rmse,
-      8x8 average pooling), divided by the same between two real photos of one species among the evaluated
-      images: 1 is as varied as real photos of a species, 0 copies.
+      8x8 average pooling), divided by the same between two real photos of one species among the photos
+      (same_species_pooled_rmse, over same_species_pairs pairs): 1 is as varied as real photos of a species,
+      0 copies. None when no two photos share a species.
     - variation_fid: FID of all variations against the photos; variation_reconstruction_fid is the FID of the
       photos' reconstructions against them, the same measurement for images made with no variation at all.
     - the RMSE to the photo and to the nearest training image (variation_distances): variations are not copies.
-
-    classes: the photos' classes (0: unknown); the species numbers are None where the classes are unknown.
     """
-    from vae.species import fit_species_classifier
 
-    if num_variations < 2:
-        raise UserError(f"--variations must be at least 2 to measure how variations differ, got {num_variations}")
-    device = model_device(model)
-    varied = torch.cat([variations(model, to_float(images_uint8[start:start + 16]).to(device), num_variations,
-                                   strength, generator, mode, checkpoint)[0].cpu()
-                        for start in range(0, len(images_uint8), 16)])
-    reconstructions = decode_in_batches(model, reconstruct, images_uint8)
-    extractor = load_inception(device)
-    real = inception_features(images_uint8, extractor, batch_size)
-    varied_features = inception_features(varied, extractor, batch_size)
-    reconstruction_features = inception_features(reconstructions, extractor, batch_size)
-    results = {"variations": num_variations, "variation_mode": mode, "variation_strength": strength,
-               "variation_fid": frechet_distance(real, varied_features),
-               "variation_reconstruction_fid": frechet_distance(real, reconstruction_features),
-               "variation_fid_reference_images": len(images_uint8)}
-    classes, training_classes = torch.as_tensor(classes), torch.as_tensor(training_classes)
-    known = training_classes > 0
-    species = {"species_kept": None, "species_accuracy_real": None, "species_kept_reconstructions": None}
-    if known.sum() >= 2 and (classes > 0).all() and len(training_classes[known].unique()) >= 2:
-        predict = fit_species_classifier(inception_features(training_uint8[known], extractor, batch_size),
-                                         training_classes[known].numpy())
-        accuracy = lambda features, labels: float((predict(features) == labels.numpy()).mean())  # noqa: E731
-        species = {"species_kept": accuracy(varied_features, classes.repeat_interleave(num_variations)),
-                   "species_accuracy_real": accuracy(real, classes),
-                   "species_kept_reconstructions": accuracy(reconstruction_features, classes)}
-    results.update(species)
-    per_photo = [mean_pairwise_rmse(group) for group in varied.split(num_variations)]
-    real_spread, pairs = same_class_pairwise_rmse(to_float(images_uint8), classes) if (classes > 0).all() else \
-        (None, 0)
-    results.update({
-        "variation_pooled_rmse": sum(per_photo) / len(per_photo),
-        "same_species_pooled_rmse": real_spread, "same_species_pairs": pairs,
-        "variation_diversity": None if not real_spread else sum(per_photo) / len(per_photo) / real_spread})
-    results.update(variation_distances(images_uint8, varied, training_uint8))
-    return results
+    def __init__(self, images_uint8, classes, training_uint8, training_classes, device="cpu", batch_size=64):
+        from vae.species import fit_species_classifier
+
+        self.images, self.training = images_uint8, training_uint8
+        self.classes, training_classes = torch.as_tensor(classes), torch.as_tensor(training_classes)
+        self.batch_size = batch_size
+        self.extractor = load_inception(device)
+        self.real = inception_features(images_uint8, self.extractor, batch_size)
+        known = training_classes > 0
+        self.predict = None
+        if (self.classes > 0).all() and len(training_classes[known].unique()) >= 2:
+            self.predict = fit_species_classifier(
+                inception_features(training_uint8[known], self.extractor, batch_size), training_classes[known].numpy())
+        self.real_spread, self.pairs = same_class_pairwise_rmse(to_float(images_uint8), self.classes) \
+            if (self.classes > 0).all() else (None, 0)
+        self._reconstructions = None  # (model, Inception features of its reconstructions of the photos)
+
+    def _species_share(self, features, classes):
+        return None if self.predict is None else float((self.predict(features) == classes.numpy()).mean())
+
+    @torch.no_grad()
+    def judge(self, model, checkpoint, num_variations, strength, mode, generator):
+        if num_variations < 2:
+            raise ValueError(f"variations differ only between two or more, got {num_variations}")
+        device = model_device(model)
+        varied = torch.cat([variations(model, to_float(self.images[start:start + 16]).to(device), num_variations,
+                                       strength, generator, mode, checkpoint)[0].cpu()
+                            for start in range(0, len(self.images), 16)])
+        varied_features = inception_features(varied, self.extractor, self.batch_size)
+        if self._reconstructions is None or self._reconstructions[0] is not model:  # the same for every strength
+            reconstructions = decode_in_batches(model, reconstruct, self.images)
+            self._reconstructions = model, inception_features(reconstructions, self.extractor, self.batch_size)
+        reconstruction_features = self._reconstructions[1]
+        per_photo = [mean_pairwise_rmse(group) for group in varied.split(num_variations)]
+        spread = sum(per_photo) / len(per_photo)
+        return {
+            "variations": num_variations, "variation_mode": mode, "variation_strength": strength,
+            "species_kept": self._species_share(varied_features, self.classes.repeat_interleave(num_variations)),
+            "species_accuracy_real": self._species_share(self.real, self.classes),
+            "species_kept_reconstructions": self._species_share(reconstruction_features, self.classes),
+            "variation_diversity": spread / self.real_spread if self.real_spread else None,
+            "variation_pooled_rmse": spread, "same_species_pooled_rmse": self.real_spread,
+            "same_species_pairs": self.pairs,
+            "variation_fid": frechet_distance(self.real, varied_features),
+            "variation_reconstruction_fid": frechet_distance(self.real, reconstruction_features),
+            "variation_fid_reference_images": len(self.images),
+            **variation_distances(self.images, varied, self.training),
+        }

@@ -11,16 +11,9 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 
 def active_units(variance, threshold=ACTIVE_UNIT_THRESHOLD):
     """Number of latent dimensions whose posterior mean varies across images: Var_x(E_q[z_d|x]) > threshold
-    (Burda et al. 2016). variance: (D,), as posterior_variance gives it. A collapsed model has few."""
+    (Burda et al. 2016). variance: (D,), the variance over images of each dimension's posterior mean. A collapsed
+    model has few."""
     return int((torch.as_tensor(variance) > threshold).sum())
-
-
-def posterior_variance(posterior_means):
-    """Var_x(E_q[z|x]) per latent dimension, shape (D,); a spatial latent is flattened to D = C*H*W."""
-    posterior_means = posterior_means.flatten(1)
-    if len(posterior_means) < 2:
-        return torch.zeros(posterior_means.shape[1], device=posterior_means.device)
-    return posterior_means.double().var(dim=0, unbiased=True).float()
 
 
 def psnr_db(mse):

@@ -51,7 +51,7 @@ def _as_latents(latents):
 
 # ------------------------------------------------------------------------------ Gaussian mixture
 
-def fit_gmm(latents, num_components=10, seed=0, covariance="full", reg_covar=1e-4, max_iter=200):
+def fit_gmm(latents, num_components, seed=0, covariance="full", reg_covar=1e-4, max_iter=200):
     """Fit a Gaussian mixture to latents (N, D) (posterior means or samples of the training images).
 
     Fitted by EM with scikit-learn's GaussianMixture (k-means initialisation, seeded); reg_covar (in squared

@@ -41,12 +41,3 @@ class KLSchedule:
 
     def load_state_dict(self, state):
         self.__init__(**state)
-
-
-def schedule_for(config, steps_per_epoch):
-    """The KLSchedule a TrainConfig asks for, with its lengths in optimisation steps."""
-    # The run's length in epochs sets the cycles; --max-steps only cuts a run short (smoke tests), it does
-    # not rescale the schedule.
-    total_steps = config.epochs * steps_per_epoch
-    return KLSchedule(config.kl_schedule, config.beta, warmup_steps=round(config.kl_warmup_epochs * steps_per_epoch),
-                      total_steps=total_steps, cycles=config.kl_cycles, ratio=config.kl_ratio)
