@@ -211,8 +211,8 @@ def train(config, resume="", explicit=()):
                 save("checkpoint.pt")
                 say(line + f"  ({images_per_s:.0f} img/s)")
             if main_process and state["epoch"] >= config.epochs:
-                # Samplers of the training images' posteriors (a GMM, and the diffusion prior when asked), so that sampling
-                # and variations need no data.
+                # Samplers of the training images' posteriors (a GMM, and the diffusion prior when asked), so that
+                # sampling and variations need no data.
                 kinds = ("gmm", "diffusion") if config.diffusion_prior_steps else ("gmm",)
                 samplers = fit_samplers(unwrap(eval_model), train_images, kinds, seed=config.seed, hflip=config.hflip,
                                         diffusion_steps=config.diffusion_prior_steps, progress=True)

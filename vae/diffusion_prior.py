@@ -18,6 +18,7 @@ checkpoint under "samplers" and loads with torch.load(weights_only=True); sampli
 """
 
 import math
+from collections import deque
 
 import torch
 from torch import nn
@@ -116,9 +117,9 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=6000, batch_size=128, l
     means, stds: (N, *latent_shape) posterior means and standard deviations of the training images (include
     their mirror images when the VAE trained with --hflip). Each step draws a batch of fresh z ~ q(z|x) =
     N(mean, std^2), so the model learns the aggregate posterior, the distribution the decoder was trained on,
-    not N points it could memorise. Latents are standardised per dimension (shift and scale stored). Adam, the
-    learning rate warmed up over the first 5% of `steps`, then cosine-annealed to 0, and an exponential moving average of the weights
-    (decay 0.999), which is what is stored. The caller's RNG streams are untouched.
+    not N points it could memorise. Latents are standardised per dimension (shift and scale stored). Adam, its
+    learning rate warmed up over the first 5% of `steps` and then cosine-annealed to 0, and an exponential
+    moving average of the weights (decay 0.999), which is what is stored. The caller's RNG streams are untouched.
 
     Returns {"kind": "diffusion", "latent_shape", "latent_dim", "width", "num_blocks", "network": the averaged
     weights, "shift", "scale", "steps", "loss": mean v-prediction MSE over the last 200 steps}.
@@ -141,7 +142,7 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=6000, batch_size=128, l
         warmup = max(1, steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
             1 + math.cos(math.pi * step / steps)))
-        recent = []
+        recent = deque(maxlen=200)
         for _ in tqdm(range(steps), desc="diffusion prior", unit="step", disable=not progress):
             index = torch.randint(len(means_u), (min(batch_size, len(means_u)),), generator=generator, device=device)
             u0 = means_u[index] + stds_u[index] * torch.randn(means_u[index].shape, generator=generator,
@@ -156,7 +157,7 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=6000, batch_size=128, l
             optimizer.step()
             schedule.step()
             average.update_parameters(network)
-            recent = (recent + [loss.item()])[-200:]
+            recent.append(loss.item())
     return {
         "kind": "diffusion",
         "latent_shape": [int(size) for size in latent_shape],

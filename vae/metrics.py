@@ -94,28 +94,26 @@ def iwae_log_likelihood(log_weights):
 DIVERSITY_POOL = 8  # images are average-pooled to 8x8: structure and colour stay, pixel noise averages out
 
 
-def pooled(images, size=DIVERSITY_POOL):
-    """Images (N, 3, H, W) in [0, 1] average-pooled to (N, 3 * size * size) (H and W multiples of size)."""
-    return torch.nn.functional.adaptive_avg_pool2d(images.float(), size).flatten(1)
+def pooled_distances(images, size=DIVERSITY_POOL):
+    """RMSE (0-1 scale) between every two images (N, 3, H, W) in [0, 1] after average-pooling them to size x size
+    (H and W multiples of size): an (N, N) matrix of how far apart they are in layout and colour."""
+    features = torch.nn.functional.adaptive_avg_pool2d(images.double(), size).flatten(1)
+    return torch.cdist(features, features) / math.sqrt(features.shape[1])
 
 
 def mean_pairwise_rmse(images, size=DIVERSITY_POOL):
-    """Mean RMSE (0-1 scale) over all pairs of images (N >= 2, (N, 3, H, W) in [0, 1]) after pooling to
-    size x size: how far apart a set of images is in layout and colour."""
+    """Mean pooled RMSE (pooled_distances) over all pairs of images, N >= 2."""
     if len(images) < 2:
         raise ValueError(f"pairwise distances need at least 2 images, got {len(images)}")
-    features = pooled(images, size).double()
-    distances = torch.cdist(features, features) / math.sqrt(features.shape[1])
-    return distances[torch.triu_indices(len(images), len(images), offset=1).unbind()].mean().item()
+    pairs = torch.triu_indices(len(images), len(images), offset=1).unbind()
+    return pooled_distances(images, size)[pairs].mean().item()
 
 
 def same_class_pairwise_rmse(images, classes, size=DIVERSITY_POOL):
-    """Mean pooled RMSE over the pairs of images that share a class (see mean_pairwise_rmse), and the number of
-    such pairs; (None, 0) when no two images share one."""
-    features = pooled(images, size).double()
+    """Mean pooled RMSE over the pairs of images that share a class, and the number of such pairs; (None, 0) when
+    no two images share one."""
     classes = torch.as_tensor(classes)
     same = (classes[:, None] == classes[None, :]).triu(diagonal=1)
     if not same.any():
         return None, 0
-    distances = torch.cdist(features, features) / math.sqrt(features.shape[1])
-    return distances[same].mean().item(), int(same.sum())
+    return pooled_distances(images, size)[same].mean().item(), int(same.sum())

@@ -21,8 +21,8 @@ def fit_species_classifier(features, labels, seed=0):
         raise UserError("the species classifier needs scikit-learn: pip install -r requirements.txt") from None
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
-        raise UserError("the species classifier needs training images of at least two classes (Flowers102 "
-                        "labels, or one sub-folder per class)")
+        raise UserError("the species classifier needs training images of at least two classes (Flowers102's "
+                        "imagelabels.mat)")
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     classifier.fit(np.asarray(features), labels)
     return classifier.predict
