@@ -413,7 +413,9 @@ def test_export_fits_both_samplers_and_writes_a_small_inference_checkpoint(check
     assert small["config"]["data_dir"] == "datasets" and small["config"]["log_dir"] == "runs"  # no machine paths
     assert small["config"]["diffusion_prior_steps"] == 100
     assert set(small["samplers"]) == {"gmm", "two-stage", "diffusion"}
-    assert exported.stat().st_size < checkpoint.stat().st_size
+    # Without the optimizer's state an export is smaller than the training checkpoint (the fitted samplers aside).
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "plain.pt")]) == 0
+    assert (tmp_path / "plain.pt").stat().st_size < checkpoint.stat().st_size
     draws = {}
     for sampler in ("prior", "gmm", "two-stage", "diffusion"):
         out = tmp_path / f"{sampler}.png"

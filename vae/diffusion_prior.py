@@ -59,15 +59,15 @@ class TimeEmbedding(nn.Module):
 
 
 class DenoiserBlock(nn.Module):
-    """Pre-activation residual block: GroupNorm, SiLU, 3x3 conv, with the time embedding as a per-channel scale
+    """Pre-activation residual block: GroupNorm, SiLU, convolution, with the time embedding as a per-channel scale
     and shift between the two convolutions."""
 
-    def __init__(self, width):
+    def __init__(self, width, kernel_size=3):
         super().__init__()
         groups = math.gcd(8, width)
         self.norm1, self.norm2 = nn.GroupNorm(groups, width), nn.GroupNorm(groups, width)
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv1 = nn.Conv2d(width, width, kernel_size, padding=kernel_size // 2)
+        self.conv2 = nn.Conv2d(width, width, kernel_size, padding=kernel_size // 2)
         self.time = nn.Linear(width, 2 * width)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
         nn.init.zeros_(self.conv2.bias)
@@ -83,16 +83,18 @@ class Denoiser(nn.Module):
     """v-prediction network: (u_t (B, C, H, W), t (B,)) -> predicted v (B, C, H, W).
 
     num_blocks residual blocks of `width` channels at the latent's own resolution: on an 8x8 grid four blocks
-    (eight 3x3 convolutions) see the whole grid, so every position is denoised knowing the whole flower.
+    (eight 3x3 convolutions) see the whole grid, so every position is denoised knowing the whole flower. A dense
+    latent, a (D, 1, 1) map, gets 1x1 convolutions: an MLP, with none of a 3x3 kernel's taps wasted on padding.
     """
 
-    def __init__(self, channels, width=64, num_blocks=4):
+    def __init__(self, channels, width=64, num_blocks=4, kernel_size=3):
         super().__init__()
+        padding = kernel_size // 2
         self.time = TimeEmbedding(width)
-        self.stem = nn.Conv2d(channels, width, 3, padding=1)
-        self.blocks = nn.ModuleList(DenoiserBlock(width) for _ in range(num_blocks))
+        self.stem = nn.Conv2d(channels, width, kernel_size, padding=padding)
+        self.blocks = nn.ModuleList(DenoiserBlock(width, kernel_size) for _ in range(num_blocks))
         self.out = nn.Sequential(nn.GroupNorm(math.gcd(8, width), width), nn.SiLU(),
-                                 nn.Conv2d(width, channels, 3, padding=1))
+                                 nn.Conv2d(width, channels, kernel_size, padding=padding))
 
     def forward(self, u, t):
         embedding = self.time(t)
@@ -100,6 +102,10 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             h = block(h, embedding)
         return self.out(h)
+
+
+def _kernel_size(latent_shape):
+    return 3 if map_shape(latent_shape)[1:] != (1, 1) else 1
 
 
 def _standardise(latents, state):
@@ -135,7 +141,7 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=6000, batch_size=128, l
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        network = Denoiser(means.shape[1], width, num_blocks).to(device)
+        network = Denoiser(means.shape[1], width, num_blocks, _kernel_size(latent_shape)).to(device)
         average = torch.optim.swa_utils.AveragedModel(
             network, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999))
         optimizer = torch.optim.Adam(network.parameters(), lr=lr)
@@ -177,7 +183,8 @@ def _noise(shape, generator, device):
 
 
 def load_denoiser(state, device):
-    network = Denoiser(map_shape(state["latent_shape"])[0], state["width"], state["num_blocks"])
+    network = Denoiser(map_shape(state["latent_shape"])[0], state["width"], state["num_blocks"],
+                       _kernel_size(state["latent_shape"]))
     network.load_state_dict(state["network"])
     return network.to(device).eval()
 
