@@ -152,8 +152,7 @@ def sample_quality(model, state, real_uint8, num_samples, temperature, generator
     real = inception_features(real_uint8, extractor, batch_size)
     generated = torch.cat([sample_images(model, state, min(batch_size, num_samples - start), temperature,
                                          generator)[0].cpu() for start in range(0, num_samples, batch_size)])
-    reconstructions = torch.cat([reconstruct(model, to_float(real_uint8[start:start + batch_size]).to(
-        model_device(model))).cpu() for start in range(0, len(real_uint8), batch_size)])
+    reconstructions = decode_in_batches(model, reconstruct, real_uint8, batch_size)
     results = fid_kid(real, inception_features(generated, extractor, batch_size))
     results["recon_fid"] = frechet_distance(real, inception_features(reconstructions, extractor, batch_size))
     return {**results, "fid_samples": num_samples, "fid_reference_images": len(real_uint8)}
