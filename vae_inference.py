@@ -374,9 +374,9 @@ def run_evaluate(args, model, checkpoint):
     if args.variations:
         training, training_names, _ = training_images(args, checkpoint)
         data_dir = data_dir_of(args, checkpoint["config"])
-        judge = inference.VariationJudge(images, flower_classes(data_dir, names), training,
-                                         flower_classes(data_dir, training_names), model_device(model))
-        results.update(judge.judge(model, checkpoint, args.variations, args.strength,
+        judge = inference.VariationJudge(model, images, flower_classes(data_dir, names), training,
+                                         flower_classes(data_dir, training_names))
+        results.update(judge.judge(checkpoint, args.variations, args.strength,
                                    inference.variation_mode(checkpoint, args.mode), generator_for(args)))
     if args.fid_samples:
         args.sampler = inference.best_sampler(checkpoint) if args.sampler == "auto" else args.sampler

@@ -90,8 +90,8 @@ def main(argv=None):
                                                  **common)
         training, training_names = inference.dataset_images(args.data_dir, config["split"], config["resolution"],
                                                             "train", **common)
-        judge = inference.VariationJudge(photos, flower_classes(args.data_dir, names), training,
-                                         flower_classes(args.data_dir, training_names), device)
+        judge = inference.VariationJudge(model, photos, flower_classes(args.data_dir, names), training,
+                                         flower_classes(args.data_dir, training_names))
         if args.plot and (judge.predict is None or not judge.real_spread):
             raise UserError("the plot needs species kept and diversity: photos with Flowers102 labels, two of them "
                             "of one species among the held-out photos")
@@ -99,7 +99,7 @@ def main(argv=None):
         for mode in args.modes:
             inference.variation_mode(checkpoint, mode)  # the checkpoint can run it, or a one-line error now
             for strength in args.posterior_strengths if mode == "posterior" else args.strengths:
-                result = judge.judge(model, checkpoint, args.variations, strength, mode,
+                result = judge.judge(checkpoint, args.variations, strength, mode,
                                      torch.Generator().manual_seed(args.seed))
                 points.append(result)
                 print(json.dumps(result), flush=True)

@@ -179,7 +179,9 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=6000, batch_size=128, l
 
 
 def _noise(shape, generator, device):
-    return torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
+    """Standard normal noise on `device`, drawn from the generator (on its own device) when one is given."""
+    return torch.randn(shape, generator=generator,
+                       device=generator.device if generator is not None else device).to(device)
 
 
 def load_denoiser(state, device):
@@ -210,14 +212,14 @@ def denoise(state, u, t_start, generator=None, temperature=1.0, steps=SAMPLING_S
         alpha = a_t / a_s  # signal kept from s to t
         variance = (1 - alpha) * (1 - a_s) / (1 - a_t)
         mean = (math.sqrt(a_s) * (1 - alpha) * u0 + math.sqrt(alpha) * (1 - a_s) * u) / (1 - a_t)
-        u = mean + temperature * math.sqrt(variance) * _noise(u.shape, generator, u.device).to(u.device)
+        u = mean + temperature * math.sqrt(variance) * _noise(u.shape, generator, u.device)
     return u
 
 
 @torch.no_grad()
 def sample(state, num, temperature=1.0, generator=None, device="cpu"):
     """num latents (num, latent_dim) drawn from the prior: pure noise at t = MAX_T, denoised."""
-    u = temperature * _noise((num, *map_shape(state["latent_shape"])), generator, device).to(device)
+    u = temperature * _noise((num, *map_shape(state["latent_shape"])), generator, device)
     return _unstandardise(denoise(state, u, MAX_T, generator, temperature), state).flatten(1)
 
 
@@ -230,5 +232,5 @@ def vary(state, latents, strength, generator=None):
     t = min(float(strength), MAX_T)
     u = _standardise(latents.reshape(len(latents), *map_shape(state["latent_shape"])), state)
     a = float(signal_level(t))
-    u = math.sqrt(a) * u + math.sqrt(1 - a) * _noise(u.shape, generator, u.device).to(u.device)
+    u = math.sqrt(a) * u + math.sqrt(1 - a) * _noise(u.shape, generator, u.device)
     return _unstandardise(denoise(state, u, t, generator), state).flatten(1)

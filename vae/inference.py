@@ -152,7 +152,7 @@ def sample_quality(model, state, real_uint8, num_samples, temperature, generator
     real = inception_features(real_uint8, extractor, batch_size)
     generated = torch.cat([sample_images(model, state, min(batch_size, num_samples - start), temperature,
                                          generator)[0].cpu() for start in range(0, num_samples, batch_size)])
-    reconstructions = decode_in_batches(model, reconstruct, real_uint8, batch_size)
+    reconstructions = reconstruct_in_batches(model, real_uint8, batch_size)
     results = fid_kid(real, inception_features(generated, extractor, batch_size))
     results["recon_fid"] = frechet_distance(real, inception_features(reconstructions, extractor, batch_size))
     return {**results, "fid_samples": num_samples, "fid_reference_images": len(real_uint8)}
@@ -318,35 +318,33 @@ def nearest_distances(images, reference_uint8, chunk=256):
 
 def variation_distances(images_uint8, varied, training_uint8):
     """How close variations stay to their photo and how far they are from the training images, averaged over
-    the photos (RMSE per pixel, 0-255 scale): {"variation_rmse_to_input", "variation_rmse_to_nearest_training",
-    "input_rmse_to_nearest_training"}. varied: (N * K, 3, H, W) in [0, 1], the K variations of each of the N
-    photos in turn. A variation nearer a training image than its own photo is would be a copy of the training set
-    rather than a variation."""
-    to_input, to_training, input_to_training = [], [], []
+    the photos (RMSE per pixel, 0-255 scale): {"variation_rmse_to_input", "variation_rmse_to_nearest_training"}.
+    varied: (N * K, 3, H, W) in [0, 1], the K variations of each of the N photos in turn. A variation nearer a
+    training image than its own photo is would be a copy of the training set rather than a variation."""
+    to_input, to_training = [], []
     for image, photo_variations in zip(images_uint8, varied.cpu().split(len(varied) // len(images_uint8))):
-        x = to_float(image[None])
-        to_input.append(((photo_variations - x) * 255).pow(2).flatten(1).mean(dim=1).sqrt().mean().item())
+        to_input.append(((photo_variations - to_float(image[None])) * 255).pow(2).flatten(1).mean(dim=1).sqrt()
+                        .mean().item())
         to_training.append(nearest_distances(photo_variations, training_uint8)[0].mean().item())
-        input_to_training.append(nearest_distances(x, training_uint8)[0].item())
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return {"variation_rmse_to_input": mean(to_input), "variation_rmse_to_nearest_training": mean(to_training),
-            "input_rmse_to_nearest_training": mean(input_to_training)}
+    return {"variation_rmse_to_input": sum(to_input) / len(to_input),
+            "variation_rmse_to_nearest_training": sum(to_training) / len(to_training)}
 
 
 @torch.no_grad()
-def decode_in_batches(model, function, images_uint8, batch_size=32):
-    """function(model, x) over float batches of uint8 images, concatenated on the CPU."""
+def reconstruct_in_batches(model, images_uint8, batch_size=32):
+    """reconstruct() of uint8 images, a batch at a time on the model's device; floats (N, 3, H, W) on the CPU."""
     device = model_device(model)
-    return torch.cat([function(model, to_float(images_uint8[start:start + batch_size]).to(device)).cpu()
+    return torch.cat([reconstruct(model, to_float(images_uint8[start:start + batch_size]).to(device)).cpu()
                       for start in range(0, len(images_uint8), batch_size)])
 
 
 class VariationJudge:
     """Measures variations of held-out photos: do they keep their kind, and how much do they vary?
 
-    Built once for a set of photos (uint8, with their classes, 0 for unknown) and the training images (with
-    theirs): the Inception features of both, the species classifier and the real photos' spread are computed
-    here, so that a sweep over strengths and modes pays for them once. judge() returns a dict of:
+    Built once for a model, a set of photos (uint8, with their classes, 0 for unknown) and the training images
+    (with theirs): the Inception features of the photos, of their reconstructions and of the training images, the
+    species classifier, the real photos' spread and their distance to the training images are computed here, so
+    that a sweep over strengths and modes pays for them once. judge() returns a dict of:
 
     - species_kept: the share of variations that a species classifier puts in their photo's species. The
       classifier is linear on Inception v3 features (vae.species), fitted on the training images' classes only;
@@ -358,17 +356,20 @@ class VariationJudge:
       0 copies. None when no two photos share a species.
     - variation_fid: FID of all variations against the photos; variation_reconstruction_fid is the FID of the
       photos' reconstructions against them, the same measurement for images made with no variation at all.
-    - the RMSE to the photo and to the nearest training image (variation_distances): variations are not copies.
+    - the RMSE to the photo and to the nearest training image (variation_distances), beside the photos' own
+      distance to the nearest training image (input_rmse_to_nearest_training): variations are not copies.
     """
 
-    def __init__(self, images_uint8, classes, training_uint8, training_classes, device="cpu", batch_size=64):
+    def __init__(self, model, images_uint8, classes, training_uint8, training_classes, batch_size=64):
         from vae.species import fit_species_classifier
 
-        self.images, self.training = images_uint8, training_uint8
+        self.model, self.images, self.training = model, images_uint8, training_uint8
         self.classes, training_classes = torch.as_tensor(classes), torch.as_tensor(training_classes)
         self.batch_size = batch_size
-        self.extractor = load_inception(device)
+        self.extractor = load_inception(model_device(model))
         self.real = inception_features(images_uint8, self.extractor, batch_size)
+        self.reconstructions = inception_features(reconstruct_in_batches(model, images_uint8), self.extractor,
+                                                  batch_size)
         known = training_classes > 0
         self.predict = None
         if (self.classes > 0).all() and len(training_classes[known].unique()) >= 2:
@@ -376,36 +377,34 @@ class VariationJudge:
                 inception_features(training_uint8[known], self.extractor, batch_size), training_classes[known].numpy())
         self.real_spread, self.pairs = same_class_pairwise_rmse(to_float(images_uint8), self.classes) \
             if (self.classes > 0).all() else (None, 0)
-        self._reconstructions = None  # (model, Inception features of its reconstructions of the photos)
+        self.input_to_training = sum(nearest_distances(to_float(images_uint8), training_uint8)[0].tolist()) / \
+            len(images_uint8)
 
     def _species_share(self, features, classes):
         return None if self.predict is None else float((self.predict(features) == classes.numpy()).mean())
 
     @torch.no_grad()
-    def judge(self, model, checkpoint, num_variations, strength, mode, generator):
+    def judge(self, checkpoint, num_variations, strength, mode, generator):
         if num_variations < 2:
             raise ValueError(f"variations differ only between two or more, got {num_variations}")
-        device = model_device(model)
-        varied = torch.cat([variations(model, to_float(self.images[start:start + 16]).to(device), num_variations,
-                                       strength, generator, mode, checkpoint)[0].cpu()
+        device = model_device(self.model)
+        varied = torch.cat([variations(self.model, to_float(self.images[start:start + 16]).to(device),
+                                       num_variations, strength, generator, mode, checkpoint)[0].cpu()
                             for start in range(0, len(self.images), 16)])
         varied_features = inception_features(varied, self.extractor, self.batch_size)
-        if self._reconstructions is None or self._reconstructions[0] is not model:  # the same for every strength
-            reconstructions = decode_in_batches(model, reconstruct, self.images)
-            self._reconstructions = model, inception_features(reconstructions, self.extractor, self.batch_size)
-        reconstruction_features = self._reconstructions[1]
         per_photo = [mean_pairwise_rmse(group) for group in varied.split(num_variations)]
         spread = sum(per_photo) / len(per_photo)
         return {
             "variations": num_variations, "variation_mode": mode, "variation_strength": strength,
             "species_kept": self._species_share(varied_features, self.classes.repeat_interleave(num_variations)),
             "species_accuracy_real": self._species_share(self.real, self.classes),
-            "species_kept_reconstructions": self._species_share(reconstruction_features, self.classes),
+            "species_kept_reconstructions": self._species_share(self.reconstructions, self.classes),
             "variation_diversity": spread / self.real_spread if self.real_spread else None,
             "variation_pooled_rmse": spread, "same_species_pooled_rmse": self.real_spread,
             "same_species_pairs": self.pairs,
             "variation_fid": frechet_distance(self.real, varied_features),
-            "variation_reconstruction_fid": frechet_distance(self.real, reconstruction_features),
+            "variation_reconstruction_fid": frechet_distance(self.real, self.reconstructions),
             "variation_fid_reference_images": len(self.images),
             **variation_distances(self.images, varied, self.training),
+            "input_rmse_to_nearest_training": self.input_to_training,
         }
