@@ -22,6 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from datasets.preprocessing import ImageBatches, flower_classes, random_subset, to_float
 from vae import inference
 from vae.checkpoint import export_for_inference
+from vae.config import TrainConfig, saved_config
 from vae.device import DEVICES, model_device, pick_device
 from vae.errors import UserError
 from vae.logs import log_projector
@@ -213,31 +214,32 @@ def check_flag_ranges(args):
 def holdout_settings(args, config):
     """(fraction, seed) of the held-out set asked for; fraction 0 means the whole split."""
     if args.holdout_from_checkpoint:
-        if not config.get("holdout"):
+        if not config.holdout:
             raise UserError(f"{args.checkpoint} was trained without --holdout, so it has no held-out images; "
                             f"drop --holdout-from-checkpoint and pass --split")
-        return config["holdout"], config["seed"] if args.holdout_seed is None else args.holdout_seed
-    return args.holdout, config.get("seed", 0) if args.holdout_seed is None else args.holdout_seed
+        return config.holdout, config.seed if args.holdout_seed is None else args.holdout_seed
+    return args.holdout, config.seed if args.holdout_seed is None else args.holdout_seed
 
 
 def cache_settings(args, config):
-    """The training run's image-cache settings, so inference reads the cache that training wrote."""
-    return {"cache_dir": args.cache_dir or config.get("cache_dir", ""), "num_workers": config.get("num_workers", 1),
-            "skip_bad_images": config.get("skip_bad_images", False)}
+    """The training run's image-cache settings, so inference reads the cache that training wrote; the decoding
+    processes are this machine's default."""
+    return {"cache_dir": args.cache_dir or config.cache_dir, "num_workers": TrainConfig.num_workers,
+            "skip_bad_images": config.skip_bad_images}
 
 
 def data_dir_of(args, config):
     """--data-dir, or the training run's own."""
-    return args.data_dir or config.get("data_dir")
+    return args.data_dir or config.data_dir
 
 
 def split_images(args, checkpoint, subset):
     """(uint8 images, names, description) of --data-dir/--split, restricted to the hold-out when asked."""
-    config = checkpoint["config"]
+    config = saved_config(checkpoint["config"], args.checkpoint)
     data_dir = data_dir_of(args, config)
     holdout, seed = holdout_settings(args, config)
-    split = args.split or (config.get("split", "train") if holdout > 0 else "test")
-    images, names = inference.dataset_images(data_dir, split, config["resolution"], subset=subset,
+    split = args.split or (config.split if holdout > 0 else "test")
+    images, names = inference.dataset_images(data_dir, split, config.resolution, subset=subset,
                                              holdout=holdout, holdout_seed=seed, **cache_settings(args, config))
     described = f"{data_dir} split {split}"
     if holdout > 0:
@@ -248,12 +250,12 @@ def split_images(args, checkpoint, subset):
 def training_images(args, checkpoint):
     """(uint8 images, names, description) of the images the checkpoint's run trained on: --split (default the
     run's) of --data-dir, its hold-out left out when it is the run's own split."""
-    config = checkpoint["config"]
+    config = saved_config(checkpoint["config"], args.checkpoint)
     data_dir = data_dir_of(args, config)
-    split = args.split or config.get("split", "train")
-    holdout = config.get("holdout", 0.0) if split == config.get("split", "train") else 0.0
-    images, names = inference.dataset_images(data_dir, split, config["resolution"], subset="train", holdout=holdout,
-                                             holdout_seed=config.get("seed", 0), **cache_settings(args, config))
+    split = args.split or config.split
+    holdout = config.holdout if split == config.split else 0.0
+    images, names = inference.dataset_images(data_dir, split, config.resolution, subset="train", holdout=holdout,
+                                             holdout_seed=config.seed, **cache_settings(args, config))
     kept_aside = f" (its {holdout:g} hold-out excluded, as in training)" if holdout else ""
     return images, names, f"{len(images)} training images of {data_dir} split {split}{kept_aside}"
 
@@ -373,7 +375,7 @@ def run_evaluate(args, model, checkpoint):
                "data": described, "seed": args.seed, **results}
     if args.variations:
         training, training_names, _ = training_images(args, checkpoint)
-        data_dir = data_dir_of(args, checkpoint["config"])
+        data_dir = data_dir_of(args, saved_config(checkpoint["config"], args.checkpoint))
         judge = inference.VariationJudge(model, images, flower_classes(data_dir, names), training,
                                          flower_classes(data_dir, training_names))
         results.update(judge.judge(checkpoint, args.variations, args.strength,
@@ -444,7 +446,7 @@ def format_table(results):
 
 def run_projector(args, model, checkpoint):
     images, names, described = split_images(args, checkpoint, subset="held-out")
-    classes = flower_classes(data_dir_of(args, checkpoint["config"]), names)
+    classes = flower_classes(data_dir_of(args, saved_config(checkpoint["config"], args.checkpoint)), names)
     try:
         with SummaryWriter(args.log_dir) as writer:
             log_projector(writer, model, images, classes, checkpoint.get("step") or 0)
@@ -461,7 +463,7 @@ def run_export(args, model, checkpoint):
         print(f"fitting the {', '.join(kinds)} sampler(s) to the posteriors of the {described}")
         started = time.perf_counter()
         fitted = inference.fit_samplers(model, images, kinds=kinds, seed=args.seed,
-                                        hflip=checkpoint["config"].get("hflip", False),
+                                        hflip=saved_config(checkpoint["config"], args.checkpoint).hflip,
                                         diffusion_steps=args.diffusion_steps, progress=True)
         print(f"fitted in {(time.perf_counter() - started) / 60:.1f} minutes")
         checkpoint = {**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), **fitted}}

@@ -1,6 +1,6 @@
 """Train the original VAE on Flowers102.
 
-    python vae_training.py                        # the seed's run: train split, 32x32, latent 10, beta 0.1
+    python vae_training.py                        # the tutorial's run: train split, 32x32, latent 10, beta 0.1
     python vae_training.py --resolution 64 --run-name flowers64
     python vae_training.py --resume auto --run-name flowers64
     tensorboard --logdir runs
@@ -11,8 +11,10 @@ the evaluation in vae/training.py. This script wires them together for one run, 
 
 import dataclasses
 import math
+import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,14 +23,15 @@ from datasets.preprocessing import (ImageBatches, flower_classes, holdout_split,
 from vae import distributed
 from vae.checkpoint import checkpoint_to_resume, restore_model, save_checkpoint, unwrap
 from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args, validate_config
-from vae.errors import TrainingDiverged, UserError
+from vae.errors import EveryProcessError, TrainingDiverged, UserError
 from vae.inference import fit_samplers, sample_quality
 from vae.logs import log_grids, log_run_summary, log_scalars, log_settings, open_writer
+from vae.likelihoods import LIKELIHOODS
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
 from vae.run_folder import claim, resume_command, write_manifest
-from vae.training import (StopRequest, check_amp, evaluate, every, make_ema, make_kl_schedule, make_lr_schedule,
-                          make_optimizer, memory_format, train_one_epoch)
+from vae.training import (Optimization, StopRequest, TrainState, check_amp, evaluate, every, memory_format,
+                          train_one_epoch)
 from vae.vae import build_model
 
 EVAL_BATCH_SIZE = 256
@@ -51,8 +54,9 @@ def parse_args(argv=None):
     explicit = {name for name, value in vars(parser.parse_args(argv)).items()
                 if value is not unset and name in TrainConfig.__dataclass_fields__}
     config = config_from_args(args)
-    if config.likelihood == "gaussian-learned" and "beta" not in explicit:
-        config.beta = 1.0  # a learned sigma is calibrated by the ELBO itself, as in sigma-VAE
+    default_beta = LIKELIHOODS[config.likelihood].default_beta
+    if default_beta is not None and "beta" not in explicit:
+        config.beta = default_beta  # e.g. a learned sigma is calibrated by the ELBO itself, as in sigma-VAE
     return config, args, explicit
 
 
@@ -87,25 +91,45 @@ def load_data(config):
     return train_images, eval_images, eval_names
 
 
+class Checkpoints:
+    """Writes the run's checkpoints, on the main process only: the model, the optimization's state, the
+    TrainState (and the latest evaluation, state.eval), the RNG states and the config. It holds the run's objects,
+    which change in place, never a value that is reassigned."""
+
+    def __init__(self, run_dir, config, model, optimization, state, device, enabled):
+        self.run_dir, self.config, self.model, self.optimization = run_dir, config, model, optimization
+        self.state, self.device, self.enabled = state, device, enabled
+
+    def save(self, name="checkpoint.pt", samplers=None):
+        if not self.enabled:
+            return
+        state = self.state.as_dict()
+        save_checkpoint(self.run_dir / name, model=unwrap(self.model).state_dict(), **self.optimization.state_dict(),
+                        rng=rng_state(self.device), config=dataclasses.asdict(self.config), eval=state.pop("eval"),
+                        **state, **({"samplers": samplers} if samplers else {}))
+
+
 def train(config, resume="", explicit=()):
     """The whole run; returns the exit code: 0, or 130/143 when stopped by SIGINT/SIGTERM. Under torchrun every
     process runs this; only process 0 writes files and prints."""
+    # Setup: the process, the run folder, the data, the model, and the checkpoint's state over them.
     checkpoint, checkpoint_path, config = checkpoint_to_resume(resume, config, explicit)
     validate_config(config)
     process = distributed.setup(config.device)
-    main_process, device = process.is_main, process.device
-    say = print if main_process else (lambda *args, **kwargs: None)
-    if config.amp and main_process:
+    device = process.device
+    say = print if process.is_main else (lambda *args, **kwargs: None)
+    if config.amp and process.is_main:
         check_amp(device)
-    run_dir, lock = None, None
-    if main_process:
+    lock = None
+    if process.is_main:
         run_dir, lock = claim(config.log_dir, config.run_name or None, resumed_from=checkpoint_path)
         config.run_name = run_dir.name
     config.run_name = distributed.broadcast_object(config.run_name)
+    run_dir = Path(config.log_dir) / config.run_name  # on every process, for its messages
     torch.manual_seed(config.seed)
+    started = time.perf_counter()
 
-    # Data: the main process builds the image cache first; the others then load it.
-    with distributed.main_process_first(process):
+    with distributed.main_process_first(process):  # the main process builds the image cache; the others load it
         train_images, eval_images, eval_names = load_data(config)
     batches = ImageBatches(train_images, config.batch_size // process.world_size, device, shuffle=True,
                            seed=config.seed, rank=process.rank, world_size=process.world_size, hflip=config.hflip)
@@ -114,119 +138,91 @@ def train(config, resume="", explicit=()):
     grid_source = eval_images if eval_images is not None else train_images
     fixed_images = to_float(grid_source[random_subset(len(grid_source), config.grid_size, config.seed)].to(device))
 
-    # Model, optimizer and schedule, then the checkpoint's state over them.
     model = build_model(config).to(device, memory_format=memory_format(config, device))
-    optimizer = make_optimizer(model, config)
-    kl_schedule = make_kl_schedule(config, len(batches))
-    lr_schedule = make_lr_schedule(config, optimizer, len(batches))
-    ema = make_ema(model, config.ema)
-    loss_fn = ELBOLoss(config.beta, config.likelihood, config.free_bits)
+    optimization = Optimization(model, config, steps_per_epoch=len(batches))
+    loss_fn = ELBOLoss(config.beta, model.likelihood, config.free_bits)
     fixed_noise = torch.randn(config.grid_size, *model.latent_shape,
                               generator=torch.Generator().manual_seed(config.seed)).to(device)
-    state = {"epoch": 0, "step": 0, "batch": 0, "best_eval": math.inf}
-    metrics, samplers = None, None
+    state = TrainState()
     if checkpoint is not None:
         restore_model(model, checkpoint, checkpoint_path)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if "lr_schedule" in checkpoint:
-            lr_schedule.load_state_dict(checkpoint["lr_schedule"])
-        if ema is not None:
-            restore_model(ema.module, checkpoint, checkpoint_path, key="ema_model")
-            ema.n_averaged.fill_(checkpoint["step"])  # one update per step: the warm-up resumes where it was
-        state.update({key: checkpoint.get(key, value) for key, value in state.items()})
-        metrics = checkpoint.get("eval")
+        optimization.load_state_dict(checkpoint, checkpoint_path, restore_model)
+        state = TrainState(**{key: checkpoint.get(key, value) for key, value in state.as_dict().items()})
         set_rng_state(checkpoint["rng"], device, checkpoint_path)
-        say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
+        say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
     if process.rank > 0:  # every process draws its own reparameterisation noise
-        torch.manual_seed(config.seed + 7919 * process.rank + state["step"])
+        torch.manual_seed(config.seed + 7919 * process.rank + state.step)
+    eval_model = optimization.ema.module if optimization.ema is not None else model  # grids, best.pt, evaluation
+    checkpoints = Checkpoints(run_dir, config, model, optimization, state, device, enabled=process.is_main)
     if process.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         model = torch.compile(model)
-    eval_model = ema.module if ema is not None else model  # evaluation, grids and best.pt use the average
     say(f"training on {len(train_images)} images ({device}"
         f"{f' x {process.world_size} processes' if process.distributed else ''}), evaluating on "
         f"{0 if eval_images is None else len(eval_images)}; "
         f"{sum(p.numel() for p in unwrap(model).parameters()):,} parameters; run folder {run_dir}")
-
-    def save(name):
-        if main_process:
-            extra = {"ema_model": ema.module.state_dict()} if ema is not None else {}
-            extra.update({"samplers": samplers} if samplers else {})
-            save_checkpoint(run_dir / name, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
-                            schedule=kl_schedule.state_dict(), lr_schedule=lr_schedule.state_dict(),
-                            rng=rng_state(device), config=dataclasses.asdict(config), eval=metrics, **state, **extra)
-
-    save_when_due = every(config.checkpoint_every, lambda: save("checkpoint.pt"))  # also within an epoch
     writer = None
-    if main_process:
+    if process.is_main:
         write_manifest(run_dir, config, resumed_from=checkpoint_path)
-        writer = open_writer(run_dir, resumed_step=state["step"] if checkpoint is not None else None)
+        writer = open_writer(run_dir, resumed_step=state.step if checkpoint is not None else None)
         log_settings(writer, config)
+
     try:
-        with StopRequest() as stop:
-            session_start = state["step"]
-            while state["epoch"] < config.epochs:
-                if config.max_steps and state["step"] >= config.max_steps:
-                    if state["step"] == session_start:
+        # The epoch loop: train, evaluate, log, save.
+        with StopRequest(config.max_steps) as stop:
+            save_when_due = every(config.checkpoint_every, checkpoints.save)  # also within an epoch
+            session_start = state.step
+            while state.epoch < config.epochs:
+                if stop.at_max_steps(state.step):
+                    if state.step == session_start:
                         say(f"already at --max-steps {config.max_steps}; pass a larger --max-steps (or 0) to go on")
                     break
-                epoch, first_step, started = state["epoch"], state["step"], time.perf_counter()
-                losses = train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, kl_schedule, lr_schedule,
-                                         ema, config.grad_clip, writer, stop, after_step=save_when_due,
-                                         max_steps=config.max_steps, amp=config.amp,
-                                         input_format=memory_format(config, device), show_progress=main_process)
-                images_per_s = (state["step"] - first_step) * config.batch_size / (time.perf_counter() - started)
+                epoch, first_step, epoch_start = state.epoch, state.step, time.perf_counter()
+                losses = train_one_epoch(model, batches, loss_fn, optimization, state, writer, stop,
+                                         after_step=save_when_due, progress=process.is_main)
+                images_per_s = (state.step - first_step) * config.batch_size / (time.perf_counter() - epoch_start)
                 # Every process takes part in the reduction, so a signal that reached only one still stops all.
                 if distributed.any_process(stop.requested, device):
-                    save("checkpoint.pt")
-                    say(f"\nstopped at step {state['step']}; checkpoint saved. Resume with: "
+                    checkpoints.save()
+                    say(f"\nstopped at step {state.step}; checkpoint saved. Resume with: "
                         f"{resume_command(run_dir / 'checkpoint.pt')}", file=sys.stderr)
                     return stop.exit_code if stop.requested else 143
-                if state["batch"] >= len(batches):
-                    state["epoch"], state["batch"] = epoch + 1, 0
-                line = (f"epoch {epoch + 1}/{config.epochs} step {state['step']}: reconstruction "
+                if state.batch >= len(batches):
+                    state.epoch, state.batch = epoch + 1, 0
+                line = (f"epoch {epoch + 1}/{config.epochs} step {state.step}: reconstruction "
                         f"{losses.get('Reconstruction Loss', math.nan):.2f}  KL {losses.get('KL Loss', math.nan):.3f}  "
                         f"total {losses.get('Total Loss', math.nan):.2f}")
                 if eval_batches is not None:
                     # A fixed generator: the same noise every epoch, and the training RNG stream is not touched.
-                    metrics = evaluate(eval_model, eval_batches, config.beta,
-                                       generator=torch.Generator().manual_seed(config.seed))
-                    line += (f" | eval -ELBO {metrics['neg_elbo_nats']:.1f} nats, "
-                             f"{metrics['active_units']}/{metrics['latent_size']} active units")
-                    if main_process:
-                        log_scalars(writer, state["step"], "eval", metrics)
-                    if metrics["neg_elbo_nats"] < state["best_eval"]:
-                        state["best_eval"] = metrics["neg_elbo_nats"]
-                        save("best.pt")
-                if main_process:
-                    log_scalars(writer, state["step"], "train", {
-                        "epoch": epoch + 1, "images_per_s": images_per_s, "kl_weight": loss_fn.beta,
-                        "grad_norm": losses.pop("grad_norm"), "lr": optimizer.param_groups[0]["lr"]})
-                    if unwrap(model).log_sigma() is not None:
-                        writer.add_scalar("train/decoder_sigma", unwrap(model).log_sigma().exp().item(), state["step"])
-                    log_grids(writer, eval_model, fixed_images, fixed_noise, state["step"])
-                    writer.flush()
-                save("checkpoint.pt")
+                    state.eval = evaluate(eval_model, eval_batches, config.beta,
+                                          generator=torch.Generator().manual_seed(config.seed))
+                    line += (f" | eval -ELBO {state.eval['neg_elbo_nats']:.1f} nats, "
+                             f"{state.eval['active_units']}/{state.eval['latent_size']} active units")
+                    if process.is_main:
+                        log_scalars(writer, state.step, "eval", state.eval)
+                    if state.eval["neg_elbo_nats"] < state.best_eval:
+                        state.best_eval = state.eval["neg_elbo_nats"]
+                        checkpoints.save("best.pt")
+                if process.is_main:
+                    log_epoch(writer, state.step, epoch, losses, images_per_s, loss_fn, optimization, model,
+                              eval_model, fixed_images, fixed_noise)
+                checkpoints.save()
                 say(line + f"  ({images_per_s:.0f} img/s)")
-            if main_process and state["epoch"] >= config.epochs:
-                # Samplers of the training images' posteriors (a GMM, and the diffusion prior when asked), so that
-                # sampling and variations need no data.
-                kinds = ("gmm", "diffusion") if config.diffusion_prior_steps else ("gmm",)
-                samplers = fit_samplers(unwrap(eval_model), train_images, kinds, seed=config.seed, hflip=config.hflip,
-                                        diffusion_steps=config.diffusion_prior_steps, progress=True)
-                if config.fid_samples and eval_images is not None:
-                    quality = sample_quality(unwrap(eval_model), samplers[kinds[-1]], eval_images, config.fid_samples,
-                                             1.0, torch.Generator().manual_seed(config.seed), device)
-                    metrics = {**(metrics or {}), **quality}
-                save("checkpoint.pt")
-                log_run_summary(writer, config, metrics, eval_model, eval_images,
-                                flower_classes(config.data_dir, eval_names), state["step"])
+
+            # The end of the run: samplers of the latent, sample quality, HPARAMS and the projector.
+            if process.is_main and state.epoch >= config.epochs:
+                samplers = finish_run(config, unwrap(eval_model), train_images, eval_images, state, device)
+                checkpoints.save(samplers=samplers)
+                log_run_summary(writer, config, state.eval, eval_model, eval_images,
+                                flower_classes(config.data_dir, eval_names), state.step)
+                say(run_summary(run_dir, state, time.perf_counter() - started))
     except TrainingDiverged as error:
         kept = (f"{run_dir / 'checkpoint.pt'} keeps the last good state" if (run_dir / "checkpoint.pt").exists()
                 else "no checkpoint had been saved yet")
-        raise UserError(f"{error}; training stopped and {kept}. Lower --lr or --beta, or check the data") from None
+        raise EveryProcessError(f"{error}; training stopped and {kept}. Lower --lr or --beta, or check the data") \
+            from None
     finally:
         if writer is not None:
             writer.close()
@@ -238,6 +234,49 @@ def train(config, resume="", explicit=()):
     return 0
 
 
+def log_epoch(writer, step, epoch, losses, images_per_s, loss_fn, optimization, model, eval_model, fixed_images,
+              fixed_noise):
+    """The epoch's training numbers and the image grids of the fixed test batch and prior noise."""
+    log_scalars(writer, step, "train", {
+        "epoch": epoch + 1, "images_per_s": images_per_s, "kl_weight": loss_fn.beta,
+        "grad_norm": losses["grad_norm"], "lr": optimization.optimizer.param_groups[0]["lr"],
+        "decoder_sigma": unwrap(model).likelihood.shared_sigma()})
+    log_grids(writer, eval_model, fixed_images, fixed_noise, step)
+    writer.flush()
+
+
+def finish_run(config, model, train_images, eval_images, state, device):
+    """Samplers of the training images' posteriors (a GMM, and the diffusion prior when asked), so that sampling
+    and variations need no data; with --fid-samples, their sample quality joins state.eval. Returns the samplers."""
+    kinds = ("gmm", "diffusion") if config.diffusion_prior_steps else ("gmm",)
+    samplers = fit_samplers(model, train_images, kinds, seed=config.seed, hflip=config.hflip,
+                            diffusion_steps=config.diffusion_prior_steps, progress=True)
+    if config.fid_samples and eval_images is not None:
+        quality = sample_quality(model, samplers[kinds[-1]], eval_images, config.fid_samples, 1.0,
+                                 torch.Generator().manual_seed(config.seed), device)
+        state.eval = {**(state.eval or {}), **quality}
+    return samplers
+
+
+def run_summary(run_dir, state, seconds):
+    """The lines that end a run: where it is, its best held-out numbers, how long it took, what to run next."""
+    best = run_dir / "best.pt"
+    lines = [f"done: {state.epoch} epochs, {state.step} steps in {seconds / 60:.1f} min; run folder {run_dir}"]
+    if state.eval:
+        numbers = [f"-ELBO {state.eval['neg_elbo_nats']:.1f} nats (best {state.best_eval:.1f})"]
+        if state.eval.get("bits_per_dim") is not None:
+            numbers.append(f"{state.eval['bits_per_dim']:.3f} bits/dim")
+        numbers.append(f"PSNR {state.eval['psnr_db']:.2f} dB")
+        if state.eval.get("fid") is not None:
+            numbers.append(f"FID {state.eval['fid']:.1f}")
+        lines.append("held-out: " + ", ".join(numbers))
+    checkpoint = shlex.quote(str(best if best.exists() else run_dir / "checkpoint.pt"))
+    lines += [f"  tensorboard --logdir {shlex.quote(str(run_dir.parent))}",
+              f"  python vae_inference.py sample --checkpoint {checkpoint} --out samples.png",
+              f"  python vae_inference.py evaluate --checkpoint {checkpoint}"]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     config, args, explicit = parse_args(argv)
     try:
@@ -245,7 +284,9 @@ def main(argv=None):
     except UserError as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        if isinstance(error, EveryProcessError):
+            distributed.barrier()
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted before training started; nothing to save", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets.preprocessing import random_subset, to_float  # noqa: E402
+from vae.config import saved_config  # noqa: E402
 from vae.fid import fid_kid, inception_features, load_inception  # noqa: E402
 from vae.inference import dataset_images, load_model  # noqa: E402
 
@@ -30,10 +31,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     _, checkpoint = load_model(args.checkpoint, "cpu")
-    config = checkpoint["config"]
-    kwargs = dict(holdout=config["holdout"], holdout_seed=config["seed"])
-    held_out, _ = dataset_images(args.data_dir, config["split"], config["resolution"], subset="held-out", **kwargs)
-    training, _ = dataset_images(args.data_dir, config["split"], config["resolution"], subset="train", **kwargs)
+    config = saved_config(checkpoint["config"], args.checkpoint)
+    kwargs = dict(holdout=config.holdout, holdout_seed=config.seed)
+    held_out, _ = dataset_images(args.data_dir, config.split, config.resolution, subset="held-out", **kwargs)
+    training, _ = dataset_images(args.data_dir, config.split, config.resolution, subset="train", **kwargs)
     training = training[random_subset(len(training), args.num, args.seed)]
     extractor = load_inception("cpu")
     results = fid_kid(inception_features(to_float(held_out), extractor),

@@ -34,14 +34,14 @@ def make_step(config, device, compile_model, amp):
     model = build_model(config).to(device, memory_format=fmt)
     optimizer = make_optimizer(model, config)
     forward = torch.compile(model) if compile_model else model
-    loss_fn = ELBOLoss(config.beta, config.likelihood, config.free_bits)
+    loss_fn = ELBOLoss(config.beta, model.likelihood, config.free_bits)
 
     def step(x):
         x = x.contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             reconstruction, mean, log_var, log_scale = forward(x, return_log_scale=True)
         total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
-                        log_sigma=None if log_scale is None else log_scale.float())[3]
+                        None if log_scale is None else log_scale.float())[3]
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -66,7 +66,7 @@ def images_per_second(step, x, steps, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default="", help="a recipe's settings file (default: the seed's model)")
+    parser.add_argument("--config", default="", help="a recipe's settings file (default: the tutorial's model)")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--batch-size", type=int, default=0, help="images per step (0: the recipe's)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")

@@ -53,3 +53,18 @@ def test_compiled_training_saves_an_unwrapped_state_dict(flowers_root, tmp_path)
     checkpoint = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 2 and checkpoint["config"]["compile"] is True
     assert set(checkpoint["model"]) == set(VAE().state_dict())
+
+
+@pytest.mark.slow
+def test_a_diverged_run_ends_with_the_one_line_error_on_every_process(flowers_root, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "vae_training.py", "--data-dir", str(flowers_root), "--batch-size", "16", "--log-dir", str(tmp_path),
+               "--run-name", "diverged", "--grid-size", "4", "--eval-size", "0", "--device", "cpu",
+               "--num-workers", "1", "--lr", "1e6", "--epochs", "50"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line[line.index("error: "):] for line in result.stderr.splitlines() if "error: the loss became" in line]
+    assert len(errors) == 2, result.stderr[-3000:]  # one per process, the same line
+    assert errors[0] == errors[1] and "--lr" in errors[0]
+    # No traceback from the project's code (torchrun itself reports the failed processes with one).
+    assert "vae_training.py\", line" not in result.stderr and "/vae/" not in result.stderr, result.stderr[-3000:]

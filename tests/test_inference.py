@@ -14,8 +14,9 @@ from torch.distributions import Normal
 from conftest import error_line, run_script
 from datasets.preprocessing import ImageBatches, cached_images, holdout_split, to_float
 from vae import inference
-from vae.losses import ELBOLoss, reconstruction_nll
-from vae.metrics import (active_units, bits_per_dim, discretized_gaussian_log_likelihood, iwae_log_likelihood)
+from vae.likelihoods import discretized_gaussian_log_likelihood
+from vae.losses import ELBOLoss
+from vae.metrics import active_units, bits_per_dim, iwae_log_likelihood
 from vae.samplers import prior_state
 from vae.training import evaluate, importance_samples
 from vae.vae import VAE
@@ -291,7 +292,7 @@ def test_iwae_with_one_sample_is_the_single_sample_elbo_on_the_same_z():
         mean, log_var = model.encode(x)
         std = (0.5 * log_var).exp()
         z = mean + std * eps[0]
-        log_p_x_given_z = -reconstruction_nll(x, model.decode(z), "gaussian", model.log_sigma())
+        log_p_x_given_z = -model.likelihood.nll(x, *model.decode_distribution(z))
         log_p_z = Normal(0.0, 1.0).log_prob(z).sum(dim=1)
         log_q_z = Normal(mean, std).log_prob(z).sum(dim=1)
     elbo = (log_p_x_given_z + log_p_z - log_q_z).double()
@@ -558,12 +559,12 @@ def test_variations_of_a_users_photo_need_no_checkpoint_no_data_and_no_training(
 
 def test_posterior_means_encode_in_eval_mode_and_leave_the_model_as_it_was():
     from vae.config import TrainConfig
-    from vae.vae import build_model
+    from vae.vae import build_model, posterior_means
 
     model = build_model(TrainConfig(batch_norm=True)).train()
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    means = inference.posterior_means(model, images, batch_size=4)
+    means = posterior_means(model, images, batch_size=4)
     assert model.training  # back in the mode it came in
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # stats untouched
     with torch.no_grad():

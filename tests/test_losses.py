@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Independent, Normal, kl_divergence as torch_kl
 
-from vae.layers import MIN_LOG_SCALE
-from vae.losses import (SEED_SIGMA, ELBOLoss, discretized_logistic_log_probs, discretized_logistic_nll,
-                        gaussian_nll_from_sse, kl_divergence, kl_per_dimension, reconstruction_loss,
-                        reconstruction_nll)
+from vae.likelihoods import (LIKELIHOODS, MIN_LOG_SCALE, TUTORIAL_SIGMA, Likelihood, discretized_logistic_log_probs,
+                             discretized_logistic_nll, gaussian_nll_from_sse, make_likelihood, register)
+from vae.losses import ELBOLoss, kl_divergence, kl_per_dimension
 
 
 def test_closed_form_kl_matches_torch_distributions():
@@ -50,17 +49,19 @@ def test_losses_average_over_the_batch():
     assert rec.item() == pytest.approx(24.0) and kl.item() == 0
 
 
-@pytest.mark.parametrize("sigma", [SEED_SIGMA, 0.1, 2.0])
+@pytest.mark.parametrize("sigma", [TUTORIAL_SIGMA, 0.1, 2.0])
 def test_gaussian_nll_matches_torch_distributions(sigma):
     torch.manual_seed(1)
     x, r = torch.rand(3, 3, 4, 4), torch.rand(3, 3, 4, 4)
     log_sigma = torch.tensor(math.log(sigma))
     expected = -Independent(Normal(r, sigma), 3).log_prob(x)
-    assert torch.allclose(reconstruction_nll(x, r, "gaussian", log_sigma), expected, atol=1e-4)
-    assert torch.allclose(reconstruction_nll(x, r, "gaussian-learned", log_sigma), expected, atol=1e-4)
+    assert torch.allclose(make_likelihood("gaussian", sigma).nll(x, r, None), expected, atol=1e-4)
+    assert torch.allclose(make_likelihood("gaussian").nll(x, r, log_sigma), expected, atol=1e-4)
+    assert torch.allclose(make_likelihood("gaussian-learned").nll(x, r, log_sigma), expected, atol=1e-4)
+    assert torch.allclose(make_likelihood("gaussian-learned", sigma).nll(x, r, None), expected, atol=1e-4)
     # The trained fixed-sigma term drops only the constant D * log(sigma * sqrt(2 pi)).
     constant = 48 * math.log(sigma * math.sqrt(2 * math.pi))
-    assert torch.allclose(reconstruction_loss(x, r, "gaussian", log_sigma) + constant, expected, atol=1e-4)
+    assert torch.allclose(make_likelihood("gaussian", sigma).loss(x, r, None) + constant, expected, atol=1e-4)
     sse = (x - r).pow(2).flatten(1).sum(1)
     assert torch.allclose(gaussian_nll_from_sse(sse, math.log(sigma), 48), expected, atol=1e-4)
 
@@ -70,7 +71,10 @@ def test_bernoulli_matches_torch_distributions_on_binary_pixels():
     x = (torch.rand(2, 3, 4, 4) > 0.5).float()
     p = torch.rand(2, 3, 4, 4).clamp(0.01, 0.99)
     expected = -Independent(Bernoulli(probs=p), 3).log_prob(x)
-    assert torch.allclose(reconstruction_loss(x, p, "bernoulli"), expected, atol=1e-4)
+    assert torch.allclose(make_likelihood("bernoulli").loss(x, p, None), expected, atol=1e-4)
+    assert torch.allclose(make_likelihood("bernoulli").nll(x, p, None), expected, atol=1e-4)
+    assert make_likelihood("bernoulli").log_likelihood_8bit(x, p, None) is None
+    assert "no bits/dim" in make_likelihood("bernoulli").no_bits_per_dim
 
 
 def test_free_bits_floor_each_dimension_in_the_loss_but_kl_is_reported_raw():
@@ -87,7 +91,7 @@ def test_free_bits_floor_each_dimension_in_the_loss_but_kl_is_reported_raw():
 def test_learned_sigma_gets_a_gradient_towards_the_error_scale():
     x, r = torch.zeros(4, 3, 8, 8), torch.full((4, 3, 8, 8), 0.1)
     log_sigma = torch.tensor(0.0, requires_grad=True)
-    ELBOLoss(1.0, "gaussian-learned")(x, r, torch.zeros(4, 2), torch.zeros(4, 2), log_sigma=log_sigma)[3].backward()
+    ELBOLoss(1.0, "gaussian-learned")(x, r, torch.zeros(4, 2), torch.zeros(4, 2), log_scale=log_sigma)[3].backward()
     assert log_sigma.grad > 0  # sigma 1 is far above the 0.1 error: the loss wants it smaller
 
 
@@ -149,10 +153,12 @@ def test_logistic_nll_is_the_loss_and_the_nll_per_image():
     expected = -discretized_logistic_log_probs(x, mean, log_scale).flatten(1).sum(dim=1)
     assert expected.shape == (2,)
     assert torch.equal(discretized_logistic_nll(x, mean, log_scale), expected)
-    assert torch.equal(reconstruction_loss(x, mean, "logistic", log_scale), expected)
-    assert torch.equal(reconstruction_nll(x, mean, "logistic", log_sigma=log_scale), expected)
+    logistic = make_likelihood("logistic")
+    assert torch.equal(logistic.loss(x, mean, log_scale), expected)
+    assert torch.equal(logistic.nll(x, mean, log_scale), expected)
+    assert torch.allclose(logistic.log_likelihood_8bit(x, mean, log_scale), -expected.double(), rtol=1e-6)
     latent = torch.zeros(2, 5)
-    _, kl, reconstruction, total = ELBOLoss(0.5, "logistic")(x, mean, latent, latent, log_sigma=log_scale)
+    _, kl, reconstruction, total = ELBOLoss(0.5, "logistic")(x, mean, latent, latent, log_scale=log_scale)
     assert reconstruction.item() == pytest.approx(expected.mean().item()) and total.item() == pytest.approx(
         expected.mean().item())
     with pytest.raises(ValueError, match="per-pixel log scale"):
@@ -170,3 +176,63 @@ def test_logistic_stays_finite_with_finite_gradients_at_the_extremes():
     log_probs.sum().backward()
     assert torch.isfinite(mean.grad).all() and torch.isfinite(log_scale.grad).all()
     assert (log_scale.grad != 0).any() and (mean.grad != 0).any()
+
+
+# ------------------------------------------------------------------------------ likelihoods as objects
+
+def test_elbo_loss_takes_a_likelihood_object_or_its_name_with_the_same_numbers():
+    torch.manual_seed(5)
+    x, r = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    mean, log_var = torch.randn(4, 6), torch.randn(4, 6)
+    for name in LIKELIHOODS:
+        log_scale = torch.rand(4, 3, 8, 8) * -3 if name == "logistic" else None
+        by_name = ELBOLoss(0.3, name)(x, r, mean, log_var, log_scale)
+        by_object = ELBOLoss(0.3, make_likelihood(name))(x, r, mean, log_var, log_scale)
+        assert [v.item() if torch.is_tensor(v) else v for v in by_name] == [
+            v.item() if torch.is_tensor(v) else v for v in by_object]
+    # The tutorial's loss, written out: SSE + beta * KL.
+    _, kl, rec, total = ELBOLoss(0.3)(x, r, mean, log_var)
+    sse = (x - r).pow(2).sum() / 4
+    kl_by_hand = 0.5 * (mean.pow(2) + log_var.exp() - 1 - log_var).sum() / 4
+    assert rec.item() == pytest.approx(sse.item(), rel=1e-6) and kl.item() == pytest.approx(kl_by_hand.item(), rel=1e-6)
+    assert total.item() == pytest.approx(0.3 * kl_by_hand.item() + sse.item(), rel=1e-6)
+
+
+def test_an_unknown_likelihood_names_the_choices():
+    with pytest.raises(ValueError, match="unknown likelihood 'laplace'; use one of gaussian, gaussian-learned"):
+        make_likelihood("laplace")
+
+
+def test_adding_a_likelihood_is_one_class_and_its_registration(tmp_path):
+    """A Laplace likelihood with a fixed scale: registered, it trains, evaluates and has a --likelihood flag."""
+    from datasets.preprocessing import ImageBatches
+    from vae.config import TrainConfig, build_parser
+    from vae.training import evaluate
+    from vae.vae import VAE
+
+    @register
+    class Laplace(Likelihood):
+        name = "laplace-test"
+        help = "a fixed-scale Laplace"
+
+        def __init__(self, sigma=None):
+            super().__init__()
+
+        def nll(self, x, image, log_scale):
+            return torch.distributions.Laplace(image, 0.1).log_prob(x).neg().flatten(1).sum(dim=1)
+
+    try:
+        model = VAE(likelihood="laplace-test")
+        x = torch.rand(2, 3, 32, 32)
+        reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
+        assert log_scale is None
+        total = ELBOLoss(1.0, model.likelihood)(x, reconstruction, mean, log_var, log_scale)[3]
+        total.backward()
+        assert torch.isfinite(total)
+        assert "laplace-test" in build_parser(TrainConfig).format_help()
+        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+        metrics = evaluate(model, ImageBatches(images, 2, "cpu", shuffle=False))
+        assert metrics["likelihood"] == "laplace-test" and math.isfinite(metrics["neg_elbo_nats"])
+        assert metrics["bits_per_dim"] is None and "laplace-test likelihood defines no" in metrics["bits_per_dim_note"]
+    finally:
+        del LIKELIHOODS["laplace-test"]

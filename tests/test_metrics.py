@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from vae.losses import reconstruction_nll
-from vae.metrics import (active_units, bits_per_dim, discretized_gaussian_log_likelihood, discretized_log_likelihood)
+from vae.likelihoods import discretized_gaussian_log_likelihood, make_likelihood
+from vae.metrics import active_units, bits_per_dim
 
 
 def _sigmoid(t):
@@ -21,7 +21,7 @@ def test_logistic_bits_per_dim_by_hand():
     p_first = _sigmoid((0.5 / 255 - 0.1) / math.exp(-2.0))
     p_second = _sigmoid((128.5 / 255 - 0.5) / math.exp(-3.0)) - _sigmoid((127.5 / 255 - 0.5) / math.exp(-3.0))
     expected_bits = -(math.log2(p_first) + math.log2(p_second)) / 2
-    log_likelihood = discretized_log_likelihood(x, mean, log_scale, "logistic")
+    log_likelihood = make_likelihood("logistic").log_likelihood_8bit(x, mean, log_scale)
     assert log_likelihood.shape == (1,) and log_likelihood.dtype == torch.float64
     assert bits_per_dim(-log_likelihood, 2).item() == pytest.approx(expected_bits, rel=1e-9)
 
@@ -30,8 +30,12 @@ def test_logistic_evaluation_is_the_training_loss():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (3, 3, 8, 8)) / 255
     mean, log_scale = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8) * -6
-    evaluated = discretized_log_likelihood(x, mean, log_scale, "logistic")
-    assert torch.allclose(evaluated, -reconstruction_nll(x, mean, "logistic", log_scale).double(), rtol=1e-6)
+    logistic = make_likelihood("logistic")
+    evaluated = logistic.log_likelihood_8bit(x, mean, log_scale)
+    assert torch.allclose(evaluated, -logistic.loss(x, mean, log_scale).double(), rtol=1e-6)
+    # Its model likelihood and its 8-bit likelihood are one computation.
+    model_term, eight_bit = logistic.log_likelihoods(x, mean, log_scale)
+    assert model_term is eight_bit and torch.equal(model_term, evaluated)
 
 
 def test_gaussian_likelihoods_use_the_discretized_gaussian_and_bernoulli_has_none():
@@ -40,10 +44,10 @@ def test_gaussian_likelihoods_use_the_discretized_gaussian_and_bernoulli_has_non
     log_sigma = torch.tensor(-2.0)
     expected = discretized_gaussian_log_likelihood(x, mean, log_sigma)
     for likelihood in ("gaussian", "gaussian-learned"):
-        assert torch.equal(discretized_log_likelihood(x, mean, log_sigma, likelihood), expected)
-    assert discretized_log_likelihood(x, mean, None, "bernoulli") is None
-    with pytest.raises(ValueError, match="unknown likelihood"):
-        discretized_log_likelihood(x, mean, log_sigma, "laplace")
+        assert torch.equal(make_likelihood(likelihood).log_likelihood_8bit(x, mean, log_sigma), expected)
+    # Without a log scale the fixed Gaussian uses its own sigma.
+    assert torch.equal(make_likelihood("gaussian", math.exp(-2.0)).log_likelihood_8bit(x, mean, None), expected)
+    assert make_likelihood("bernoulli").log_likelihood_8bit(x, mean, None) is None
 
 
 def test_active_units_of_a_spatial_latent_count_each_position():

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from vae.layers import MIN_LOG_SCALE, Decoder, Encoder, ImageHead, ResidualBlock, SampleLatent
+from vae.layers import Decoder, Encoder, ResidualBlock, SampleLatent
+from vae.likelihoods import MIN_LOG_SCALE, make_likelihood
 from vae.losses import ELBOLoss
 from vae.vae import VAE, build_model
 
@@ -40,7 +41,7 @@ def test_non_square_images_and_explicit_channels():
 def test_resolution_that_does_not_divide_is_rejected_with_the_fix():
     with pytest.raises(ValueError, match="divisible by 8"):
         VAE((36, 36))
-    with pytest.raises(ValueError, match="latent size"):
+    with pytest.raises(ValueError, match="--latent-size must be at least 1"):
         VAE(latent_size=0)
 
 
@@ -120,7 +121,7 @@ def test_old_config_without_the_new_settings_builds_the_seed_model():
     model = build_model(old)
     assert model.arch == "seed" and model.latent_shape == (10,)
     assert sum(p.numel() for p in model.parameters()) == 65_831
-    # The seed's parameter names, so checkpoints written before the resnet still load.
+    # The tutorial's parameter names, so checkpoints written before the resnet still load.
     assert [name for name, _ in model.decoder.named_parameters()] == [
         "project.weight", "project.bias", "upsample.0.weight", "upsample.0.bias", "upsample.2.weight",
         "upsample.2.bias", "upsample.4.weight", "upsample.4.bias"]
@@ -190,7 +191,7 @@ def test_gradients_reach_every_resnet_encoder_parameter_through_the_reparameteri
     for _ in range(2):  # the residual blocks' last convolutions start at zero; one step wakes what lies behind
         reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
         optimizer.zero_grad()
-        loss_fn(x, reconstruction, mean, log_var, log_sigma=log_scale)[3].backward()
+        loss_fn(x, reconstruction, mean, log_var, log_scale=log_scale)[3].backward()
         optimizer.step()
     for name, parameter in model.encoder.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
@@ -217,15 +218,16 @@ def test_decode_distribution_gives_the_scale_of_each_likelihood():
     assert VAE(likelihood="gaussian-learned", sigma=0.2).decode_distribution(z)[1].item() == pytest.approx(
         math.log(0.2), abs=1e-6)
     assert VAE(likelihood="bernoulli").decode_distribution(z)[1] is None
-    image, log_scale = VAE(likelihood="logistic").decode_distribution(z)  # the seed architecture, too
+    image, log_scale = VAE(likelihood="logistic").decode_distribution(z)  # the tutorial's architecture, too
     assert image.shape == log_scale.shape == (2, 3, 32, 32)
-    assert VAE(likelihood="logistic").log_sigma() is None
+    assert VAE(likelihood="logistic").likelihood.shared_sigma() is None
+    assert VAE(sigma=0.3).likelihood.shared_sigma() == 0.3
 
 
 def test_log_scale_floor_is_soft():
     raw = torch.tensor([[-30.0, -10.0, 0.0]], requires_grad=True).view(1, 1, 1, 3).repeat(1, 2, 1, 1)
     raw.retain_grad()
-    image, log_scale = ImageHead(log_scale=True)(raw)
+    image, log_scale = make_likelihood("logistic")(raw)
     assert image.shape == log_scale.shape == (1, 1, 1, 3)
     assert log_scale.min() >= MIN_LOG_SCALE and log_scale[0, 0, 0, 2].item() == pytest.approx(0.0, abs=1e-3)
     log_scale.sum().backward()
@@ -253,7 +255,7 @@ def test_resnet_with_the_logistic_likelihood_learns_a_small_batch():
     totals = []
     for _ in range(100):
         reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
-        total = loss_fn(x, reconstruction, mean, log_var, log_sigma=log_scale)[3]
+        total = loss_fn(x, reconstruction, mean, log_var, log_scale=log_scale)[3]
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
@@ -261,3 +263,19 @@ def test_resnet_with_the_logistic_likelihood_learns_a_small_batch():
     uniform_nats = x[0].numel() * math.log(256)  # a model that knows nothing: 8 bits a pixel
     assert totals[0] < 1.1 * uniform_nats  # the log scale starts at the width of uniform pixels, not at 1
     assert totals[-1] < 0.95 * totals[0]
+
+
+def test_a_checkpoint_from_before_likelihood_modules_loads_its_learned_sigma(tmp_path):
+    """Such checkpoints kept the learned log sigma as `raw_log_sigma` at the model's top level."""
+    from vae.inference import load_model
+
+    model = VAE(likelihood="gaussian-learned", sigma=0.3)
+    with torch.no_grad():
+        model.likelihood.raw_log_sigma.fill_(-1.5)
+    weights = model.state_dict()
+    weights["raw_log_sigma"] = weights.pop("likelihood.raw_log_sigma")
+    path = tmp_path / "old.pt"
+    torch.save({"model": weights, "model_type": "vae", "config": {"likelihood": "gaussian-learned", "sigma": 0.3}}, path)
+    loaded, _ = load_model(path, "cpu")
+    assert loaded.likelihood.raw_log_sigma.item() == -1.5
+    assert loaded.likelihood.shared_sigma() == pytest.approx(model.likelihood.shared_sigma())

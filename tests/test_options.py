@@ -10,7 +10,8 @@ from vae.config import TrainConfig
 from vae.losses import ELBOLoss
 from vae.metrics import active_units
 from vae.schedules import KLSchedule
-from vae.vae import MIN_LOG_SIGMA, VAE, build_model
+from vae.likelihoods import MIN_LOG_SIGMA
+from vae.vae import VAE, build_model
 from vae.training import evaluate, make_kl_schedule, make_optimizer
 
 
@@ -47,30 +48,33 @@ def test_schedule_lengths_come_from_epochs_and_survive_a_checkpoint():
 @pytest.mark.parametrize("likelihood", ["gaussian", "gaussian-learned", "bernoulli"])
 def test_each_likelihood_has_its_decoder_sigma(likelihood):
     model = VAE(likelihood=likelihood)
-    log_sigma = model.log_sigma()
+    sigma = model.likelihood.shared_sigma()
     if likelihood == "bernoulli":
-        assert log_sigma is None
+        assert sigma is None
     else:
-        assert log_sigma.item() == pytest.approx(math.log(1 / math.sqrt(2)), abs=1e-3)
-    assert ("raw_log_sigma" in dict(model.named_parameters())) == (likelihood == "gaussian-learned")
+        assert sigma == pytest.approx(1 / math.sqrt(2), abs=1e-6)
+    # The learned sigma is the likelihood's own parameter.
+    learned = "likelihood.raw_log_sigma" in dict(model.named_parameters())
+    assert learned == (likelihood == "gaussian-learned")
+    assert len(list(model.likelihood.parameters())) == int(learned)
 
 
 def test_learned_sigma_has_a_floor_and_learns():
     model = VAE(likelihood="gaussian-learned")
     with torch.no_grad():
-        model.raw_log_sigma.fill_(-50.0)
-    assert model.log_sigma().item() >= MIN_LOG_SIGMA
+        model.likelihood.raw_log_sigma.fill_(-50.0)
+    assert model.likelihood.log_scale().item() >= MIN_LOG_SIGMA
     torch.manual_seed(0)
     model = VAE((16, 16), channels=(8, 16), likelihood="gaussian-learned")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.rand(16, 3, 16, 16) * 0.2 + 0.4
-    loss_fn = ELBOLoss(1.0, "gaussian-learned")
+    loss_fn = ELBOLoss(1.0, model.likelihood)  # the model's own likelihood: its sigma is the one trained
     for _ in range(100):
-        total = loss_fn(x, *model(x), log_sigma=model.log_sigma())[3]
+        total = loss_fn(x, *model(x))[3]
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-    assert model.log_sigma().exp().item() < 0.5  # moved well below its start of 0.71 towards the error scale
+    assert model.likelihood.shared_sigma() < 0.5  # moved well below its start of 0.71 towards the error scale
 
 
 def test_collapsed_model_is_reported_by_the_diagnostics():
@@ -140,7 +144,7 @@ def test_the_learned_sigma_has_its_own_learning_rate():
     model = build_model(config)
     optimizer = make_optimizer(model, config)
     assert [group["lr"] for group in optimizer.param_groups] == [1e-4, 1e-2]
-    assert optimizer.param_groups[1]["params"] == [model.raw_log_sigma]
+    assert optimizer.param_groups[1]["params"] == [model.likelihood.raw_log_sigma]
     assert len(make_optimizer(build_model(TrainConfig()), TrainConfig()).param_groups) == 1
 
 

@@ -11,7 +11,7 @@ from conftest import TINY, train
 from datasets.preprocessing import ImageBatches
 from vae import inference
 from vae.config import TrainConfig
-from vae.training import evaluate, make_ema, make_lr_schedule, train_one_epoch
+from vae.training import Optimization, TrainState, evaluate, make_ema, make_lr_schedule, train_one_epoch
 from vae.losses import ELBOLoss
 from vae.vae import VAE
 
@@ -38,7 +38,7 @@ def test_the_whole_recipe_resumes_bit_for_bit(recipe_runs):
     for key in ("model", "ema_model"):
         for name, tensor in straight[key].items():
             assert torch.equal(tensor, resumed[key][name]), (key, name)
-    assert straight["lr_schedule"] == resumed["lr_schedule"]
+    assert straight["schedule"] == resumed["schedule"] and straight["schedule"]["last_epoch"] == 12  # the lr schedule
     assert straight["config"]["split"] == "train+val" and straight["config"]["latent_shape"] == [4, 4, 4]
 
 
@@ -88,9 +88,12 @@ def test_gradient_clipping_bounds_the_update():
         torch.manual_seed(0)
         model = VAE((8, 8), latent_size=2, channels=[4])
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        losses = train_one_epoch(model, ImageBatches(images, 8, "cpu", shuffle=False), ELBOLoss(), optimizer, 0,
-                                 {"step": 0, "batch": 0}, grad_clip=clip, show_progress=False)
+        optimization = Optimization(model, TrainConfig(grad_clip=clip), steps_per_epoch=1)
+        # Plain SGD at lr 1 instead of Adam, so that the step's length is the (clipped) gradient norm.
+        optimization.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        optimization.lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimization.optimizer, lambda step: 1.0)
+        losses = train_one_epoch(model, ImageBatches(images, 8, "cpu", shuffle=False), ELBOLoss(), optimization,
+                                 TrainState(), progress=False)
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         changes[clip] = ((after - before).norm().item(), losses["grad_norm"])
     unclipped_step, gradient_norm = changes[0.0]

@@ -10,8 +10,8 @@ from conftest import TINY, load_events, train
 from datasets.preprocessing import ImageBatches
 from vae.losses import ELBOLoss, kl_per_dimension
 from vae.metrics import active_units
-from vae.schedules import KLSchedule
-from vae.training import evaluate, train_one_epoch
+from vae.config import TrainConfig
+from vae.training import Optimization, TrainState, evaluate, train_one_epoch
 from vae.vae import VAE
 from vae_inference import main as inference_main
 
@@ -22,12 +22,11 @@ def test_the_kl_schedule_weight_enters_the_loss_at_a_known_step():
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     batches = ImageBatches(images, batch_size=4, device="cpu", shuffle=False)
     loss_fn = ELBOLoss(beta=123.0)  # the schedule must replace this weight
-    schedule = KLSchedule("linear", beta=1.0, warmup_steps=8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay put, so the loss can be recomputed
-    state = {"step": 2, "batch": 0}  # the step's weight is 2 / 8
-    losses = train_one_epoch(model, batches, loss_fn, optimizer, epoch=0, state=state, kl_schedule=schedule,
-                             show_progress=False)
-    assert loss_fn.beta == pytest.approx(0.25) and state["step"] == 3
+    config = TrainConfig(kl_schedule="linear", beta=1.0, kl_warmup_epochs=8)  # one step per epoch: 8 steps
+    optimization = Optimization(model, config, steps_per_epoch=1)
+    state = TrainState(step=2)  # the step's weight is 2 / 8
+    losses = train_one_epoch(model, batches, loss_fn, optimization, state, progress=False)
+    assert loss_fn.beta == pytest.approx(0.25) and state.step == 3 and state.batch == 1
     total, kl, reconstruction = losses["Total Loss"], losses["KL Loss"], losses["Reconstruction Loss"]
     assert kl > 0 and total == pytest.approx(0.25 * kl + reconstruction, rel=1e-5)
 
@@ -96,7 +95,7 @@ def test_a_learned_sigma_run_resumes_bit_for_bit_with_both_parameter_groups(flow
     assert resumed["step"] == straight["step"] == 8
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    assert straight["model"]["raw_log_sigma"] != VAE(likelihood="gaussian-learned").raw_log_sigma
+    assert straight["model"]["likelihood.raw_log_sigma"] != VAE(likelihood="gaussian-learned").likelihood.raw_log_sigma
 
 
 def test_amp_trains_under_bf16_autocast_on_the_cpu_and_keeps_float32_weights(flowers_root, tmp_path, monkeypatch):

@@ -18,7 +18,9 @@ import torch
 from vae.config import TrainConfig, resumed_config
 from vae.errors import TrainingDiverged, UserError
 
-FORMAT_VERSION = 1
+# 2: the learned log sigma is likelihood.raw_log_sigma (it was raw_log_sigma), and `schedule` holds the
+# learning-rate schedule (it held the KL schedule, which is a function of the step, beside lr_schedule).
+FORMAT_VERSION = 2
 MODEL_TYPE = "vae"
 
 

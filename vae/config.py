@@ -14,8 +14,9 @@ import torch
 from vae.device import DEVICES
 from vae.errors import UserError
 from vae.fid import inception_path
-from vae.losses import LIKELIHOODS, SEED_SIGMA
+from vae.likelihoods import LIKELIHOODS, TUTORIAL_SIGMA
 from vae.schedules import SCHEDULES
+from vae.vae import ARCHITECTURES, build_model
 
 SPLITS = ("train", "val", "test")
 # Settings that may change when a run is resumed: where it runs, how long, and speed-only switches. Any other
@@ -25,6 +26,7 @@ RESUMABLE = {"epochs", "max_steps", "log_dir", "run_name", "num_workers", "devic
 
 
 def _flag(default, help, **argparse_kwargs):
+    """A config field and its flag: help is text, or a function giving it when the parser is built."""
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
@@ -45,8 +47,8 @@ class TrainConfig:
     num_workers: int = _flag(min(8, os.cpu_count() or 1), "processes decoding JPEGs while the image cache is built")
     hflip: bool = _flag(False, "flip each training image horizontally with probability 1/2 (seeded per epoch)")
     # Model
-    arch: str = _flag("seed", "seed: the seed's conv stack; resnet: residual blocks of --width channels",
-                      choices=("seed", "resnet"))
+    arch: str = _flag("seed", "seed: the tutorial's conv stack; resnet: residual blocks of --width channels",
+                      choices=ARCHITECTURES)
     width: int = _flag(64, "channels of the first resnet stage (doubled once, at the second stage)")
     latent_size: int = _flag(10, "dimensions of the dense latent code z")
     latent_shape: list = _flag(None, "a spatial latent of C x H x W instead of --latent-size (resnet only)",
@@ -55,11 +57,10 @@ class TrainConfig:
                            "doubling stage per doubling of the resolution)", nargs="+", type=int)
     batch_norm: bool = _flag(False, "BatchNorm after each convolution of the encoder and decoder")
     # Objective and optimisation
-    likelihood: str = _flag("gaussian", "decoder likelihood p(x|z): gaussian (fixed sigma; sigma 1/sqrt(2) makes "
-                            "the loss the seed's sum of squared error), gaussian-learned (one shared learned "
-                            "sigma), bernoulli (summed binary cross-entropy)",
-                            choices=LIKELIHOODS)
-    sigma: float = _flag(SEED_SIGMA, "sigma of the gaussian likelihood (initial sigma for gaussian-learned)")
+    # The registry itself, read when the parser is built, so a likelihood registered later is a choice too.
+    likelihood: str = _flag("gaussian", lambda: "decoder likelihood p(x|z): " + "; ".join(
+        f"{name}: {cls.help}" for name, cls in LIKELIHOODS.items()), choices=LIKELIHOODS)
+    sigma: float = _flag(TUTORIAL_SIGMA, "sigma of the gaussian likelihood (initial sigma for gaussian-learned)")
     beta: float = _flag(0.1, "weight of the KL term: loss = beta * KL + reconstruction (the top weight of a "
                         "KL schedule); with --likelihood gaussian-learned it defaults to 1, the ELBO itself")
     kl_schedule: str = _flag("constant", "how the KL weight moves from 0 to --beta: constant, linear or sigmoid "
@@ -107,6 +108,8 @@ def build_parser(config_class=TrainConfig, **parser_kwargs) -> argparse.Argument
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **parser_kwargs)
     for f in dataclasses.fields(config_class):
         kwargs = dict(f.metadata)
+        if callable(kwargs["help"]):
+            kwargs["help"] = kwargs["help"]()
         flag = flag_name(f.name)
         if f.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -119,14 +122,6 @@ def build_parser(config_class=TrainConfig, **parser_kwargs) -> argparse.Argument
 def config_from_args(args: argparse.Namespace, config_class=TrainConfig):
     names = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def default_channels(resolution: int) -> list:
-    """16, 32, 64 at 32x32; one more doubling stage each time the feature map would stay at least 4x4."""
-    stages = 3
-    while resolution % 2 ** (stages + 1) == 0 and resolution // 2 ** (stages + 1) >= 4:
-        stages += 1
-    return [16 * 2**i for i in range(stages)]
 
 
 def config_file_arguments(parser, path, config_class=TrainConfig):
@@ -163,27 +158,16 @@ def flag_name(name):
 
 
 def validate_config(config):
-    """Reject impossible settings before any data is read, with the flag to change."""
-    from vae.vae import MIN_LOG_SIGMA, build_model
-
+    """Reject impossible settings before any data is read, with the flag to change. The model's own settings
+    (shapes, sizes, sigma) are checked by building it, without allocating its weights."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{flag_name(f.name)} must be a finite number, got {value}")
-    channels = config.channels or default_channels(config.resolution)
-    factor = 2 ** len(channels)
     checks = [
         (config.resolution >= 8 and config.resolution % 8 == 0,
          f"--resolution must be a positive multiple of 8, got {config.resolution}"),
-        (config.resolution % factor == 0,
-         f"--resolution {config.resolution} must be divisible by {factor} for {len(channels)} stages "
-         f"(--channels {' '.join(map(str, channels))})"),
-        (config.latent_size >= 1, f"--latent-size must be at least 1, got {config.latent_size}"),
         (config.beta >= 0, f"--beta must be >= 0, got {config.beta}"),
-        (config.sigma > 0, f"--sigma must be > 0, got {config.sigma}"),
-        (config.sigma <= 0 or config.likelihood != "gaussian-learned" or math.log(config.sigma) > MIN_LOG_SIGMA,
-         f"--sigma {config.sigma} is below the floor of the learned sigma ({math.exp(MIN_LOG_SIGMA):.4f}); "
-         f"start higher"),
         (config.free_bits >= 0, f"--free-bits must be >= 0, got {config.free_bits}"),
         (0 < config.kl_ratio <= 1, f"--kl-ratio must be in (0, 1], got {config.kl_ratio}"),
         (config.kl_cycles >= 1, f"--kl-cycles must be at least 1, got {config.kl_cycles}"),
@@ -198,23 +182,19 @@ def validate_config(config):
         (config.max_steps >= 0, f"--max-steps must be >= 0, got {config.max_steps}"),
         (config.eval_size >= 0, f"--eval-size must be >= 0, got {config.eval_size}"),
         (config.grid_size >= 1, f"--grid-size must be at least 1, got {config.grid_size}"),
-        (all(c >= 1 for c in channels), f"--channels must be positive, got {channels}"),
         (config.holdout == 0 or config.eval_split in ("test", "none"),
          "--holdout replaces --eval-split; pass only one of them"),
         (config.resolution <= 1024, f"--resolution {config.resolution} is far beyond what this VAE is built for; "
                                     f"use 32 or 64"),
         (config.latent_size <= 65_536, f"--latent-size {config.latent_size} is too large; use at most 65536"),
         (config.grid_size <= 1024, f"--grid-size {config.grid_size} is too large; use at most 1024"),
-        (config.width <= 4096 and all(c <= 4096 for c in channels),
+        (config.width <= 4096 and all(c <= 4096 for c in config.channels or []),
          "--width and --channels must be at most 4096"),
         (not config.latent_shape or 1 <= min(config.latent_shape) and max(config.latent_shape) <= 4096,
          f"--latent-shape sizes must be in [1, 4096], got {config.latent_shape}"),
         (all(part in SPLITS for part in config.split.split("+")),
          f"--split {config.split}: each of its +-joined parts must be one of {', '.join(SPLITS)}"),
         (0 <= config.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {config.seed}"),
-        (not config.latent_shape or config.arch == "resnet",
-         "--latent-shape (a spatial latent) needs --arch resnet; the seed's model has a dense --latent-size"),
-        (config.width >= 1, f"--width must be at least 1, got {config.width}"),
         (0 <= config.ema < 1, f"--ema is a decay in [0, 1), e.g. 0.999, got {config.ema}"),
         (config.grad_clip >= 0, f"--grad-clip must be >= 0, got {config.grad_clip}"),
         (config.lr_warmup_epochs >= 0, f"--lr-warmup-epochs must be >= 0, got {config.lr_warmup_epochs}"),
@@ -231,21 +211,30 @@ def validate_config(config):
             raise UserError(message)
     if config.fid_samples:
         inception_path()  # now, not after hours of training: says how to install the extractor when it is absent
-    try:  # the model's own checks (resnet stages, latent shape), without allocating its weights
+    try:
         with torch.device("meta"):
             build_model(config)
     except ValueError as error:
         raise UserError(str(error)) from None
 
 
-def resumed_config(saved, config, explicit, path):
-    """The config a resumed run continues with: the checkpoint's settings `saved`, with the RESUMABLE flags
-    the user gave explicitly. Any other explicit flag must agree with the checkpoint."""
+def saved_config(saved, path):
+    """The TrainConfig of a checkpoint's saved settings: settings newer than the checkpoint take their defaults
+    (the tutorial's), so old checkpoints describe the run they were. Settings this code does not know are an
+    error: the checkpoint comes from another version or model."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(saved) - known)
     if unknown:
         raise UserError(f"{path} has settings this code does not know ({', '.join(unknown)}); it comes from "
-                        f"another version or model: start a new run")
+                        f"another version or model: start a new run, or use the code that wrote it")
+    return TrainConfig(**saved)
+
+
+def resumed_config(saved, config, explicit, path):
+    """The config a resumed run continues with: the checkpoint's settings `saved`, with the RESUMABLE flags
+    the user gave explicitly. Any other explicit flag must agree with the checkpoint."""
+    saved_config(saved, path)  # settings this code does not know are an error
+    # Settings newer than the checkpoint take this command's values (their defaults unless given).
     resumed = TrainConfig(**{**dataclasses.asdict(config), **saved})
     for name in sorted(explicit):
         value = getattr(config, name)

@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class TrainingDiverged(Exception):
     """The loss or the parameters became NaN or infinite; the run stops before saving them."""
+
+
+class EveryProcessError(UserError):
+    """A UserError raised on every process at the same step (under torchrun): after printing it, the processes wait
+    for each other, so that each says it before the launcher stops the rest."""

@@ -14,13 +14,14 @@ from torchvision.utils import save_image
 
 from datasets.preprocessing import holdout_split, load_image, split_images, to_float
 from vae.checkpoint import load_checkpoint, restore_model
+from vae.config import saved_config
 from vae.device import model_device
 from vae.errors import UserError
 from vae.metrics import mean_pairwise_rmse, same_class_pairwise_rmse
 from vae.fid import fid_kid, frechet_distance, inception_features, load_inception
 from vae import diffusion_prior
 from vae.samplers import SAMPLER_PREFERENCE, fit_gmm, fit_two_stage, gmm_vary, prior_state, sample_latents
-from vae.vae import build_model, eval_mode
+from vae.vae import build_model, eval_mode, posterior, posterior_moments
 
 # The shipped model (recipes/flowers32.json): the default --checkpoint of the scripts and the page.
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained" / "flowers32.pt"
@@ -31,11 +32,12 @@ DIFFUSION_STEPS = 6000  # about 20 minutes on two CPU cores for the 8x8x8 latent
 # ------------------------------------------------------------------------------------------- loading
 
 def load_model(checkpoint_path, device):
-    """(model in eval mode on device, checkpoint dict). The checkpoint's config rebuilds the model; a run trained
-    with --ema is used with its averaged weights."""
+    """(model in eval mode on device, checkpoint dict). The checkpoint's config (a TrainConfig: saved_config)
+    rebuilds the model; a run trained with --ema is used with its averaged weights."""
     checkpoint = load_checkpoint(checkpoint_path)
     key = "ema_model" if "ema_model" in checkpoint else "model"
-    model = restore_model(build_model(checkpoint["config"]), checkpoint, checkpoint_path, key)
+    model = restore_model(build_model(saved_config(checkpoint["config"], checkpoint_path)), checkpoint,
+                          checkpoint_path, key)
     return model.to(device).eval(), checkpoint
 
 
@@ -65,32 +67,6 @@ def dataset_images(data_dir, split, resolution, subset="all", holdout=0.0, holdo
 
 
 # -------------------------------------------------------------------------------------- making images
-
-@torch.no_grad()
-def posterior(model, x):
-    """(mean, std) of q(z|x), each (N, latent)."""
-    mean, log_var = model.encode(x)
-    return mean, log_var.mul(0.5).exp()
-
-
-@torch.no_grad()
-def posterior_moments(model, images_uint8, batch_size=256):
-    """(means, stds) of q(z|x) for uint8 images, each flattened to (N, latent_size), on the CPU. Encoded in eval
-    mode (BatchNorm's running statistics, which it leaves as they were), whatever mode the model is in."""
-    device = model_device(model)
-    means, stds = [], []
-    with eval_mode(model):
-        for start in range(0, len(images_uint8), batch_size):
-            mean, std = posterior(model, to_float(images_uint8[start:start + batch_size].to(device)))
-            means.append(mean.flatten(1).cpu())
-            stds.append(std.flatten(1).cpu())
-    return torch.cat(means), torch.cat(stds)
-
-
-def posterior_means(model, images_uint8, batch_size=256):
-    """The posterior means E[z|x] of uint8 images, flattened to (N, latent_size), on the CPU."""
-    return posterior_moments(model, images_uint8, batch_size)[0]
-
 
 def fit_samplers(model, images_uint8, kinds=("gmm",), seed=0, hflip=False, diffusion_steps=DIFFUSION_STEPS,
                  progress=False):

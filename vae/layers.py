@@ -1,5 +1,6 @@
-"""The VAE's building blocks: Encoder, SampleLatent and Decoder (the seed's architecture), ResNetEncoder and
-ResNetDecoder (the residual architecture), and the head that turns decoder maps into image and log scale.
+"""The VAE's building blocks: Encoder, SampleLatent and Decoder (the tutorial's architecture), ResNetEncoder and
+ResNetDecoder (the residual architecture). The decoders end in maps; the likelihood (vae/likelihoods.py) turns
+them into the parameters of p(x|z).
 
 Every size is derived from the image resolution, the latent shape and the channels (or width), so the same
 code serves 32x32, 64x64 and other resolutions that fit; one that does not is a ValueError naming the fix.
@@ -11,47 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SEED_CHANNELS = (16, 32, 64)
-
-# Soft floor on the logistic's per-pixel log scale: PixelCNN++ clamps at -7 (scale ~ 0.0009, a quarter of a
-# pixel bin); below it the bin holds all the mass and the scale stops mattering, so it would only drift.
-MIN_LOG_SCALE = -7.0
+TUTORIAL_CHANNELS = (16, 32, 64)
 
 
-# The logistic's log scale at initialisation: a logistic with scale 1/(2 pi) has the standard deviation of uniform
-# pixels, 1/sqrt(12), so training starts near 8 bits/dim, not at the far worse scale 1 an unbiased output gives.
-INITIAL_LOG_SCALE = -math.log(2 * math.pi)
-
-
-def soft_floor(value, floor):
-    """floor + softplus(value - floor): about `value` well above `floor`, never below it, with a gradient."""
-    return floor + F.softplus(value - floor)
-
-
-class ImageHead(nn.Module):
-    """Decoder maps (batch, C or 2C, H, W) -> image in [0, 1] (a sigmoid of the first C maps) and, with
-    log_scale=True, the per-pixel log scale (the last C maps, softly floored at MIN_LOG_SCALE).
-
-    Computed in float32: under bf16 autocast a bf16 sigmoid resolves [0.5, 1] in steps of 1/256, a whole pixel
-    bin, which a sharp per-pixel likelihood would pay for.
-    """
-
-    def __init__(self, log_scale=False):
-        super().__init__()
-        self.log_scale = log_scale
-
-    def initialize(self, last_layer):
-        """Start the log-scale maps of last_layer (a convolution giving this head's input) at INITIAL_LOG_SCALE."""
-        if self.log_scale:
-            with torch.no_grad():
-                last_layer.bias[last_layer.out_channels // 2:] = INITIAL_LOG_SCALE
-
-    def forward(self, maps):
-        maps = maps.float()
-        if not self.log_scale:
-            return torch.sigmoid(maps)
-        logits, log_scale = maps.chunk(2, dim=1)
-        return torch.sigmoid(logits), soft_floor(log_scale, MIN_LOG_SCALE)
+def default_channels(resolution: int) -> list:
+    """16, 32, 64 at 32x32; one more doubling stage each time the feature map would stay at least 4x4."""
+    stages = 3
+    while resolution % 2 ** (stages + 1) == 0 and resolution // 2 ** (stages + 1) >= 4:
+        stages += 1
+    return [16 * 2**i for i in range(stages)]
 
 
 def _check_resolution(image_resolution, channels):
@@ -59,7 +28,8 @@ def _check_resolution(image_resolution, channels):
     factor = 2 ** len(channels)
     if height % factor or width % factor:
         raise ValueError(f"image resolution {height}x{width} must be divisible by {factor} "
-                         f"(2 ** {len(channels)} down-sampling stages); use a multiple of {factor}")
+                         f"(2 ** {len(channels)} down-sampling stages, --channels {' '.join(map(str, channels))}); "
+                         f"use a --resolution that is a multiple of {factor}")
     return height // factor, width // factor
 
 
@@ -70,7 +40,7 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, image_resolution=(32, 32), image_channels=3, latent_size=10,
-                 channels=SEED_CHANNELS, batch_norm=False):
+                 channels=TUTORIAL_CHANNELS, batch_norm=False):
         super().__init__()
         feature_height, feature_width = _check_resolution(image_resolution, channels)
         stages = []
@@ -108,20 +78,20 @@ class SampleLatent(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z -> image in [0, 1]: Linear, reshape, one ConvTranspose2d (kernel 2, stride 2) per stage.
+    """z -> image in [0, 1]: Linear, reshape, one ConvTranspose2d (kernel 2, stride 2) per stage, a sigmoid.
 
-    ReLU (after optional BatchNorm) sits between the transposed convolutions; a sigmoid ends it, so the output
-    is a Gaussian or logistic mean or a Bernoulli probability in [0, 1]. With log_scale=True the last layer
-    also gives per-pixel log scales and forward returns (image, log_scale) (see ImageHead).
+    ReLU (after optional BatchNorm) sits between the transposed convolutions. output_channels (default
+    image_channels) sets the maps of the last layer and head what is applied to them (default the tutorial's
+    sigmoid); the VAE passes its likelihood's number of maps and nn.Identity(), and its likelihood reads them.
     """
 
     def __init__(self, image_resolution=(32, 32), image_channels=3, latent_size=10,
-                 channels=SEED_CHANNELS, batch_norm=False, log_scale=False):
+                 channels=TUTORIAL_CHANNELS, batch_norm=False, output_channels=None, head=None):
         super().__init__()
         self.feature_height, self.feature_width = _check_resolution(image_resolution, channels)
         self.first_channels = channels[-1]
         self.project = nn.Linear(latent_size, self.first_channels * self.feature_height * self.feature_width)
-        widths = list(reversed(channels)) + [image_channels * (2 if log_scale else 1)]
+        widths = list(reversed(channels)) + [output_channels or image_channels]
         layers = []
         for i, (in_channels, out_channels) in enumerate(zip(widths[:-1], widths[1:])):
             layers += [nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)]
@@ -130,8 +100,12 @@ class Decoder(nn.Module):
                     layers += [nn.BatchNorm2d(out_channels)]
                 layers += [nn.ReLU()]
         self.upsample = nn.Sequential(*layers)
-        self.head = ImageHead(log_scale)
-        self.head.initialize(layers[-1])
+        self.head = nn.Sigmoid() if head is None else head
+
+    @property
+    def output_layer(self):
+        """The last layer, which gives the output maps (a likelihood initialises its bias)."""
+        return self.upsample[-1]
 
     def forward(self, z):
         h = self.project(z).view(-1, self.first_channels, self.feature_height, self.feature_width)
@@ -224,7 +198,7 @@ class ResNetShape:
 
     def __init__(self, image_resolution, latent_shape, width):
         if width < 1:
-            raise ValueError(f"resnet width must be at least 1, got {width}")
+            raise ValueError(f"--width of the resnet must be at least 1, got {width}")
         self.latent_shape = tuple(latent_shape)
         self.spatial = len(self.latent_shape) == 3
         if self.spatial:
@@ -270,16 +244,17 @@ class ResNetEncoder(nn.Module):
 
 
 class ResNetDecoder(nn.Module):
-    """z (batch, *latent_shape) -> image (batch, image_channels, H, W) in [0, 1], or (image, log_scale) with
-    log_scale=True (see ImageHead).
+    """z (batch, *latent_shape) -> image (batch, image_channels, H, W) in [0, 1], or output_channels maps passed
+    through head (as for Decoder).
 
     The mirror of ResNetEncoder: a 3x3 convolution (spatial) or a Linear layer (dense) to the coarsest features,
     one stage per resolution (a ResidualBlock to the next stage's channels, then Upsample), SiLU, and a 3x3
-    convolution to the output maps, computed in float32 under autocast (see ImageHead).
+    convolution to the output maps, computed in float32 under autocast: a likelihood as sharp as a pixel bin
+    needs more than bf16's 8 bits of mantissa.
     """
 
     def __init__(self, image_resolution=(32, 32), image_channels=3, latent_shape=(16, 4, 4), width=64,
-                 log_scale=False):
+                 output_channels=None, head=None):
         super().__init__()
         shape = ResNetShape(image_resolution, latent_shape, width)
         channels = list(reversed(shape.channels))  # coarsest first
@@ -298,9 +273,12 @@ class ResNetDecoder(nn.Module):
                 layers.append(Upsample(out_channels, out_channels))
         layers.append(nn.SiLU())
         self.features = nn.Sequential(*layers)
-        self.output = conv3x3(channels[-1], image_channels * (2 if log_scale else 1))
-        self.head = ImageHead(log_scale)
-        self.head.initialize(self.output)
+        self.output = conv3x3(channels[-1], output_channels or image_channels)
+        self.head = nn.Sigmoid() if head is None else head
+
+    @property
+    def output_layer(self):
+        return self.output
 
     def forward(self, z):
         h = self.features(self.project(z))

@@ -15,10 +15,9 @@ from torchvision.utils import make_grid
 
 from datasets.preprocessing import to_float
 from vae.checkpoint import unwrap
-from vae.inference import posterior_means
-from vae.vae import eval_mode
+from vae.vae import eval_mode, posterior_means
 
-LOSS_CURVES = ("KL Loss", "Reconstruction Loss", "Total Loss")  # the seed's add_scalars("loss", ...)
+LOSS_CURVES = ("KL Loss", "Reconstruction Loss", "Total Loss")  # the tutorial's add_scalars("loss", ...)
 # The held-out numbers that compare runs in the HPARAMS table (fid only where it was measured).
 HPARAM_METRICS = ("psnr_db", "neg_elbo_nats", "bits_per_dim", "kl_nats", "active_units", "fid")
 

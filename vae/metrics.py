@@ -4,8 +4,6 @@ import math
 
 import torch
 
-from vae.losses import PIXEL_LEVELS, discretized_logistic_log_probs
-
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
@@ -21,64 +19,12 @@ def psnr_db(mse):
     return 10 * torch.log10(1 / torch.as_tensor(mse, dtype=torch.float64)).item()
 
 
-# ------------------------------------------------------------------------------ likelihoods of 8-bit data
-
-def _log_sub_exp(log_a, log_b):
-    """log(exp(log_a) - exp(log_b)) for log_a >= log_b, without forming the (possibly tiny) difference."""
-    return log_a + torch.log(-torch.expm1(log_b - log_a))
-
-
-def discretized_gaussian_log_likelihood(x, mean, log_sigma):
-    """log P(x | mean, sigma) in nats per image (batch,) of 8-bit images x in [0, 1] under a Gaussian
-    N(mean, sigma^2) discretized to the 256 pixel levels.
-
-    Each level k/255 owns the bin [x - 1/510, x + 1/510]; the bins of 0 and 1 extend to -inf and +inf
-    (as PixelCNN++ does), so the probabilities of the 256 levels sum to one and -log P is a code length.
-    Computed in float64 with log-CDFs, because a bin can hold far less mass than float32 resolves next to 1
-    (on the CPU for MPS tensors: MPS has no float64).
-    """
-    if x.device.type == "mps":
-        x, mean, log_sigma = x.cpu(), mean.cpu(), torch.as_tensor(log_sigma).cpu()
-    x, mean = x.double(), mean.double()
-    sigma = torch.as_tensor(log_sigma, dtype=torch.float64, device=x.device).exp()
-    level = torch.round(x * PIXEL_LEVELS)
-    half_bin = 0.5 / PIXEL_LEVELS
-    lower = torch.where(level <= 0, -math.inf, (x - half_bin - mean) / sigma)
-    upper = torch.where(level >= PIXEL_LEVELS, math.inf, (x + half_bin - mean) / sigma)
-    # Phi(upper) - Phi(lower) loses every digit when both are near 1; there, use 1 - Phi(-t) symmetry instead.
-    right_of_mean = (x - mean) > 0
-    log_mass = torch.where(
-        right_of_mean,
-        _log_sub_exp(torch.special.log_ndtr(-lower), torch.special.log_ndtr(-upper)),
-        _log_sub_exp(torch.special.log_ndtr(upper), torch.special.log_ndtr(lower)))
-    return log_mass.flatten(1).sum(dim=1)
-
-
-def discretized_log_likelihood(x, image, log_scale, likelihood):
-    """log P(x|z) in nats per image (batch,) of 8-bit images x in [0, 1] under the decoder's likelihood
-    discretized to the 256 pixel levels, or None for "bernoulli" (not a distribution over 8-bit pixels).
-
-    image, log_scale: the decoder's output, as VAE.decode_distribution gives them (log sigma for the Gaussians,
-    the per-pixel log scale for the logistic, whose training loss is already this probability). Computed in
-    float64 (on the CPU for MPS tensors), like discretized_gaussian_log_likelihood.
-    """
-    if likelihood in ("gaussian", "gaussian-learned"):
-        return discretized_gaussian_log_likelihood(x, image, log_scale)
-    if likelihood == "bernoulli":
-        return None
-    if likelihood != "logistic":
-        raise ValueError(f"unknown likelihood {likelihood!r}")
-    if x.device.type == "mps":
-        x, image, log_scale = x.cpu(), image.cpu(), log_scale.cpu()
-    return discretized_logistic_log_probs(x.double(), image.double(), log_scale.double()).flatten(1).sum(dim=1)
-
+# ------------------------------------------------------------------------------ bits/dim and importance sampling
 
 def bits_per_dim(nll_nats, num_dims):
     """Negative log-likelihood in nats per image -> bits per dimension: nll / (D ln 2), D = C*H*W."""
     return nll_nats / (num_dims * math.log(2))
 
-
-# ------------------------------------------------------------------------------ importance sampling
 
 def iwae_log_likelihood(log_weights):
     """Importance-weighted lower bound on log p(x) in nats per image (Burda et al. 2016).

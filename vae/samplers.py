@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from vae import diffusion_prior
 from vae.errors import UserError
-from vae.losses import gaussian_nll_from_sse, kl_divergence, sum_squared_error
+from vae.likelihoods import gaussian_nll_from_sse, sum_squared_error
+from vae.losses import kl_divergence
 
 SAMPLER_KINDS = ("prior", "gmm", "two-stage", "diffusion")
 # Best first, by the FID of their samples on Flowers102 (README): what `sample` uses when none is named.

@@ -1,13 +1,13 @@
 """The training core: the optimizer and schedules, one training epoch, and the one evaluation that both
 `vae_training.py` (every epoch) and `vae_inference.py evaluate` run.
 
-    optimizer = make_optimizer(model, config)
-    kl_schedule = make_kl_schedule(config, steps_per_epoch)
-    lr_schedule = make_lr_schedule(config, optimizer, steps_per_epoch)
-    losses = train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, kl_schedule, lr_schedule)
+    optimization = Optimization(model, config, steps_per_epoch=len(batches))
+    state = TrainState()
+    losses = train_one_epoch(model, batches, loss_fn, optimization, state)
     metrics = evaluate(model, eval_batches, beta=config.beta)
 """
 
+import dataclasses
 import math
 import signal
 import time
@@ -19,8 +19,8 @@ from vae import distributed
 from vae.checkpoint import unwrap
 from vae.device import model_device, sum_dtype
 from vae.errors import TrainingDiverged, UserError
-from vae.losses import kl_per_dimension, reconstruction_loss, reconstruction_nll
-from vae.metrics import active_units, bits_per_dim, discretized_log_likelihood, iwae_log_likelihood, psnr_db
+from vae.losses import kl_per_dimension
+from vae.metrics import active_units, bits_per_dim, iwae_log_likelihood, psnr_db
 from vae.schedules import KLSchedule
 from vae.vae import eval_mode
 
@@ -32,11 +32,11 @@ DECODE_CHUNK_IMAGES = 4096
 # -------------------------------------------------------------------------------- optimizer and schedules
 
 def make_optimizer(model, config):
-    """Adam at --lr, except the learned decoder log sigma, a single scalar, at --sigma-lr: Adam moves a
-    parameter by about its learning rate per step, so at --lr it would need thousands of steps to move."""
-    sigma = [p for name, p in model.named_parameters() if name == "raw_log_sigma"]
-    others = [p for name, p in model.named_parameters() if name != "raw_log_sigma"]
-    groups = [{"params": others}] + ([{"params": sigma, "lr": config.sigma_lr}] if sigma else [])
+    """Adam at --lr, except the likelihood's own parameters (a learned log sigma, a single scalar) at --sigma-lr:
+    Adam moves a parameter by about its learning rate per step, so at --lr it would need thousands of steps."""
+    own = list(model.likelihood.parameters())
+    others = [p for p in model.parameters() if all(p is not q for q in own)]
+    groups = [{"params": others}] + ([{"params": own, "lr": config.sigma_lr}] if own else [])
     return torch.optim.Adam(groups, lr=config.lr)
 
 
@@ -81,9 +81,57 @@ def make_ema(model, decay):
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
+class Optimization:
+    """Everything that turns a loss into a weight update, built from a TrainConfig: the optimizer, the learning-rate
+    and KL schedules, the EMA of the weights (None without --ema), the gradient clip, bf16 autocast and the memory
+    format of the inputs. The KL weight is a function of the step and the config, so only the optimizer, the
+    learning-rate schedule and the EMA are state (state_dict, load_state_dict)."""
+
+    def __init__(self, model, config, steps_per_epoch):
+        self.optimizer = make_optimizer(model, config)
+        self.lr_schedule = make_lr_schedule(config, self.optimizer, steps_per_epoch)
+        self.kl_schedule = make_kl_schedule(config, steps_per_epoch)
+        self.ema = make_ema(model, config.ema)
+        self.grad_clip = config.grad_clip
+        self.amp = config.amp
+        self.input_format = memory_format(config, model_device(model))
+
+    def step(self, model, total):
+        """Backward pass and update for the loss `total`; returns the global gradient norm before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        self.optimizer.step()
+        self.lr_schedule.step()
+        if self.ema is not None:
+            self.ema.update_parameters(unwrap(model))
+        return grad_norm
+
+    def state_dict(self):
+        """The checkpoint's optimizer and (learning-rate) schedule entries, and ema_model with --ema."""
+        state = {"optimizer": self.optimizer.state_dict(), "schedule": self.lr_schedule.state_dict()}
+        if self.ema is not None:
+            state["ema_model"] = self.ema.module.state_dict()
+        return state
+
+    def load_state_dict(self, checkpoint, path, load_model):
+        """Restore from a checkpoint dict (load_model(module, checkpoint, path, key) loads a model's weights)."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        # Format 1 kept the learning-rate schedule as lr_schedule, and the KL schedule as schedule.
+        schedule = checkpoint.get("lr_schedule", checkpoint["schedule"])
+        if "last_epoch" in schedule:
+            self.lr_schedule.load_state_dict(schedule)
+        if self.ema is not None:
+            load_model(self.ema.module, checkpoint, path, key="ema_model")
+            self.ema.n_averaged.fill_(checkpoint["step"])  # one update per step: the warm-up resumes where it was
+
+
 def memory_format(config, device):
     """channels_last for the residual model on CUDA and under bf16 autocast, where its 3x3 convolutions run
-    faster in it; float32 on a CPU ran at the same speed either way (119 and 117 img/s), and the seed's small
+    faster in it; float32 on a CPU ran at the same speed either way (119 and 117 img/s), and the tutorial's small
     model stays contiguous."""
     faster = config.arch == "resnet" and (device.type == "cuda" or (config.amp and device.type == "cpu"))
     return torch.channels_last if faster else torch.contiguous_format
@@ -115,11 +163,27 @@ def every(minutes, action):
     return maybe
 
 
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step, so the step finishes and a
-    checkpoint is written before the process exits (130 for SIGINT, 143 for SIGTERM, as shells expect)."""
+@dataclasses.dataclass
+class TrainState:
+    """Where a run is: what train_one_epoch advances and a checkpoint stores. batch counts the batches of the
+    current epoch already trained (non-zero when a run stopped mid-epoch); best_eval is the best held-out -ELBO."""
+    epoch: int = 0
+    step: int = 0
+    batch: int = 0
+    best_eval: float = math.inf
+    eval: dict = None  # the latest held-out evaluation
 
-    def __init__(self):
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+class StopRequest:
+    """When to stop early: SIGINT/SIGTERM become a flag the loop checks after each step, so the step finishes and a
+    checkpoint is written before the process exits (130 for SIGINT, 143 for SIGTERM, as shells expect); and
+    max_steps (0: no limit) ends a run after that many optimisation steps in total."""
+
+    def __init__(self, max_steps=0):
+        self.max_steps = max_steps
         self.signal = None
         self._previous = {}
 
@@ -143,65 +207,56 @@ class StopRequest:
     def exit_code(self):
         return 128 + self.signal
 
+    def at_max_steps(self, step):
+        return bool(self.max_steps) and step >= self.max_steps
 
-def train_one_epoch(model, batches, loss_fn, optimizer, epoch, state, kl_schedule=None, lr_schedule=None, ema=None,
-                    grad_clip=0.0, writer=None, stop=None, after_step=None, max_steps=0, amp=False,
-                    input_format=torch.contiguous_format, show_progress=True):
-    """One pass over the training batches, starting at state["batch"] (non-zero when resumed mid-epoch).
 
-    Per step: the KL weight from kl_schedule, the loss, the gradients (their global norm clipped to grad_clip
-    when > 0), the optimizer and lr_schedule steps, and the EMA update. Updates state["step"] and
-    state["batch"] and calls after_step(); returns the last step's losses (the seed's names) and the epoch's
-    mean gradient norm (before clipping). Stops early, leaving state["batch"] where it stopped, when `stop` is
-    requested on any process or max_steps is reached. amp runs the model under bf16 autocast; the loss is
-    always computed in float32.
+def train_one_epoch(model, batches, loss_fn, optimization, state, writer=None, stop=None, after_step=None,
+                    progress=True):
+    """One pass over the training batches, from batch state.batch of epoch state.epoch (non-zero when resumed
+    mid-epoch); returns the last step's losses (the tutorial's names) and the epoch's mean gradient norm.
+
+    Per step: the KL weight from the schedule, the loss (the model under bf16 autocast with --amp, the loss in
+    float32), optimization.step, state.step and state.batch advanced, the losses to `writer` and after_step().
+    Stops early, leaving state.batch where it stopped, when `stop` is requested on any process or its max_steps is
+    reached.
     """
     model.train()
-    progress = tqdm(batches.epoch(epoch, start_batch=state["batch"]), total=len(batches), initial=state["batch"],
-                    desc=f"epoch {epoch + 1}", leave=False, mininterval=1.0, dynamic_ncols=True,
-                    disable=not show_progress)
+    bar = tqdm(batches.epoch(state.epoch, start_batch=state.batch), total=len(batches), initial=state.batch,
+               desc=f"epoch {state.epoch + 1}", leave=False, mininterval=1.0, dynamic_ncols=True, disable=not progress)
     losses, grad_norms = {}, []
-    for x in progress:
-        if kl_schedule is not None:
-            loss_fn.beta = kl_schedule(state["step"])
-        x = x.contiguous(memory_format=input_format)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
-        _, kl, reconstruction, total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
-                                               log_sigma=None if log_scale is None else log_scale.float())
-        if distributed.any_process(not torch.isfinite(total), x.device):  # every process stops at the same step
-            raise TrainingDiverged(f"the loss became {total.item()} at step {state['step'] + 1} (epoch {epoch + 1})")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if grad_clip > 0:
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-        else:
-            grad_norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
-        optimizer.step()
-        if lr_schedule is not None:
-            lr_schedule.step()
-        if ema is not None:
-            ema.update_parameters(unwrap(model))
-        state["step"] += 1
-        state["batch"] += 1
-        # One reduction per step serves both: the logged losses are the global batch's, and a stop requested
-        # on any process stops all of them after this same step.
-        stop_here = float(stop is not None and stop.requested)
-        step_sums = torch.stack([kl.detach(), reconstruction.detach(), total.detach(),
-                                 torch.tensor(stop_here, device=x.device)])
-        kl_sum, reconstruction_sum, total_sum, stopping = distributed.all_reduce_sum(step_sums).tolist()
-        world_size = batches.world_size
-        losses = {"KL Loss": kl_sum / world_size, "Reconstruction Loss": reconstruction_sum / world_size,
-                  "Total Loss": total_sum / world_size}
-        if writer is not None:
-            writer.add_scalars("loss", losses, state["step"])
-        progress.set_postfix(rec=f"{losses['Reconstruction Loss']:.1f}", kl=f"{losses['KL Loss']:.2f}",
-                             total=f"{losses['Total Loss']:.1f}", refresh=False)
-        if stopping > 0 or (max_steps and state["step"] >= max_steps):
-            break
-        if after_step is not None:
-            after_step()
-    progress.close()
+    with bar:  # closed, and its line cleared, however the epoch ends
+        for x in bar:
+            loss_fn.beta = optimization.kl_schedule(state.step)
+            x = x.contiguous(memory_format=optimization.input_format)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=optimization.amp):
+                reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
+            _, kl, reconstruction, total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
+                                                   None if log_scale is None else log_scale.float())
+            # Every process stops at the same step.
+            if distributed.any_process(not torch.isfinite(total), x.device):
+                raise TrainingDiverged(f"the loss became {total.item()} at step {state.step + 1} "
+                                       f"(epoch {state.epoch + 1})")
+            grad_norms.append(optimization.step(model, total))
+            state.step += 1
+            state.batch += 1
+            # One reduction per step serves both: the logged losses are the global batch's, and a stop requested
+            # on any process stops all of them after this same step.
+            stop_here = float(stop is not None and stop.requested)
+            step_sums = torch.stack([kl.detach(), reconstruction.detach(), total.detach(),
+                                     torch.tensor(stop_here, device=x.device)])
+            kl_sum, reconstruction_sum, total_sum, stopping = distributed.all_reduce_sum(step_sums).tolist()
+            world_size = batches.world_size
+            losses = {"KL Loss": kl_sum / world_size, "Reconstruction Loss": reconstruction_sum / world_size,
+                      "Total Loss": total_sum / world_size}
+            if writer is not None:
+                writer.add_scalars("loss", losses, state.step)
+            bar.set_postfix(rec=f"{losses['Reconstruction Loss']:.1f}", kl=f"{losses['KL Loss']:.2f}",
+                            total=f"{losses['Total Loss']:.1f}", refresh=False)
+            if stopping > 0 or (stop is not None and stop.at_max_steps(state.step)):
+                break
+            if after_step is not None:
+                after_step()
     losses["grad_norm"] = torch.stack(grad_norms).mean().item() if grad_norms else math.nan
     return losses
 
@@ -234,17 +289,15 @@ def importance_samples(model, x, mean, log_var, noise, discretized=False):
         log_prior = _log_normal(z).cpu().double()
         # log q(z|x) from the noise itself: z - mean would cancel digits when std is far below |mean|.
         log_posterior = (_log_normal(eps) - log_var.mul(0.5).flatten(1).sum(dim=1)).cpu().double()
-        log_likelihood_8bit = (discretized_log_likelihood(targets, decoded, log_scale, model.likelihood)
-                               if discretized else None)
-        # The logistic's likelihood is the 8-bit one: computed once (in float64), not twice.
-        likelihoods = {"": log_likelihood_8bit if model.likelihood == "logistic" else
-                       -reconstruction_nll(targets, decoded, model.likelihood, log_scale)}
+        log_likelihood, log_likelihood_8bit = model.likelihood.log_likelihoods(targets, decoded, log_scale,
+                                                                                discretized)
+        likelihoods = {"": log_likelihood}
         if discretized:
             likelihoods["_8bit"] = log_likelihood_8bit
         chunk = {}
         if start == 0:  # the trained term of the first draw only: all the training objective needs
             first_scale = log_scale if log_scale is None or log_scale.dim() == 0 else log_scale[:len(x)]
-            trained_term = reconstruction_loss(x, decoded[:len(x)], model.likelihood, first_scale)
+            trained_term = model.likelihood.loss(x, decoded[:len(x)], first_scale)
         for suffix, log_likelihood in likelihoods.items():
             log_likelihood = log_likelihood.view(k, len(x)).cpu().double()
             chunk["log_likelihood" + suffix] = log_likelihood
@@ -275,8 +328,8 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
     model = unwrap(model)
     device = model_device(model)
     dtype = sum_dtype(device)
-    discretized = model.likelihood != "bernoulli"
-    log_sigma = model.log_sigma()
+    likelihood = model.likelihood
+    discretized = likelihood.no_bits_per_dim is None
     sums = torch.zeros(len(_SUMS), dtype=torch.float64)
     # Per latent dimension: summed KL and the first two moments of the posterior means (for their variance).
     moments = torch.zeros(3, model.latent_size, dtype=dtype, device=device)
@@ -290,7 +343,7 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
             nll = -iwae_log_likelihood(samples["log_weight"])
             batch_sums = {
                 "count": len(x), "kl": kl.sum(), "reconstruction": -samples["log_likelihood"].mean(dim=0).sum(),
-                # The trained reconstruction term (SSE for the seed) of the first draw: the training objective.
+                # The trained reconstruction term (SSE for the tutorial's) of the first draw: the training objective.
                 "loss_reconstruction": samples["trained_term"].sum(),
                 "iwae_nll": nll.sum(), "iwae_nll_sq": nll.pow(2).sum(),
                 "squared_error": (model.decode(mean) - x).pow(2).sum(),
@@ -315,8 +368,8 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
     variance = (mean_square_sum - mean_sum.pow(2) / count) / max(count - 1, 1)
     metrics = {
         "num_images": int(count),
-        "likelihood": model.likelihood,
-        "decoder_sigma": None if log_sigma is None else log_sigma.exp().item(),
+        "likelihood": likelihood.name,
+        "decoder_sigma": likelihood.shared_sigma(),
         "neg_elbo_nats": (totals["kl"] + totals["reconstruction"]) / count,
         "kl_nats": totals["kl"] / count,
         "reconstruction_nats": totals["reconstruction"] / count,
@@ -339,15 +392,14 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
                 _standard_error(totals["iwae_nll_8bit"], totals["iwae_nll_8bit_sq"], count), num_dims),
             "neg_elbo_bits_per_dim": bits_per_dim((totals["kl"] + totals["reconstruction_8bit"]) / count, num_dims),
             "bits_per_dim_note": f"IWAE bound with K={iw_samples} under the decoder's "
-                                 f"{'logistic' if model.likelihood == 'logistic' else 'Gaussian'} discretized to 256 "
+                                 f"{likelihood.discretized} discretized to 256 "
                                  f"levels (bins of width 1/255, end bins to +-inf); D = {num_dims}; "
                                  f"neg_elbo_bits_per_dim is the ELBO under the same discretized likelihood",
         })
     else:
         metrics.update({
             "bits_per_dim": None, "bits_per_dim_stderr": None, "neg_elbo_bits_per_dim": None,
-            "bits_per_dim_note": f"the {model.likelihood} likelihood is not a normalized distribution over 8-bit "
-                                 f"pixels (binary cross-entropy on non-binary data), so it has no bits/dim"})
+            "bits_per_dim_note": likelihood.no_bits_per_dim.format(name=likelihood.name)})
     return metrics
 
 
