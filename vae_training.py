@@ -30,8 +30,9 @@ from vae.likelihoods import LIKELIHOODS
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
 from vae.run_folder import claim, resume_command, write_manifest
+from vae.threads import available_cores, choose_threads, describe
 from vae.training import (Optimization, StopRequest, TrainState, check_amp, evaluate, every, memory_format,
-                          train_one_epoch)
+                          train_one_epoch, training_step_probe)
 from vae.vae import build_model
 
 EVAL_BATCH_SIZE = 256
@@ -139,6 +140,8 @@ def train(config, resume="", explicit=()):
     fixed_images = to_float(grid_source[random_subset(len(grid_source), config.grid_size, config.seed)].to(device))
 
     model = build_model(config).to(device, memory_format=memory_format(config, device))
+    if device.type == "cpu":
+        choose_cpu_threads(config, model, batches, process, say)
     optimization = Optimization(model, config, steps_per_epoch=len(batches))
     loss_fn = ELBOLoss(config.beta, model.likelihood, config.free_bits)
     fixed_noise = torch.randn(config.grid_size, *model.latent_shape,
@@ -232,6 +235,16 @@ def train(config, resume="", explicit=()):
         in_sync = distributed.replicas_in_sync(unwrap(model), device)
         say(f"parameters {'identical' if in_sync else 'DIFFER'} on all {process.world_size} processes")
     return 0
+
+
+def choose_cpu_threads(config, model, batches, process, say):
+    """torch's thread count: --threads, or the faster of 1 thread and all cores over a few training steps (a copy
+    of the model takes them, so the run is the same whatever is chosen). Processes of one torchrun share the
+    cores, so each takes its share instead."""
+    requested = config.threads or (max(1, available_cores() // process.world_size) if process.distributed else 0)
+    x = next(iter(batches.epoch(0))).contiguous(memory_format=memory_format(config, batches.device))
+    count, timings = choose_threads(training_step_probe(model, x, config), requested)
+    say(describe(count, timings, unit_count=len(x)))
 
 
 def log_epoch(writer, step, epoch, losses, images_per_s, loss_fn, optimization, model, eval_model, fixed_images,

@@ -279,3 +279,53 @@ def test_a_checkpoint_from_before_likelihood_modules_loads_its_learned_sigma(tmp
     loaded, _ = load_model(path, "cpu")
     assert loaded.likelihood.raw_log_sigma.item() == -1.5
     assert loaded.likelihood.shared_sigma() == pytest.approx(model.likelihood.shared_sigma())
+
+
+# ------------------------------------------------------------------------------ space-to-depth resnet
+
+SPACE_TO_DEPTH = dict(arch="resnet", width=8, space_to_depth=True, stage_channels=[6, 8], stage_blocks=[1, 2])
+
+
+@pytest.mark.parametrize("resolution, latent_shape", [(32, (4, 8, 8)), (64, (4, 16, 16)), (32, None)])
+def test_space_to_depth_runs_no_convolution_at_full_resolution(resolution, latent_shape):
+    stages = SPACE_TO_DEPTH if latent_shape else {**SPACE_TO_DEPTH, "stage_channels": [6, 8, 8],
+                                                  "stage_blocks": [1, 1, 2]}  # dense: 16, 8 and 4 px stages
+    model = VAE(resolution, latent_size=6, latent_shape=latent_shape, likelihood="logistic", **stages)
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[-1]))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.rand(2, 3, resolution, resolution)
+    reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
+    assert reconstruction.shape == log_scale.shape == x.shape and mean.shape == (2, *(latent_shape or (6,)))
+    assert sizes and max(sizes) == resolution // 2  # every convolution reads maps of half the image's size
+    for hook in hooks:
+        hook.remove()
+
+
+def test_pixel_shuffle_keeps_the_logistic_means_and_log_scales_apart():
+    model = VAE(32, latent_shape=(4, 8, 8), likelihood="logistic", **SPACE_TO_DEPTH)
+    output = model.decoder.output
+    assert output.out_channels == 6 * 4  # 4 maps at 16x16 for each of the 6 maps at 32x32
+    with torch.no_grad():  # constant maps: means at logit 0 (0.5), log scales at the initial bias
+        output.weight.zero_()
+        output.bias[:12] = 0.0
+    image, log_scale = model.decode_distribution(torch.randn(2, 4, 8, 8))
+    assert torch.allclose(image, torch.full_like(image, 0.5))
+    start = MIN_LOG_SCALE + math.log1p(math.exp(-math.log(2 * math.pi) - MIN_LOG_SCALE))  # the floored initial bias
+    assert torch.allclose(log_scale, torch.full_like(log_scale, start), atol=1e-5)
+
+
+def test_stage_settings_that_do_not_fit_name_the_flag_and_the_count():
+    with pytest.raises(ValueError, match="--stage-channels needs one positive number per stage: 2"):
+        VAE(32, latent_shape=(4, 8, 8), **{**SPACE_TO_DEPTH, "stage_channels": [8, 8, 8]})
+    with pytest.raises(ValueError, match="--stage-blocks needs one positive number per stage: 3"):
+        VAE(32, latent_shape=(4, 8, 8), arch="resnet", stage_blocks=[1, 0, 1])
+    with pytest.raises(ValueError, match="belong to --arch resnet"):
+        VAE(space_to_depth=True)
+
+
+def test_default_stages_keep_the_residual_models_parameter_names():
+    plain = VAE(arch="resnet", width=8, latent_shape=(4, 8, 8))
+    explicit = VAE(arch="resnet", width=8, latent_shape=(4, 8, 8), stage_channels=[8, 16, 16], stage_blocks=[1, 1, 1])
+    assert list(plain.state_dict()) == list(explicit.state_dict())
+    assert [v.shape for v in plain.state_dict().values()] == [v.shape for v in explicit.state_dict().values()]

@@ -147,3 +147,38 @@ def test_a_finished_run_fills_hparams_settings_and_the_projector(flowers_root, t
     held_out = holdout_split(32, 0.25, 0)[1].tolist()
     classes = (folder / "metadata.tsv").read_text().split()
     assert classes == [str((i + 1) % 102 + 1) for i in held_out]  # conftest's roots label image k as k % 102 + 1
+
+
+def test_timing_the_thread_counts_leaves_the_model_and_the_random_stream_as_they_were():
+    from vae.threads import choose_threads, describe
+    from vae.training import training_step_probe
+
+    torch.manual_seed(0)
+    model = VAE(batch_norm=True)  # BatchNorm: a training-mode forward pass would move its running statistics
+    x = torch.rand(8, 3, 32, 32)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    try:
+        count, timings = choose_threads(training_step_probe(model, x, TrainConfig()), repeats=1, counts=(1, 2))
+        assert set(timings) == {1, 2} and count in (1, 2) and torch.get_num_threads() == count
+        assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+        assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
+        assert describe(count, timings, unit_count=8).startswith(f"threads: {count} (timed: 1 -> ")
+        assert choose_threads(lambda: None, requested=1) == (1, {}) and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_training_says_how_many_threads_it_uses(flowers_root, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        train("--data-dir", flowers_root, "--epochs", 1, "--max-steps", 1, "--log-dir", tmp_path, "--run-name", "t",
+              "--eval-split", "none", "--threads", 1, *TINY)
+        assert "threads: 1 (--threads)" in capsys.readouterr().out
+        train("--data-dir", flowers_root, "--epochs", 1, "--max-steps", 1, "--log-dir", tmp_path, "--run-name", "u",
+              "--eval-split", "none", *TINY)
+        out = capsys.readouterr().out
+        assert "threads: " in out and "(timed: 1 -> " in out and "images/s" in out
+    finally:
+        torch.set_num_threads(threads)

@@ -22,7 +22,7 @@ SPLITS = ("train", "val", "test")
 # Settings that may change when a run is resumed: where it runs, how long, and speed-only switches. Any other
 # difference would silently make it another run.
 RESUMABLE = {"epochs", "max_steps", "log_dir", "run_name", "num_workers", "device", "checkpoint_every", "data_dir",
-             "cache_dir", "amp", "compile", "fid_samples", "diffusion_prior_steps"}
+             "cache_dir", "amp", "compile", "fid_samples", "diffusion_prior_steps", "threads"}
 
 
 def _flag(default, help, **argparse_kwargs):
@@ -56,6 +56,12 @@ class TrainConfig:
     channels: list = _flag(None, "channels of each down-sampling stage (default: 16 32 64 at 32x32, one more "
                            "doubling stage per doubling of the resolution)", nargs="+", type=int)
     batch_norm: bool = _flag(False, "BatchNorm after each convolution of the encoder and decoder")
+    space_to_depth: bool = _flag(False, "resnet: a pixel-unshuffle stem and a pixel-shuffle output, so that no "
+                                 "convolution runs at the image's full resolution")
+    stage_channels: list = _flag(None, "resnet: channels of each resolution stage, finest first (default: --width, "
+                                 "then 2 x --width)", nargs="+", type=int)
+    stage_blocks: list = _flag(None, "resnet: residual blocks of each resolution stage, finest first (default: 1 "
+                               "each)", nargs="+", type=int)
     # Objective and optimisation
     # The registry itself, read when the parser is built, so a likelihood registered later is a choice too.
     likelihood: str = _flag("gaussian", lambda: "decoder likelihood p(x|z): " + "; ".join(
@@ -90,6 +96,8 @@ class TrainConfig:
     compile: bool = _flag(False, "torch.compile the model (a one-off compilation, then faster steps)")
     device: str = _flag("auto", "where to train (auto: cuda, then mps, then cpu)",
                         choices=DEVICES)
+    threads: int = _flag(0, "CPU threads torch uses (0: timed at the start, 1 against all cores, the faster kept: "
+                         "on busy cores one thread can be several times faster)")
     # Output
     log_dir: str = _flag("runs", "each run writes LOG_DIR/RUN_NAME/ (TensorBoard events, checkpoints)")
     run_name: str = _flag("", "name of the run folder (default: date and time)")
@@ -188,8 +196,9 @@ def validate_config(config):
                                     f"use 32 or 64"),
         (config.latent_size <= 65_536, f"--latent-size {config.latent_size} is too large; use at most 65536"),
         (config.grid_size <= 1024, f"--grid-size {config.grid_size} is too large; use at most 1024"),
-        (config.width <= 4096 and all(c <= 4096 for c in config.channels or []),
-         "--width and --channels must be at most 4096"),
+        (config.width <= 4096 and all(c <= 4096 for c in (config.channels or []) + (config.stage_channels or [])),
+         "--width, --channels and --stage-channels must be at most 4096"),
+        (all(n <= 64 for n in config.stage_blocks or []), "--stage-blocks must be at most 64 per stage"),
         (not config.latent_shape or 1 <= min(config.latent_shape) and max(config.latent_shape) <= 4096,
          f"--latent-shape sizes must be in [1, 4096], got {config.latent_shape}"),
         (all(part in SPLITS for part in config.split.split("+")),
@@ -200,6 +209,8 @@ def validate_config(config):
         (config.lr_warmup_epochs >= 0, f"--lr-warmup-epochs must be >= 0, got {config.lr_warmup_epochs}"),
         (config.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {config.checkpoint_every}"),
         (config.num_workers >= 1, f"--num-workers must be at least 1, got {config.num_workers}"),
+        (0 <= config.threads <= 1024, f"--threads must be 0 (choose by timing) or a count up to 1024, got "
+                                      f"{config.threads}"),
         (0 <= config.fid_samples <= 100_000, f"--fid-samples must be in [0, 100000], got {config.fid_samples}"),
         (0 <= config.diffusion_prior_steps <= 1_000_000,
          f"--diffusion-prior-steps must be in [0, 1000000], got {config.diffusion_prior_steps}"),

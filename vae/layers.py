@@ -193,10 +193,12 @@ class ResNetShape:
     """The sizes both halves of the resnet share, from the image resolution, the latent shape and the width.
 
     latent_shape (D,) is a dense latent read from the dense_feature_resolution map; (C, h, w) a spatial one,
-    the image down-sampled to h x w.
+    the image down-sampled to h x w. There is one stage per resolution from the image's (or, with space_to_depth,
+    half of it) down to the latent's. channels: each stage's channels, finest first (default: width, then
+    2 * width); blocks: each stage's number of residual blocks (default 1).
     """
 
-    def __init__(self, image_resolution, latent_shape, width):
+    def __init__(self, image_resolution, latent_shape, width, space_to_depth=False, channels=None, blocks=None):
         if width < 1:
             raise ValueError(f"--width of the resnet must be at least 1, got {width}")
         self.latent_shape = tuple(latent_shape)
@@ -207,29 +209,52 @@ class ResNetShape:
             self.feature_resolution = dense_feature_resolution(image_resolution)
         else:
             raise ValueError(f"latent shape must be (size,) or (C, H, W), got {self.latent_shape}")
-        self.channels = resnet_stage_channels(width, halvings_to(image_resolution, self.feature_resolution) + 1)
+        self.space_to_depth = SPACE_TO_DEPTH if space_to_depth else 1
+        num_stages = halvings_to(image_resolution, self.feature_resolution) + 1
+        if space_to_depth and num_stages < 2:
+            raise ValueError("--space-to-depth halves the image before the first stage, but this latent has the "
+                             "image's resolution; use a coarser --latent-shape")
+        num_stages -= int(space_to_depth)  # the stem does the first halving
+        self.channels = list(channels) if channels else resnet_stage_channels(width, num_stages)
+        self.blocks = list(blocks) if blocks else [1] * num_stages
+        for name, values in (("--stage-channels", self.channels), ("--stage-blocks", self.blocks)):
+            if len(values) != num_stages or min(values) < 1:
+                raise ValueError(f"{name} needs one positive number per stage: {num_stages} for "
+                                 f"{image_resolution[0]}x{image_resolution[1]} images and a "
+                                 f"{self.feature_resolution[0]}x{self.feature_resolution[1]} latent"
+                                 f"{' after the space-to-depth stem' if space_to_depth else ''}, got {values}")
         self.flat_features = self.channels[-1] * math.prod(self.feature_resolution)
+
+
+SPACE_TO_DEPTH = 2  # the stem's pixel_unshuffle factor: each 2x2 block of pixels becomes 4 x C channels
 
 
 class ResNetEncoder(nn.Module):
     """x -> (mean, log_var) of q(z|x), each (batch, *latent_shape).
 
-    A 3x3 stem, then one stage per resolution (a ResidualBlock; 2x average pooling between stages). A spatial
+    A 3x3 stem, then one stage per resolution (its residual blocks; 2x average pooling between stages). A spatial
     latent (C, h, w) comes from a 3x3 convolution to 2C channels at h x w, a dense latent (D,) from a Linear
     layer reading the coarsest (about 4x4) feature map.
+
+    space_to_depth=True starts with pixel_unshuffle: each 2x2 block of pixels becomes one position of 4C channels,
+    so that no convolution runs at the image's full resolution, where most of a step's FLOPs were spent (the
+    shortcut of DC-AE, Chen et al. 2024).
     """
 
-    def __init__(self, image_resolution=(32, 32), image_channels=3, latent_shape=(16, 4, 4), width=64):
+    def __init__(self, image_resolution=(32, 32), image_channels=3, latent_shape=(16, 4, 4), width=64,
+                 space_to_depth=False, stage_channels=None, stage_blocks=None):
         super().__init__()
-        shape = ResNetShape(image_resolution, latent_shape, width)
+        shape = ResNetShape(image_resolution, latent_shape, width, space_to_depth, stage_channels, stage_blocks)
         self.latent_shape = shape.latent_shape
-        layers = [conv3x3(image_channels, shape.channels[0])]
+        self.space_to_depth = shape.space_to_depth
+        layers = [conv3x3(image_channels * self.space_to_depth ** 2, shape.channels[0])]
         in_channels = shape.channels[0]
-        for stage, out_channels in enumerate(shape.channels):
+        for stage, (out_channels, blocks) in enumerate(zip(shape.channels, shape.blocks)):
             if stage > 0:
                 layers.append(nn.AvgPool2d(2))
-            layers.append(ResidualBlock(in_channels, out_channels))
-            in_channels = out_channels
+            for _ in range(blocks):
+                layers.append(ResidualBlock(in_channels, out_channels))
+                in_channels = out_channels
         layers.append(nn.SiLU())
         self.features = nn.Sequential(*layers)
         if shape.spatial:
@@ -238,6 +263,8 @@ class ResNetEncoder(nn.Module):
             self.head = nn.Sequential(nn.Flatten(), nn.Linear(shape.flat_features, 2 * self.latent_shape[0]))
 
     def forward(self, x):
+        if self.space_to_depth > 1:
+            x = F.pixel_unshuffle(x, self.space_to_depth)
         # Mean and log-variance are the two halves of the head's channels (spatial) or units (dense).
         mean, log_var = self.head(self.features(x)).chunk(2, dim=1)
         return mean, log_var
@@ -248,16 +275,20 @@ class ResNetDecoder(nn.Module):
     through head (as for Decoder).
 
     The mirror of ResNetEncoder: a 3x3 convolution (spatial) or a Linear layer (dense) to the coarsest features,
-    one stage per resolution (a ResidualBlock to the next stage's channels, then Upsample), SiLU, and a 3x3
-    convolution to the output maps, computed in float32 under autocast: a likelihood as sharp as a pixel bin
-    needs more than bf16's 8 bits of mantissa.
+    one stage per resolution (its residual blocks, the last of them to the next stage's channels, then Upsample),
+    SiLU, and a 3x3 convolution to the output maps, computed in float32 under autocast: a likelihood as sharp as a
+    pixel bin needs more than bf16's 8 bits of mantissa. With space_to_depth the output convolution gives 4 maps
+    per output map at half the resolution, and pixel_shuffle puts them in place: map k of the output is made of
+    maps 4k..4k+3, so a likelihood's map groups (the logistic's means, then its log scales) stay in order.
     """
 
     def __init__(self, image_resolution=(32, 32), image_channels=3, latent_shape=(16, 4, 4), width=64,
-                 output_channels=None, head=None):
+                 output_channels=None, head=None, space_to_depth=False, stage_channels=None, stage_blocks=None):
         super().__init__()
-        shape = ResNetShape(image_resolution, latent_shape, width)
+        shape = ResNetShape(image_resolution, latent_shape, width, space_to_depth, stage_channels, stage_blocks)
+        self.space_to_depth = shape.space_to_depth
         channels = list(reversed(shape.channels))  # coarsest first
+        blocks = list(reversed(shape.blocks))
         if shape.spatial:
             self.project = conv3x3(shape.latent_shape[0], channels[0])
         else:
@@ -266,14 +297,16 @@ class ResNetDecoder(nn.Module):
         layers = []
         for stage, stage_channels in enumerate(channels):
             # Channels shrink at the coarser side of each Upsample, mirroring the encoder: the costly
-            # full-resolution convolutions then run at the fewest channels.
+            # fine-resolution convolutions then run at the fewest channels.
             out_channels = channels[min(stage + 1, len(channels) - 1)]
-            layers.append(ResidualBlock(stage_channels, out_channels))
+            for block in range(blocks[stage]):
+                last = block == blocks[stage] - 1
+                layers.append(ResidualBlock(stage_channels, out_channels if last else stage_channels))
             if stage + 1 < len(channels):
                 layers.append(Upsample(out_channels, out_channels))
         layers.append(nn.SiLU())
         self.features = nn.Sequential(*layers)
-        self.output = conv3x3(channels[-1], output_channels or image_channels)
+        self.output = conv3x3(channels[-1], (output_channels or image_channels) * self.space_to_depth ** 2)
         self.head = nn.Sigmoid() if head is None else head
 
     @property
@@ -283,4 +316,7 @@ class ResNetDecoder(nn.Module):
     def forward(self, z):
         h = self.features(self.project(z))
         with torch.autocast(h.device.type, enabled=False):
-            return self.head(self.output(h.float()))
+            maps = self.output(h.float())
+            if self.space_to_depth > 1:
+                maps = F.pixel_shuffle(maps, self.space_to_depth)
+            return self.head(maps)

@@ -7,6 +7,7 @@
     metrics = evaluate(model, eval_batches, beta=config.beta)
 """
 
+import copy
 import dataclasses
 import math
 import signal
@@ -19,7 +20,7 @@ from vae import distributed
 from vae.checkpoint import unwrap
 from vae.device import model_device, sum_dtype
 from vae.errors import TrainingDiverged, UserError
-from vae.losses import kl_per_dimension
+from vae.losses import ELBOLoss, kl_per_dimension
 from vae.metrics import active_units, bits_per_dim, iwae_log_likelihood, psnr_db
 from vae.schedules import KLSchedule
 from vae.vae import eval_mode
@@ -147,6 +148,23 @@ def check_amp(device):
     if device.type == "cpu" and not native:
         print("note: this CPU has no native bf16 (AVX512-BF16 or AMX): --amp is emulated and likely slower than "
               "float32 here")
+
+
+def training_step_probe(model, x, config):
+    """A function that runs one training step's forward and backward pass on a copy of the model, for timing the
+    thread counts: the model, its optimizer and torch's random stream are left exactly as they were."""
+    probe = copy.deepcopy(unwrap(model)).train()
+    loss_fn = ELBOLoss(config.beta, probe.likelihood, config.free_bits)
+
+    def work():
+        with torch.random.fork_rng(devices=[]), torch.autocast(x.device.type, dtype=torch.bfloat16,
+                                                                 enabled=config.amp):
+            reconstruction, mean, log_var, log_scale = probe(x, return_log_scale=True)
+            total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
+                            None if log_scale is None else log_scale.float())[3]
+        probe.zero_grad(set_to_none=True)
+        total.backward()
+    return work
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -16,15 +16,16 @@ class VAE(nn.Module):
     """Encoder -> SampleLatent -> Decoder -> likelihood. forward(x) returns (reconstruction, mean, log_var).
 
     With the defaults (32x32 RGB, latent 10, channels 16/32/64) this is the tutorial's model, 65,831 parameters.
-    arch="resnet" swaps in ResNetEncoder/ResNetDecoder of base `width` channels; with it, latent_shape (C, H, W)
-    gives a spatial latent instead of the dense one of latent_size. Either way `latent_shape` is the shape of
+    arch="resnet" swaps in ResNetEncoder/ResNetDecoder of base `width` channels (or stage_channels, with
+    stage_blocks residual blocks per stage, and a space-to-depth stem and pixel-shuffle output with
+    space_to_depth); with it, latent_shape (C, H, W) gives a spatial latent instead of the dense one of latent_size. Either way `latent_shape` is the shape of
     one image's z and `latent_size` its number of dimensions. likelihood: a name of vae.likelihoods.LIKELIHOODS
     (sigma is the Gaussians') or a Likelihood; it is the model's `likelihood` module, learned parameters included.
     """
 
     def __init__(self, image_resolution=(32, 32), latent_size=10, image_channels=3, channels=None,
                  batch_norm=False, likelihood="gaussian", sigma=TUTORIAL_SIGMA, arch="seed", width=64,
-                 latent_shape=None):
+                 latent_shape=None, space_to_depth=False, stage_channels=None, stage_blocks=None):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown arch {arch!r}; use one of {', '.join(ARCHITECTURES)}")
@@ -41,7 +42,9 @@ class VAE(nn.Module):
                              f"architecture has a dense latent (--latent-size)")
         if arch == "resnet" and (channels or batch_norm):
             raise ValueError("--channels and --batch-norm belong to --arch seed; the resnet's channels come from "
-                             "--width, and it has no normalisation layers")
+                             "--width (or --stage-channels), and it has no normalisation layers")
+        if arch == "seed" and (space_to_depth or stage_channels or stage_blocks):
+            raise ValueError("--space-to-depth, --stage-channels and --stage-blocks belong to --arch resnet")
         self.likelihood = make_likelihood(likelihood, sigma)
         self.arch = arch
         if isinstance(image_resolution, int):  # VAE(32) means 32x32
@@ -53,8 +56,10 @@ class VAE(nn.Module):
         # The decoder gives the likelihood's maps; the likelihood turns them into image and scale.
         output = dict(output_channels=self.likelihood.output_channels(image_channels), head=nn.Identity())
         if arch == "resnet":
-            self.encoder = ResNetEncoder(self.image_resolution, image_channels, latent_shape, width)
-            self.decoder = ResNetDecoder(self.image_resolution, image_channels, latent_shape, width, **output)
+            stages = dict(space_to_depth=space_to_depth, stage_channels=stage_channels, stage_blocks=stage_blocks)
+            self.encoder = ResNetEncoder(self.image_resolution, image_channels, latent_shape, width, **stages)
+            self.decoder = ResNetDecoder(self.image_resolution, image_channels, latent_shape, width, **output,
+                                         **stages)
         else:
             channels = list(channels) if channels else default_channels(min(self.image_resolution))
             for size in channels:
@@ -146,4 +151,5 @@ def build_model(config) -> VAE:
     return VAE((resolution, resolution), latent_size=get("latent_size", 10), channels=get("channels", None),
                batch_norm=get("batch_norm", False), likelihood=get("likelihood", "gaussian"),
                sigma=get("sigma", TUTORIAL_SIGMA), arch=get("arch", "seed"), width=get("width", 64),
-               latent_shape=get("latent_shape", None))
+               latent_shape=get("latent_shape", None), space_to_depth=get("space_to_depth", False),
+               stage_channels=get("stage_channels", None), stage_blocks=get("stage_blocks", None))
