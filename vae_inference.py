@@ -28,6 +28,7 @@ from vae.errors import UserError
 from vae.logs import log_projector
 from vae.metrics import psnr_db
 from vae.samplers import SAMPLER_KINDS
+from vae.threads import choose_threads, describe
 
 FITTED_SAMPLERS = ("gmm", "two-stage", "diffusion")
 from vae.training import evaluate
@@ -44,6 +45,8 @@ def add_common(parser, makes_images=True, default_out=None):
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where to run (auto: cuda, then mps, then cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw, for reproducible output")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads torch uses (0: 1 thread and all cores "
+                        "are timed on a batch of decoding, the faster kept)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     if makes_images:
         parser.add_argument("--out", default=default_out, help="PNG file the image grid is written to")
@@ -196,7 +199,7 @@ def build_parser():
 
 # The range of every numeric flag: beyond it a command would fail deep inside, or run out of memory or time.
 SEED_RANGE = (0, 2 ** 32 - 1)
-FLAG_RANGES = {"num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64),
+FLAG_RANGES = {"num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64), "threads": (0, 1024),
                "temperature": (0.0, 100.0), "range": (0.0, 100.0), "seed": SEED_RANGE, "holdout_seed": SEED_RANGE,
                "iw_samples": (1, 100_000), "batch_size": (1, 100_000), "holdout": (0.0, 0.999),
                "fid_samples": (0, 100_000), "variations": (0, 1_000),
@@ -474,6 +477,49 @@ def run_export(args, model, checkpoint):
     print(f"wrote {args.out} ({size:.1f} MB): the weights inference uses, the config and the run's evaluation")
 
 
+def output_files(args):
+    """(flag, path) of every file this command is asked to write, with the folder ones (--out-dir, --log-dir)."""
+    outputs = [(flag, getattr(args, name, None)) for flag, name in (("--out", "out"), ("--json", "json"))]
+    stems = [Path(image).stem for image in getattr(args, "images", None) or []]
+    if getattr(args, "out_dir", None):
+        if args.command == "sample":
+            outputs += [("--out-dir", Path(args.out_dir) / f"sample_{i:03d}.png") for i in range(args.num)]
+        else:
+            outputs += [("--out-dir", Path(args.out_dir) / f"{stem}-{k}.png") for stem in stems
+                        for k in range(1, args.num + 1)]
+    return [(flag, Path(path)) for flag, path in outputs if path]
+
+
+def check_outputs(args):
+    """Refuse, before any work, to write over a file the command reads (the checkpoint, the photos) or into a
+    training run's folder; and an output that is a folder."""
+    inputs = [("--checkpoint", Path(args.checkpoint))]
+    inputs += [("--images", Path(image)) for image in getattr(args, "images", None) or []]
+    inputs += [("--image", Path(args.image))] if getattr(args, "image", None) else []
+    for out_flag, out in output_files(args):
+        if out.is_dir():
+            raise UserError(f"{out_flag} {out} is a folder; pass a file name inside it, e.g. {out / 'out.png'}")
+        for in_flag, source in inputs:
+            if source.exists() and out.exists() and out.samefile(source) or out.resolve() == source.resolve():
+                raise UserError(f"{out_flag} {out} is the {in_flag} file this command reads; writing it would "
+                                f"destroy it: pass another {out_flag}")
+    log_dir = getattr(args, "log_dir", None)
+    if log_dir and any((Path(log_dir) / name).exists() for name in ("checkpoint.pt", "run.json")):
+        raise UserError(f"--log-dir {log_dir} is a training run's folder; writing the projector there would replace "
+                        f"the run's own: pass a new folder, e.g. --log-dir {Path(log_dir) / 'projector'}")
+
+
+def choose_cpu_threads(requested, model):
+    """--threads, or the faster of 1 thread and all cores at decoding a batch; said on stderr."""
+    z = torch.randn(64, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+
+    def work():
+        with torch.no_grad():
+            model.decode(z)
+    count, timings = choose_threads(work, requested)
+    print(describe(count, timings, unit_count=len(z), unit="decoded images"), file=sys.stderr)
+
+
 COMMANDS = {"sample": run_sample, "reconstruct": run_reconstruct, "variations": run_variations,
             "interpolate": run_interpolate, "traverse": run_traverse, "evaluate": run_evaluate,
             "projector": run_projector, "export": run_export}
@@ -483,8 +529,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_flag_ranges(args)
+        check_outputs(args)
         device = pick_device(args.device)
         model, checkpoint = inference.load_model(args.checkpoint, device)
+        if device.type == "cpu":
+            choose_cpu_threads(args.threads, model)
         if getattr(args, "scale", 0) is None:
             args.scale = inference.readable_scale(model.image_resolution)
         COMMANDS[args.command](args, model, checkpoint)

@@ -21,7 +21,7 @@ import torch
 from datasets.preprocessing import (ImageBatches, flower_classes, holdout_split, random_subset, split_images,
                                     to_float)
 from vae import distributed
-from vae.checkpoint import checkpoint_to_resume, restore_model, save_checkpoint, unwrap
+from vae.checkpoint import checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
 from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args, validate_config
 from vae.errors import EveryProcessError, TrainingDiverged, UserError
 from vae.inference import fit_samplers, sample_quality
@@ -29,7 +29,7 @@ from vae.logs import log_grids, log_run_summary, log_scalars, log_settings, open
 from vae.likelihoods import LIKELIHOODS
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
-from vae.run_folder import claim, resume_command, write_manifest
+from vae.run_folder import claim, holds_unsaved_run, resume_command, write_manifest
 from vae.threads import available_cores, choose_threads, describe
 from vae.training import (Optimization, StopRequest, TrainState, check_amp, evaluate, every, memory_format,
                           train_one_epoch, training_step_probe)
@@ -116,14 +116,20 @@ def train(config, resume="", explicit=()):
     # Setup: the process, the run folder, the data, the model, and the checkpoint's state over them.
     checkpoint, checkpoint_path, config = checkpoint_to_resume(resume, config, explicit)
     validate_config(config)
+    if checkpoint is not None and finished(checkpoint, config):
+        print(f"{checkpoint_path} is a finished run: {checkpoint['epoch']} of {config.epochs} epochs, samplers fitted; "
+              f"nothing to do (pass a larger --epochs to train on)")
+        return 0
     process = distributed.setup(config.device)
     device = process.device
     say = print if process.is_main else (lambda *args, **kwargs: None)
     if config.amp and process.is_main:
         check_amp(device)
-    lock = None
+    lock, restarted = None, None
     if process.is_main:
-        run_dir, lock = claim(config.log_dir, config.run_name or None, resumed_from=checkpoint_path)
+        run_dir, lock = claim(config.log_dir, config.run_name or None, resumed_from=checkpoint_path,
+                              restart_unsaved=resume == "auto")
+        restarted = -1 if checkpoint is None and resume == "auto" and holds_unsaved_run(run_dir) else None
         config.run_name = run_dir.name
     config.run_name = distributed.broadcast_object(config.run_name)
     run_dir = Path(config.log_dir) / config.run_name  # on every process, for its messages
@@ -169,7 +175,8 @@ def train(config, resume="", explicit=()):
     writer = None
     if process.is_main:
         write_manifest(run_dir, config, resumed_from=checkpoint_path)
-        writer = open_writer(run_dir, resumed_step=state.step if checkpoint is not None else None)
+        # A resumed run drops what a killed session logged after its checkpoint; a restarted one all of it.
+        writer = open_writer(run_dir, resumed_step=state.step if checkpoint is not None else restarted)
         log_settings(writer, config)
 
     try:

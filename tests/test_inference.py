@@ -576,3 +576,62 @@ def test_a_run_folder_given_as_the_checkpoint_says_which_file_to_pass(checkpoint
     assert main(["sample", "--checkpoint", str(checkpoint.parent), "--out", str(tmp_path / "s.png")]) == 2
     assert "is a folder; pass the checkpoint.pt inside a run folder (it holds one)" in error_line(
         capsys.readouterr().err)
+
+
+def test_inference_says_how_many_threads_it_uses(tmp_path, capsys):
+    from vae_inference import main as inference_main
+
+    threads = torch.get_num_threads()
+    try:
+        assert inference_main(["sample", "--num", "4", "--out", str(tmp_path / "s.png"), "--threads", "1"]) == 0
+        assert "threads: 1 (--threads)" in capsys.readouterr().err and torch.get_num_threads() == 1
+        assert inference_main(["sample", "--num", "4", "--out", str(tmp_path / "t.png")]) == 0
+        assert "(timed: 1 -> " in capsys.readouterr().err
+        assert inference_main(["sample", "--threads", "-1", "--out", str(tmp_path / "u.png")]) == 2
+        assert "--threads must be in [0, 1024]" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_no_command_writes_over_a_file_it_reads(checkpoint, flowers_root, tmp_path, capsys):
+    import shutil
+
+    from vae_inference import main as inference_main
+
+    own = tmp_path / "run.pt"
+    shutil.copy(checkpoint, own)
+    photo = next((flowers_root / "flowers-102" / "jpg").glob("*.jpg"))
+    mine = tmp_path / photo.name
+    shutil.copy(photo, mine)
+    before = own.read_bytes(), mine.read_bytes()
+    cases = [
+        (["export", "--out", own], "--out", "--checkpoint"),
+        (["evaluate", "--json", own, "--iw-samples", "1"], "--json", "--checkpoint"),
+        (["reconstruct", "--images", mine, "--out", mine], "--out", "--images"),
+        (["variations", "--images", mine, "--out", tmp_path / "." / mine.name], "--out", "--images"),
+        (["variations", "--images", mine, "--num", "2", "--out-dir", tmp_path], "--out-dir", None),
+    ]
+    named_like_a_variation = tmp_path / f"{mine.stem}-1.png"  # what mine's first variation would be called
+    named_like_a_variation.write_bytes(mine.read_bytes())
+    cases[-1] = (["variations", "--images", mine, named_like_a_variation, "--num", "2", "--out-dir", tmp_path],
+                 "--out-dir", "--images")
+    for args, out_flag, in_flag in cases:
+        capsys.readouterr()
+        code = inference_main([str(a) for a in [*args, "--checkpoint", own, "--data-dir", flowers_root]])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and line.startswith(f"error: {out_flag}") and in_flag in line and "destroy" in line, line
+    assert (own.read_bytes(), mine.read_bytes()) == before
+
+
+def test_the_projector_is_not_written_into_a_training_run(checkpoint, flowers_root, tmp_path, capsys):
+    from vae_inference import main as inference_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    assert inference_main(["projector", "--checkpoint", str(checkpoint), "--data-dir", str(flowers_root),
+                           "--log-dir", str(run)]) == 2
+    assert "is a training run's folder" in capsys.readouterr().err and sorted(p.name for p in run.iterdir()) == [
+        "run.json"]
+    assert inference_main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err

@@ -136,7 +136,7 @@ def checkpoint_to_resume(resume, config, explicit):
             print(f"no checkpoint at {path} yet: starting the run")
             return None, None, config
     else:
-        path = resume
+        path = Path(resume)
     checkpoint = load_checkpoint(path)
     missing = [key for key in ("model", "optimizer", "schedule", "rng", "epoch", "step", "batch")
                if key not in checkpoint]
@@ -144,13 +144,30 @@ def checkpoint_to_resume(resume, config, explicit):
         raise UserError(f"{path} cannot be resumed: it has no {', '.join(missing)} (inference can still use it); "
                         f"start a new run")
     config = resumed_config(checkpoint["config"], config, explicit, path)
-    if not {"log_dir", "run_name"} & set(explicit):  # the run goes on in the checkpoint's own folder
-        config.log_dir, config.run_name = str(Path(path).parent.parent), Path(path).parent.name
+    in_own_folder = not {"log_dir", "run_name"} & set(explicit)
+    latest = path.parent / "checkpoint.pt"
+    if in_own_folder and path.name != "checkpoint.pt" and latest.exists():
+        # best.pt (or a copy) is an earlier state of the run whose checkpoint.pt is beside it: going on in that
+        # folder would write the earlier state over checkpoint.pt and its later steps.
+        raise UserError(f"{path} is an earlier state (step {checkpoint['step']}) of the run in {path.parent}; "
+                        f"resuming it there would rewind {latest}. Continue the run with: "
+                        f"python vae_training.py --resume {shlex.quote(str(latest))}, or start a new run from "
+                        f"{path.name} with --run-name NEW")
+    if config.epochs < checkpoint["epoch"]:
+        raise UserError(f"{path} has trained {checkpoint['epoch']} epochs already; --epochs {config.epochs} is "
+                        f"fewer: pass --epochs {checkpoint['epoch']} or more (the total, not the epochs to add)")
+    if in_own_folder:  # the run goes on in the checkpoint's own folder
+        config.log_dir, config.run_name = str(path.parent.parent), path.parent.name
     data_folder = Path(config.data_dir) / "flowers-102"
     if "data_dir" not in explicit and not data_folder.is_dir():  # never download into a folder that moved away
         raise UserError(f"{path} was trained on data in {data_folder}, which is not there any more; pass "
                         f"--data-dir with the folder that holds flowers-102/ now")
     return checkpoint, path, config
+
+
+def finished(checkpoint, config):
+    """Whether a checkpoint's run has done all of config.epochs and its end (the samplers fitted at the end)."""
+    return checkpoint["epoch"] >= config.epochs and bool(checkpoint.get("samplers"))
 
 
 # Settings that are paths of the machine a run trained on: an export, made to be shared, keeps their defaults.

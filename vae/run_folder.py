@@ -44,10 +44,21 @@ def _holds_a_run(run_dir):
     return any(path.name != LOCK_NAME for path in run_dir.iterdir())
 
 
-def claim(log_dir, run_name, resumed_from=None):
+def holds_unsaved_run(run_dir):
+    """Whether run_dir holds only what a training writes before its first checkpoint (its manifests and
+    TensorBoard events): a run killed before it saved anything, which may start again in place."""
+    def before_first_save(path):
+        return (path.name in (LOCK_NAME, "run.json") or path.name.startswith(("run-resumed-", "events.out.tfevents."))
+                or (path.is_dir() and path.name.startswith("loss_")
+                    and all(p.name.startswith("events.out.tfevents.") for p in path.iterdir())))
+    return run_dir.is_dir() and _holds_a_run(run_dir) and all(before_first_save(p) for p in run_dir.iterdir())
+
+
+def claim(log_dir, run_name, resumed_from=None, restart_unsaved=False):
     """(run folder, its lock) for a training. run_name None: a new name from the clock, with a numbered suffix
     when a run started in the same second took it. Resuming, the folder must be the checkpoint's own folder
-    or a new, empty one; a new run needs a new or empty folder. Anything else is a UserError naming both."""
+    or a new, empty one; a new run needs a new or empty folder, or with restart_unsaved (--resume auto) one whose
+    run was killed before it saved (holds_unsaved_run). Anything else is a UserError naming both."""
     if run_name is None:
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         for suffix in ["", *(f"-{n}" for n in range(2, 1000))]:
@@ -66,6 +77,9 @@ def claim(log_dir, run_name, resumed_from=None):
     if lock is None:
         raise UserError(f"another training is running in {run_dir} right now; wait for it to end or pass "
                         f"another --run-name")
+    if restart_unsaved and resumed_from is None and holds_unsaved_run(run_dir):
+        print(f"{run_dir} holds a run that was stopped before its first checkpoint: starting it again there")
+        return run_dir, lock
     if not own_folder and _holds_a_run(run_dir):
         lock.close()
         if resumed_from is not None:

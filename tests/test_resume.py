@@ -1,0 +1,99 @@
+"""Resume that means what it says: a best.pt never rewinds its run, --resume auto restarts a run killed before its
+first checkpoint, and --epochs on resume extends, refuses or says the run is finished. Through vae_training.main,
+in this process."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import TINY, train
+from test_run_folders import failed, snapshot
+
+COSINE = ["--lr-schedule", "cosine", "--lr", "1e-2", "--lr-warmup-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(flowers_root, tmp_path_factory):
+    """A finished 3-epoch cosine run (4 steps per epoch) with a held-out evaluation, so it has a best.pt."""
+    log_dir = tmp_path_factory.mktemp("resume")
+    train("--data-dir", flowers_root, "--epochs", 3, "--log-dir", log_dir, "--run-name", "done", "--holdout", 0.25,
+          *COSINE, *TINY)
+    return log_dir / "done"
+
+
+def test_resuming_best_pt_in_its_own_folder_is_refused_with_the_command_that_continues(finished_run, capsys):
+    before = snapshot(finished_run)
+    line = failed(capsys, "--resume", finished_run / "best.pt", "--epochs", 5)
+    assert "would rewind" in line and f"--resume {finished_run / 'checkpoint.pt'}" in line and "--run-name" in line
+    assert snapshot(finished_run) == before
+
+
+def test_resuming_best_pt_into_a_new_run_branches_off(finished_run, capsys):
+    best = torch.load(finished_run / "best.pt", weights_only=True)
+    train("--resume", finished_run / "best.pt", "--epochs", best["epoch"] + 1, "--log-dir", finished_run.parent,
+          "--run-name", "branch")
+    branch = torch.load(finished_run.parent / "branch" / "checkpoint.pt", weights_only=True)
+    steps_per_epoch = best["step"] // best["epoch"]
+    assert branch["step"] == best["step"] + steps_per_epoch and branch["epoch"] == best["epoch"] + 1
+
+
+def test_fewer_epochs_than_done_are_refused_with_the_number_done(finished_run, capsys):
+    before = snapshot(finished_run)
+    line = failed(capsys, "--resume", finished_run / "checkpoint.pt", "--epochs", 2)
+    assert "trained 3 epochs already" in line and "--epochs 3 or more" in line
+    assert snapshot(finished_run) == before
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
+    before = snapshot(finished_run)
+    capsys.readouterr()
+    train("--resume", finished_run / "checkpoint.pt")
+    assert "is a finished run: 3 of 3 epochs" in capsys.readouterr().out
+    assert snapshot(finished_run) == before
+
+
+def test_more_epochs_extend_the_cosine_from_the_step_reached_without_warming_up_again(flowers_root, tmp_path):
+    common = ["--data-dir", flowers_root, "--log-dir", tmp_path, "--eval-split", "none", *COSINE, *TINY]
+    train(*common, "--epochs", 2, "--run-name", "extended")
+    checkpoint = tmp_path / "extended" / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["schedule"]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+    train("--resume", checkpoint, "--epochs", 4, "--max-steps", 12)
+    # Warm-up (1 epoch of 4 steps) to 1e-2, then a cosine over the rest of the run: resumed with 4 epochs, the rate
+    # at step 12 is that of the 4-epoch run's cosine there; a second warm-up would have it at 1e-2 * 5 / 4 steps.
+    cosine = 1e-2 * 0.5 * (1 + math.cos(math.pi * (12 - 4) / (16 - 4)))
+    assert torch.load(checkpoint, weights_only=True)["schedule"]["_last_lr"][0] == pytest.approx(cosine, rel=1e-6)
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(flowers_root, tmp_path, capsys):
+    """A kill -9 in epoch 1 leaves the lock file, run.json and TensorBoard events, but no checkpoint."""
+    from vae.config import TrainConfig
+    from vae.logs import open_writer
+    from vae.run_folder import write_manifest
+
+    run_dir = tmp_path / "k"
+    run_dir.mkdir()
+    (run_dir / ".lock").touch()
+    write_manifest(run_dir, TrainConfig())
+    writer = open_writer(run_dir)
+    writer.add_scalars("loss", {"KL Loss": 1.0, "Reconstruction Loss": 2.0, "Total Loss": 3.0}, 1)
+    writer.close()
+    command = ["--resume", "auto", "--run-name", "k", "--data-dir", flowers_root, "--log-dir", tmp_path, "--epochs",
+               1, "--eval-split", "none", *TINY]
+    capsys.readouterr()
+    train(*command)
+    out = capsys.readouterr().out
+    assert "no checkpoint at" in out and "stopped before its first checkpoint: starting it again" in out
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    # The same command again: now the run is there, and finished.
+    train(*command)
+    assert "is a finished run" in capsys.readouterr().out
+
+
+def test_a_folder_with_another_runs_files_is_not_restarted(flowers_root, tmp_path, capsys):
+    run_dir = tmp_path / "other"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    line = failed(capsys, "--resume", "auto", "--run-name", "other", "--data-dir", flowers_root, "--log-dir",
+                  tmp_path, "--epochs", 1, "--eval-split", "none", *TINY)
+    assert "already holds a run" in line and (run_dir / "notes.txt").read_text() == "mine"
