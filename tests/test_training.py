@@ -182,3 +182,22 @@ def test_training_says_how_many_threads_it_uses(flowers_root, tmp_path, capsys):
         assert "threads: " in out and "(timed: 1 -> " in out and "images/s" in out
     finally:
         torch.set_num_threads(threads)
+
+
+def test_num_workers_0_decodes_in_this_process(flowers_root, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import datasets.preprocessing as preprocessing
+
+    files = []
+    for i in range(130):  # enough images that 2 workers would start a pool
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((40, 40, 3), i, dtype=np.uint8)).save(files[-1])
+    monkeypatch.setattr(preprocessing, "_pool_context", lambda: pytest.fail("a decoding pool was started"))
+    images, kept = preprocessing.decode_images(files, 32, num_workers=0)
+    assert images.shape == (130, 3, 32, 32) and len(kept) == 130 and images[7].float().mean() == 7
+    args = [a if a != "1" or i == 0 or TINY[i - 1] != "--num-workers" else "0" for i, a in enumerate(TINY)]
+    train("--data-dir", flowers_root, "--epochs", 1, "--max-steps", 1, "--log-dir", tmp_path, "--run-name", "w0",
+          "--eval-split", "none", *args)
+    assert torch.load(tmp_path / "w0" / "checkpoint.pt", weights_only=True)["config"]["num_workers"] == 0

@@ -44,7 +44,8 @@ class TrainConfig:
     cache_dir: str = _flag("", "where the decoded-image cache goes when DATA_DIR is not writable "
                            "(empty: ~/.cache/vae-flowers)")
     skip_bad_images: bool = _flag(False, "skip (and count) images that cannot be decoded instead of stopping")
-    num_workers: int = _flag(min(8, os.cpu_count() or 1), "processes decoding JPEGs while the image cache is built")
+    num_workers: int = _flag(min(8, os.cpu_count() or 1), "processes decoding JPEGs while the image cache is built "
+                             "(0 or 1: in this process)")
     hflip: bool = _flag(False, "flip each training image horizontally with probability 1/2 (seeded per epoch)")
     # Model
     arch: str = _flag("seed", "seed: the tutorial's conv stack; resnet: residual blocks of --width channels",
@@ -208,7 +209,8 @@ def validate_config(config):
         (config.grad_clip >= 0, f"--grad-clip must be >= 0, got {config.grad_clip}"),
         (config.lr_warmup_epochs >= 0, f"--lr-warmup-epochs must be >= 0, got {config.lr_warmup_epochs}"),
         (config.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {config.checkpoint_every}"),
-        (config.num_workers >= 1, f"--num-workers must be at least 1, got {config.num_workers}"),
+        (config.num_workers >= 0, f"--num-workers must be 0 (decode in this process) or more, got "
+                                  f"{config.num_workers}"),
         (0 <= config.threads <= 1024, f"--threads must be 0 (choose by timing) or a count up to 1024, got "
                                       f"{config.threads}"),
         (0 <= config.fid_samples <= 100_000, f"--fid-samples must be in [0, 100000], got {config.fid_samples}"),
