@@ -21,6 +21,7 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
 from vae import inference
+from vae.config import saved_config
 from vae.device import DEVICES, model_device, pick_device
 from vae.errors import UserError
 
@@ -66,14 +67,15 @@ def check_upload(path, name):
     return [f"{name} has transparent parts: the model sees them as white."] if transparent else []
 
 
-def read_upload(upload, model, what="photo"):
-    """(image (1, 3, R, R) on the model's device, notes) of an upload, preprocessed as training did."""
+def read_upload(upload, model, what="photo", resize="squash"):
+    """(image (1, 3, R, R) on the model's device, notes) of an upload, preprocessed as training did (resize: the
+    checkpoint's --resize)."""
     if upload is None:
         raise UserError(f"upload a {what} first, or pick an example")
     path, name = upload_path(upload)
     notes = check_upload(path, name)
     try:
-        x = inference.load_images([path], model, model_device(model))
+        x = inference.load_images([path], model, model_device(model), resize)
     except UserError:
         raise UserError(f"{name} could not be decoded (a damaged or cut-off file?); upload another photo") from None
     if torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
@@ -96,6 +98,7 @@ class Demo:
 
     def __init__(self, checkpoint_path, device, scale=4):
         self.model, self.checkpoint = inference.load_model(checkpoint_path, device)
+        self.resize = saved_config(self.checkpoint["config"], checkpoint_path).resize  # how training squared photos
         self.samplers = ["prior", *(self.checkpoint.get("samplers") or {})]
         # The variation modes this checkpoint can run, best first: the first is the page's default.
         self.modes = [mode for mode in inference.VARIATION_MODES
@@ -111,7 +114,7 @@ class Demo:
         on every call unless fixed_seed, so that each press gives new flowers."""
         try:
             seed = seed_for(seed, fixed_seed)
-            x, notes = read_upload(upload, self.model)
+            x, notes = read_upload(upload, self.model, resize=self.resize)
             if mode not in self.modes:
                 raise UserError(f"this checkpoint cannot make {mode} variations; pick one of {', '.join(self.modes)}")
             count = int(check_range("the number of variations", count, COUNT))
@@ -127,8 +130,8 @@ class Demo:
     def interpolation(self, upload_a, upload_b, steps, spherical):
         """(the decoded path from photo A to photo B, message)."""
         try:
-            x_a, notes_a = read_upload(upload_a, self.model, "photo A")
-            x_b, notes_b = read_upload(upload_b, self.model, "photo B")
+            x_a, notes_a = read_upload(upload_a, self.model, "photo A", self.resize)
+            x_b, notes_b = read_upload(upload_b, self.model, "photo B", self.resize)
             steps = int(check_range("the number of steps", steps, STEPS))
             images = inference.interpolate(self.model, x_a, x_b, steps, spherical=bool(spherical))
             return self.pictures(images), message(notes_a + notes_b)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from datasets.preprocessing import ImageBatches, flower_classes, random_subset, to_float
+from datasets.preprocessing import ImageBatches, dataset_images, flower_classes, random_subset, to_float
 from vae import inference
 from vae.checkpoint import export_for_inference
 from vae.config import TrainConfig, saved_config
@@ -214,6 +214,12 @@ def check_flag_ranges(args):
             raise UserError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
 
 
+def load_photos(paths, args, model, checkpoint):
+    """Image files preprocessed as the checkpoint's training images were (its --resize), on the model's device."""
+    resize = saved_config(checkpoint["config"], args.checkpoint).resize
+    return inference.load_images(paths, model, model_device(model), resize)
+
+
 def holdout_settings(args, config):
     """(fraction, seed) of the held-out set asked for; fraction 0 means the whole split."""
     if args.holdout_from_checkpoint:
@@ -228,7 +234,7 @@ def cache_settings(args, config):
     """The training run's image-cache settings, so inference reads the cache that training wrote; the decoding
     processes are this machine's default."""
     return {"cache_dir": args.cache_dir or config.cache_dir, "num_workers": TrainConfig.num_workers,
-            "skip_bad_images": config.skip_bad_images}
+            "skip_bad_images": config.skip_bad_images, "resize": config.resize}
 
 
 def data_dir_of(args, config):
@@ -242,7 +248,7 @@ def split_images(args, checkpoint, subset):
     data_dir = data_dir_of(args, config)
     holdout, seed = holdout_settings(args, config)
     split = args.split or (config.split if holdout > 0 else "test")
-    images, names = inference.dataset_images(data_dir, split, config.resolution, subset=subset,
+    images, names = dataset_images(data_dir, split, config.resolution, subset=subset,
                                              holdout=holdout, holdout_seed=seed, **cache_settings(args, config))
     described = f"{data_dir} split {split}"
     if holdout > 0:
@@ -257,7 +263,7 @@ def training_images(args, checkpoint):
     data_dir = data_dir_of(args, config)
     split = args.split or config.split
     holdout = config.holdout if split == config.split else 0.0
-    images, names = inference.dataset_images(data_dir, split, config.resolution, subset="train", holdout=holdout,
+    images, names = dataset_images(data_dir, split, config.resolution, subset="train", holdout=holdout,
                                              holdout_seed=config.seed, **cache_settings(args, config))
     kept_aside = f" (its {holdout:g} hold-out excluded, as in training)" if holdout else ""
     return images, names, f"{len(images)} training images of {data_dir} split {split}{kept_aside}"
@@ -287,7 +293,7 @@ def run_sample(args, model, checkpoint):
 
 def run_reconstruct(args, model, checkpoint):
     if args.images:
-        x = inference.load_images(args.images, model, model_device(model))
+        x = load_photos(args.images, args, model, checkpoint)
         source = f"{len(args.images)} image file(s)"
     else:
         images, _, source = split_images(args, checkpoint, subset="held-out")
@@ -308,7 +314,7 @@ def run_variations(args, model, checkpoint):
         twice = next(stem for stem in stems if stems.count(stem) > 1)
         raise UserError(f"two of --images are named {twice}, so their variations would overwrite each other in "
                         f"{args.out_dir}; rename one, or pass --out for one grid")
-    x = inference.load_images(args.images, model, model_device(model))
+    x = load_photos(args.images, args, model, checkpoint)
     images, _, means = inference.variations(model, x, args.num, args.strength, generator_for(args), mode, checkpoint)
     with torch.no_grad():  # decoded from the posterior means the variations started from
         reconstructions = model.decode(means)
@@ -342,7 +348,7 @@ def print_nearest_training_images(args, checkpoint, x, reconstructions, variatio
 
 
 def run_interpolate(args, model, checkpoint):
-    x = inference.load_images(args.images, model, model_device(model))
+    x = load_photos(args.images, args, model, checkpoint)
     path_images = inference.interpolate(model, x[:1], x[1:], args.steps, spherical=args.slerp)
     grid = torch.cat([x[:1], path_images, x[1:]])
     path = inference.save_grid(grid, args.out, len(grid), args.scale)
@@ -354,7 +360,7 @@ def run_interpolate(args, model, checkpoint):
 def run_traverse(args, model, checkpoint):
     device = model_device(model)
     if args.image:
-        x = inference.load_images([args.image], model, device)
+        x = load_photos([args.image], args, model, checkpoint)
         center = inference.posterior(model, x)[0][0]
         around = f"the posterior mean of {args.image}"
     else:

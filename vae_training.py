@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from datasets.preprocessing import (ImageBatches, flower_classes, holdout_split, random_subset, split_images,
+from datasets.preprocessing import (ImageBatches, dataset_images, flower_classes, is_image_folder, random_subset,
                                     to_float)
 from vae import distributed
 from vae.checkpoint import checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
@@ -61,11 +61,12 @@ def parse_args(argv=None):
     return config, args, explicit
 
 
-def load_split(config, split):
-    """A split's (uint8 images (N, 3, R, R), file names) (several joined with +), through the image cache."""
+def load_split(config, split, subset="all"):
+    """(uint8 images (N, 3, R, R), names) of a split (several joined with +), or of its training or held-out part
+    with --holdout, through the image cache."""
     try:
-        return split_images(config.data_dir, split, config.resolution, config.cache_dir, config.num_workers,
-                            config.skip_bad_images)
+        return dataset_images(config.data_dir, split, config.resolution, subset, config.holdout, config.seed,
+                              config.cache_dir, config.num_workers, config.skip_bad_images, config.resize)
     except UserError as error:
         if config.skip_bad_images or "cannot read image" not in str(error):
             raise
@@ -73,15 +74,15 @@ def load_split(config, split):
 
 
 def load_data(config):
-    """(train images, eval images, eval file names): uint8 tensors, eval None with --eval-split none. The
-    per-epoch evaluation set is a seeded random draw of --eval-size images: the split lists are sorted by class."""
-    images, names = load_split(config, config.split)
-    if config.holdout:  # holdout_split rejects a fraction outside [0, 1)
-        train_index, eval_index = holdout_split(len(images), config.holdout, config.seed)
-        train_images, eval_images, eval_names = images[train_index], images[eval_index], \
-            [names[i] for i in eval_index.tolist()]
+    """(train images, eval images, eval names): uint8 tensors, eval None with --eval-split none. The per-epoch
+    evaluation set is a seeded random draw of --eval-size images: Flowers102's split lists are sorted by class."""
+    if is_image_folder(config.data_dir) and not config.holdout and config.eval_split != "none":
+        raise UserError(f"{config.data_dir} is a folder of images, which has no {config.eval_split} split to "
+                        f"evaluate on: pass --holdout 0.1 to hold a tenth of it out, or --eval-split none")
+    train_images, _ = load_split(config, config.split, "train")
+    if config.holdout:
+        eval_images, eval_names = load_split(config, config.split, "held-out")
     else:
-        train_images = images
         eval_images, eval_names = (None, []) if config.eval_split == "none" else load_split(config, config.eval_split)
     if config.batch_size > len(train_images):
         raise UserError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} training images; "

@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.preprocessing import random_subset, to_float  # noqa: E402
+from datasets.preprocessing import dataset_images, random_subset, to_float  # noqa: E402
 from vae.config import saved_config  # noqa: E402
 from vae.fid import fid_kid, inception_features, load_inception  # noqa: E402
-from vae.inference import dataset_images, load_model  # noqa: E402
+from vae.inference import load_model  # noqa: E402
 
 
 def main(argv=None):
@@ -32,7 +32,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _, checkpoint = load_model(args.checkpoint, "cpu")
     config = saved_config(checkpoint["config"], args.checkpoint)
-    kwargs = dict(holdout=config.holdout, holdout_seed=config.seed)
+    kwargs = dict(holdout=config.holdout, holdout_seed=config.seed, resize=config.resize)
     held_out, _ = dataset_images(args.data_dir, config.split, config.resolution, subset="held-out", **kwargs)
     training, _ = dataset_images(args.data_dir, config.split, config.resolution, subset="train", **kwargs)
     training = training[random_subset(len(training), args.num, args.seed)]

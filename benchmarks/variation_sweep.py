@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.preprocessing import flower_classes, random_subset, to_float  # noqa: E402
+from datasets.preprocessing import dataset_images, flower_classes, random_subset, to_float  # noqa: E402
 from vae import inference  # noqa: E402
 from vae.config import saved_config  # noqa: E402
 from vae.device import pick_device  # noqa: E402
@@ -86,9 +86,9 @@ def main(argv=None):
         config = saved_config(checkpoint["config"], args.checkpoint)
         if not config.holdout:
             raise UserError(f"{args.checkpoint} was trained without --holdout: it has no held-out photos to sweep on")
-        common = dict(holdout=config.holdout, holdout_seed=config.seed)
-        photos, names = inference.dataset_images(args.data_dir, config.split, config.resolution, "held-out", **common)
-        training, training_names = inference.dataset_images(args.data_dir, config.split, config.resolution, "train",
+        common = dict(holdout=config.holdout, holdout_seed=config.seed, resize=config.resize)
+        photos, names = dataset_images(args.data_dir, config.split, config.resolution, "held-out", **common)
+        training, training_names = dataset_images(args.data_dir, config.split, config.resolution, "train",
                                                             **common)
         judge = inference.VariationJudge(model, photos, flower_classes(args.data_dir, names), training,
                                          flower_classes(args.data_dir, training_names))

@@ -1,4 +1,12 @@
-"""Flowers102 images -> uint8 tensors, decoded once into an on-disk cache, served in seeded batches.
+"""Images -> uint8 tensors, decoded once into an on-disk cache, served in seeded batches.
+
+A data set is a Flowers102 root (DATA_DIR/flowers-102 in torchvision's layout, with its train, val and test
+splits) or any folder of images: flat, or one sub-folder per class (torchvision's ImageFolder layout), whose one
+split is all of it ("all"; --holdout carves an evaluation set out of it).
+
+Non-square photos are resized to the square in one of two ways, the same in training and inference: "squash" (the
+tutorial's Resize((R, R)): the whole photo, its aspect ratio lost) or "center-crop" (the largest centred square,
+then resized: the aspect ratio kept, the sides lost).
 
 The tutorial's pipeline decodes and resizes every full-size JPEG on every epoch, which on a laptop is far
 slower than the 32x32 model's training step. Here each image is decoded once (JPEG draft mode to at least
@@ -36,6 +44,9 @@ from tqdm import tqdm
 from vae.errors import UserError
 
 SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
+FOLDER_SPLIT = "all"  # a folder of images has one split: all of it
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+RESIZES = ("squash", "center-crop")
 RESIZE_METHOD = "jpeg-draft-2x+bilinear-antialias"
 CACHE_FORMAT = 3  # bumped whenever the cached payload changes, so old files are rebuilt (3: checksum)
 DOWNLOAD_TIMEOUT_S = 60
@@ -150,6 +161,39 @@ def flowers102_files(data_dir, split, download=True):
     return files
 
 
+def is_image_folder(data_dir):
+    """Whether data_dir is a folder of images (flat, or one sub-folder per class) rather than a Flowers102 root."""
+    root = Path(data_dir)
+    return root.is_dir() and not flowers_folder(root).exists() and bool(folder_files(root))
+
+
+def folder_files(data_dir):
+    """The image files of a folder, sorted: those at its top level and those of its sub-folders (one per class).
+    Hidden files and folders (the image cache's .vae-cache among them) are left out."""
+    root = Path(data_dir)
+
+    def images_in(folder):
+        return [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+                and f.is_file()]
+    files = images_in(root)
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.name.startswith("."):
+            files += images_in(folder)
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def dataset_files(data_dir, split, download=True):
+    """The image files of a split: a Flowers102 split, or every image of a folder (whose only split is "all")."""
+    if is_image_folder(data_dir):
+        return folder_files(data_dir)
+    return flowers102_files(data_dir, split, download)
+
+
+def image_name(data_dir, path):
+    """How an image is named in names lists: its file name in Flowers102, its path inside a folder data set."""
+    return Path(path).relative_to(data_dir).as_posix() if is_image_folder(data_dir) else Path(path).name
+
+
 # --------------------------------------------------------------------------------------------- images
 
 def _height_width(resolution):
@@ -192,8 +236,9 @@ def _as_rgb(image):
     return image.convert("RGB")
 
 
-def decode_rgb(path, resolution, exif_orientation=False):
-    """Decode an image file to a uint8 numpy array (H, W, 3): JPEG draft, then antialiased bilinear resize.
+def decode_rgb(path, resolution, exif_orientation=False, resize="squash"):
+    """Decode an image file to a uint8 numpy array (H, W, 3): JPEG draft, then antialiased bilinear resize of the
+    whole image ("squash") or of its largest centred square ("center-crop").
 
     exif_orientation=True turns the image upright as its EXIF tag says (phone photos); training leaves it off,
     as the tutorial's decoding does. Raises UserError naming the file when it cannot be decoded.
@@ -209,6 +254,8 @@ def decode_rgb(path, resolution, exif_orientation=False):
             image.draft("RGB", (2 * height, 2 * width) if turned else (2 * width, 2 * height))
             if exif_orientation:
                 image = ImageOps.exif_transpose(image)
+            if resize == "center-crop":
+                image = _center_square(image, width / height)
             # PIL's bilinear resize widens its kernel when shrinking (antialiasing), as torchvision's Resize does.
             image = _as_rgb(image).resize((width, height), Image.BILINEAR)
             return np.array(image)  # a writable copy, which torch.from_numpy expects
@@ -221,22 +268,31 @@ def decode_rgb(path, resolution, exif_orientation=False):
         raise UserError(f"cannot read image {path}: {reason}. Replace or delete the file") from None
 
 
-def load_image(path, resolution, exif_orientation=True):
+def _center_square(image, aspect):
+    """The largest centred crop of the given width / height aspect (1 for a square)."""
+    width, height = image.size
+    crop_width, crop_height = (round(height * aspect), height) if width / height > aspect else \
+        (width, round(width / aspect))
+    left, top = (width - crop_width) // 2, (height - crop_height) // 2
+    return image.crop((left, top, left + crop_width, top + crop_height))
+
+
+def load_image(path, resolution, exif_orientation=True, resize="squash"):
     """Decode an image file (any size; JPEG, PNG, ...; RGBA and greyscale too) to a uint8 (3, H, W) tensor.
 
     This is the preprocessing of training, so a user's photo is seen exactly as the training images were, except
     that the photo is first turned upright as its EXIF orientation tag says (training images are not; see the
     module's docstring).
     """
-    return torch.from_numpy(decode_rgb(path, resolution, exif_orientation)).permute(2, 0, 1)
+    return torch.from_numpy(decode_rgb(path, resolution, exif_orientation, resize)).permute(2, 0, 1)
 
 
 def _decode_or_none(job):
     # Runs in the worker processes. It returns a numpy array, not a tensor: torch would send a tensor between
     # processes through a shared-memory segment per image, which costs more than decoding a 32x32 image.
-    path, resolution, skip_bad = job
+    path, resolution, skip_bad, resize = job
     try:
-        return decode_rgb(path, resolution)
+        return decode_rgb(path, resolution, resize=resize)
     except UserError:
         if skip_bad:
             return None
@@ -278,13 +334,13 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def decode_images(files, resolution, num_workers=1, skip_bad_images=False, description="decoding"):
+def decode_images(files, resolution, num_workers=1, skip_bad_images=False, description="decoding", resize="squash"):
     """Decode files (in num_workers processes) into a uint8 tensor (N, 3, H, W); returns (images, files kept).
 
     Unreadable files raise UserError naming the file, or are left out with skip_bad_images. Ctrl-C or SIGTERM
     ends the workers and raises KeyboardInterrupt in the calling process only.
     """
-    jobs = [(f, resolution, skip_bad_images) for f in files]
+    jobs = [(f, resolution, skip_bad_images, resize) for f in files]
     progress = dict(total=len(jobs), desc=description, unit="img", leave=False)
     num_workers = max(1, min(num_workers, len(jobs) // 64))  # a pool does not pay for itself on a few images
     # The bar is closed before an error about a bad image is printed, so that message gets a line of its own.
@@ -320,14 +376,15 @@ def default_cache_dir():
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vae-flowers"
 
 
-def cache_key(split, resolution, files, skip_bad_images=False):
+def cache_key(split, resolution, files, skip_bad_images=False, resize="squash"):
     """16 hex digits that change whenever the split, resolution, resize method or any file (its name, size in
     bytes or modification time in ns) changes."""
     stats = []
     for f in files:  # os.path, not pathlib: building 8,189 Path objects would take longer than loading the cache
         stat = os.stat(f)
         stats.append((os.path.basename(f), stat.st_size, stat.st_mtime_ns))
-    payload = json.dumps([CACHE_FORMAT, split, resolution, RESIZE_METHOD, skip_bad_images, stats])
+    method = RESIZE_METHOD if resize == "squash" else f"{RESIZE_METHOD}+{resize}"  # squash keeps the older keys
+    payload = json.dumps([CACHE_FORMAT, split, resolution, method, skip_bad_images, stats])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -340,34 +397,44 @@ def _may_write(folder):
         return False
 
 
-def _cache_prefix(data_dir, split, resolution, in_shared_folder):
+def _data_folder(data_dir):
+    """The folder that holds the images: DATA_DIR/flowers-102, or DATA_DIR itself for a folder of images."""
+    return Path(data_dir) if is_image_folder(data_dir) else flowers_folder(data_dir)
+
+
+def _cache_prefix(data_dir, split, resolution, in_shared_folder, resize="squash"):
     size = "x".join(map(str, _height_width(resolution)))
-    prefix = f"flowers102-{split}-{size}px"
+    kind = "images" if is_image_folder(data_dir) else "flowers102"
+    prefix = f"{kind}-{split}-{size}px" + ("" if resize == "squash" else f"-{resize}")
     if in_shared_folder:
         # One cache folder serves every data root that is not writable; the root's own id keeps their caches
         # apart, so refreshing one root's cache never evicts another's.
-        root = str(flowers_folder(data_dir).resolve())
+        root = str(_data_folder(data_dir).resolve())
         prefix += "-" + hashlib.sha256(root.encode()).hexdigest()[:8]
     return prefix
 
 
-def _cache_locations(data_dir, split, resolution, key, cache_dir="", next_to_data=True):
+def _cache_locations(data_dir, split, resolution, key, cache_dir="", next_to_data=True, resize="squash"):
     """(paths to look for the cache in, paths to write it to), each in order of preference."""
     shared_folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    in_shared = shared_folder / f"{_cache_prefix(data_dir, split, resolution, True)}-{key}.pt"
+    in_shared = shared_folder / f"{_cache_prefix(data_dir, split, resolution, True, resize)}-{key}.pt"
     if not next_to_data:
         return [in_shared], [in_shared]
-    data_folder = flowers_folder(data_dir)
-    beside = data_folder / "cache" / f"{_cache_prefix(data_dir, split, resolution, False)}-{key}.pt"
+    data_folder = _data_folder(data_dir)
+    # In a folder of images, a hidden folder: a sub-folder named cache would read as a class of images.
+    cache_folder = data_folder / (".vae-cache" if is_image_folder(data_dir) else "cache")
+    beside = cache_folder / f"{_cache_prefix(data_dir, split, resolution, False, resize)}-{key}.pt"
     writable = _may_write(data_folder) and (not beside.parent.exists() or _may_write(beside.parent))
     return [beside, in_shared], ([beside] if writable else []) + [in_shared]
 
 
-def cache_path(data_dir, split, resolution, files, cache_dir="", skip_bad_images=False, next_to_data=True):
-    """Where the cache of these files is written: DATA_DIR/flowers-102/cache/ when the data folder is writable,
-    else cache_dir (default ~/.cache/vae-flowers). next_to_data=False always picks cache_dir."""
-    key = cache_key(split, resolution, files, skip_bad_images)
-    return _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data)[1][0]
+def cache_path(data_dir, split, resolution, files, cache_dir="", skip_bad_images=False, next_to_data=True,
+               resize="squash"):
+    """Where the cache of these files is written: DATA_DIR/flowers-102/cache/ (DATA_DIR/.vae-cache/ for a folder
+    of images) when the data folder is writable, else cache_dir (default ~/.cache/vae-flowers). next_to_data=False
+    always picks cache_dir."""
+    key = cache_key(split, resolution, files, skip_bad_images, resize)
+    return _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data, resize)[1][0]
 
 
 def images_checksum(images):
@@ -378,7 +445,8 @@ def images_checksum(images):
 
 
 def _read_cache(path, key, resolution):
-    """The cached uint8 images (N, 3, H, W), or None when path is missing, damaged or holds another cache."""
+    """(cached uint8 images (N, 3, H, W), the names of their files), or None when path is missing, damaged or holds
+    another cache."""
     if not path.is_file():
         return None
     try:
@@ -394,7 +462,10 @@ def _read_cache(path, key, resolution):
         print(f"the image cache {path} is damaged (its images do not match their checksum); rebuilding it",
               file=sys.stderr)
         return None
-    return images
+    names = payload.get("files")
+    if not isinstance(names, list) or len(names) != len(images):
+        return None
+    return images, names
 
 
 def _write_cache(path, payload):
@@ -415,25 +486,28 @@ def _write_cache(path, payload):
 
 
 def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip_bad_images=False,
-                  next_to_data=True):
-    """The split as a uint8 tensor (N, 3, H, W), decoded once and then loaded from the on-disk cache.
+                  next_to_data=True, resize="squash", with_names=False):
+    """The split as a uint8 tensor (N, 3, H, W), decoded once and then loaded from the on-disk cache; with
+    with_names, also the names of the images' files (image_name), which stay aligned with the images when
+    skip_bad_images leaves some out.
 
     The cache (N * 3 * H * W bytes: 25 MB for 8,189 images at 32x32) lies next to the data when that folder is
     writable, else in cache_dir; it is rebuilt whenever cache_key changes. next_to_data=False keeps it in
     cache_dir. A cache that cannot be written is reported and the decoded images are returned anyway.
     """
-    files = flowers102_files(data_dir, split)
-    key = cache_key(split, resolution, files, skip_bad_images)
-    read_from, write_to = _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data)
+    files = dataset_files(data_dir, split)
+    key = cache_key(split, resolution, files, skip_bad_images, resize)
+    read_from, write_to = _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data, resize)
     for path in read_from:
-        images = _read_cache(path, key, resolution)
-        if images is not None:
-            return images
+        cached = _read_cache(path, key, resolution)
+        if cached is not None:
+            return cached if with_names else cached[0]
     images, kept = decode_images(files, resolution, num_workers, skip_bad_images,
-                                 description=f"caching {split} {resolution}px")
+                                 description=f"caching {split} {resolution}px", resize=resize)
     if len(kept) < len(files):
         print(f"skipped {len(files) - len(kept)} unreadable image(s) of the {split!r} split", file=sys.stderr)
-    payload = {"key": key, "images": images, "checksum": images_checksum(images), "files": [f.name for f in kept]}
+    names = [image_name(data_dir, f) for f in kept]
+    payload = {"key": key, "images": images, "checksum": images_checksum(images), "files": names}
     errors = []
     for path in write_to:
         try:
@@ -444,26 +518,31 @@ def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip
     else:
         print(f"could not write the image cache ({'; '.join(errors)}); the images will be decoded again next "
               f"time. Pass a writable --cache-dir", file=sys.stderr)
-    return images
+    return (images, names) if with_names else images
 
 
-def split_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip_bad_images=False):
-    """(uint8 images (N, 3, H, W), file names) of a split, or of several joined with + ("train+val"), in order.
-    Each split has its own cache, so train+val reuses the caches of train and of val."""
+def split_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip_bad_images=False, resize="squash"):
+    """(uint8 images (N, 3, H, W), their names) of a split, or of several joined with + ("train+val"), in order;
+    all the images of a folder data set, whatever the split. Each split has its own cache, so train+val reuses the
+    caches of train and of val."""
+    parts = [FOLDER_SPLIT] if is_image_folder(data_dir) else split.split("+")
     images, names = [], []
-    for part in split.split("+"):
-        part_images = cached_images(data_dir, part, resolution, cache_dir, num_workers, skip_bad_images)
-        part_names = [f.name for f in flowers102_files(data_dir, part, download=False)]
-        if len(part_names) != len(part_images):  # the cache skipped unreadable files: names no longer line up
-            part_names = [f"{part}[{i}]" for i in range(len(part_images))]
+    for part in parts:
+        part_images, part_names = cached_images(data_dir, part, resolution, cache_dir, num_workers, skip_bad_images,
+                                                resize=resize, with_names=True)
         images.append(part_images)
         names += part_names
     return torch.cat(images), names
 
 
 def flower_classes(data_dir, names):
-    """The Flowers102 class (1-102, from imagelabels.mat) of each image file name ("image_00042.jpg"); 0 for a
-    name that is not one of its files."""
+    """The class of each image name: in Flowers102 its class (1-102, from imagelabels.mat; 0 for a name that is not
+    one of its files), in a folder of images its sub-folder's (1, 2, ... in sorted order; 0 at the top level)."""
+    if is_image_folder(data_dir):
+        root = Path(data_dir)
+        folders = sorted({f.relative_to(root).parts[0] for f in folder_files(root) if f.parent != root})
+        return [folders.index(name.split("/")[0]) + 1 if name.split("/")[0] in folders and "/" in name else 0
+                for name in names]
     from scipy.io import loadmat
 
     path = flowers_folder(data_dir) / "imagelabels.mat"
@@ -488,6 +567,19 @@ def holdout_split(num_images, fraction, seed):
         raise UserError(f"--holdout {fraction} holds out all {num_images} images and leaves none to train on; "
                         f"use a smaller --holdout")
     return permutation[held_out:].sort().values, permutation[:held_out].sort().values
+
+
+def dataset_images(data_dir, split, resolution, subset="all", holdout=0.0, holdout_seed=0, cache_dir="",
+                   num_workers=1, skip_bad_images=False, resize="squash"):
+    """(uint8 images (N, 3, R, R), their names) of a split (split_images): the one way training and inference load
+    data. subset "all" is the whole split; with holdout > 0, "held-out" is exactly the images a training run with
+    --holdout HOLDOUT --seed HOLDOUT_SEED evaluated on, and "train" the ones it trained on."""
+    images, names = split_images(data_dir, split, resolution, cache_dir, num_workers, skip_bad_images, resize)
+    if subset == "all" or holdout == 0:
+        return images, names
+    train_index, held_out_index = holdout_split(len(images), holdout, holdout_seed)
+    index = held_out_index if subset == "held-out" else train_index
+    return images[index], [names[i] for i in index.tolist()]
 
 
 def random_subset(num_images, size, seed):

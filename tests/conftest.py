@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 # One thread per child process: several share two cores, and oversubscribed threads slow them all down.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # The smallest sensible training run on the 32-image root: 4 steps an epoch.
+# --threads 1: a run that times its thread count may pick another count than the run it is compared with, and
+# floating-point sums then differ in their last bits.
 TINY = ["--batch-size", "8", "--eval-size", "0", "--grid-size", "4", "--num-workers", "1", "--device", "cpu",
-        "--checkpoint-every", "0"]
+        "--checkpoint-every", "0", "--threads", "1"]
 SHARED_FLOWERS = REPO.parent / "shared" / "data" / "flowers102-train" / "flowers-102"
 # Real photos, in order of preference: the shared subset beside the repository (as in CI), or a Flowers102
 # download in the default --data-dir. Without either, photo-like JPEGs are generated so the suite still runs.

@@ -12,7 +12,7 @@ from scipy.stats import norm
 from torch.distributions import Normal
 
 from conftest import error_line, run_script
-from datasets.preprocessing import ImageBatches, cached_images, holdout_split, to_float
+from datasets.preprocessing import ImageBatches, cached_images, dataset_images, holdout_split, to_float
 from vae import inference
 from vae.likelihoods import discretized_gaussian_log_likelihood
 from vae.losses import ELBOLoss
@@ -259,7 +259,7 @@ def test_evaluate_on_the_held_out_images_of_a_run(checkpoint, flowers_root, tmp_
                  "--holdout", "0.25", "--holdout-seed", "5", "--iw-samples", "2", "--json", str(out)]) == 0
     explicit = json.loads(out.read_text())
     assert explicit["psnr_db"] == pytest.approx(from_checkpoint["psnr_db"])
-    images, names = inference.dataset_images(flowers_root, "train", 32, subset="held-out", holdout=0.25,
+    images, names = dataset_images(flowers_root, "train", 32, subset="held-out", holdout=0.25,
                                              holdout_seed=5)
     expected = holdout_split(32, 0.25, 5)[1]
     assert torch.equal(images, cached_images(flowers_root, "train", 32)[expected])

@@ -108,7 +108,7 @@ def test_amp_trains_under_bf16_autocast_on_the_cpu_and_keeps_float32_weights(flo
         original(self, device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
     monkeypatch.setattr(torch.autocast, "__init__", recording)
     train("--data-dir", flowers_root, "--amp", "--epochs", 1, "--log-dir", tmp_path, "--run-name", "amp",
-          "--eval-split", "none", *TINY)
+          "--eval-split", "none", *TINY)  # TINY's --threads 1: no timing of thread counts, only the steps
     assert autocast_dtypes == [("cpu", torch.bfloat16)] * 4  # one autocast region per step
     checkpoint = torch.load(tmp_path / "amp" / "checkpoint.pt", weights_only=True)
     assert all(t.dtype == torch.float32 for t in checkpoint["model"].values())
@@ -177,7 +177,7 @@ def test_training_says_how_many_threads_it_uses(flowers_root, tmp_path, capsys):
               "--eval-split", "none", "--threads", 1, *TINY)
         assert "threads: 1 (--threads)" in capsys.readouterr().out
         train("--data-dir", flowers_root, "--epochs", 1, "--max-steps", 1, "--log-dir", tmp_path, "--run-name", "u",
-              "--eval-split", "none", *TINY)
+              "--eval-split", "none", *TINY, "--threads", 0)  # the last --threads counts: 0, chosen by timing
         out = capsys.readouterr().out
         assert "threads: " in out and "(timed: 1 -> " in out and "images/s" in out
     finally:

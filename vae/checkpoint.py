@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasets.preprocessing import is_image_folder
 from vae.config import TrainConfig, resumed_config
 from vae.errors import TrainingDiverged, UserError
 
@@ -159,9 +160,10 @@ def checkpoint_to_resume(resume, config, explicit):
     if in_own_folder:  # the run goes on in the checkpoint's own folder
         config.log_dir, config.run_name = str(path.parent.parent), path.parent.name
     data_folder = Path(config.data_dir) / "flowers-102"
-    if "data_dir" not in explicit and not data_folder.is_dir():  # never download into a folder that moved away
+    # Never download into a folder that moved away.
+    if "data_dir" not in explicit and not data_folder.is_dir() and not is_image_folder(config.data_dir):
         raise UserError(f"{path} was trained on data in {data_folder}, which is not there any more; pass "
-                        f"--data-dir with the folder that holds flowers-102/ now")
+                        f"--data-dir with the folder that holds flowers-102/ (or the images) now")
     return checkpoint, path, config
 
 

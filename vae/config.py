@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from datasets.preprocessing import RESIZES
 from vae.device import DEVICES
 from vae.errors import UserError
 from vae.fid import inception_path
@@ -33,14 +34,18 @@ def _flag(default, help, **argparse_kwargs):
 @dataclass
 class TrainConfig:
     # Data
-    data_dir: str = _flag("datasets", "Flowers102 root in torchvision's layout; the data set is downloaded "
-                          "into DATA_DIR/flowers-102 when absent")
-    split: str = _flag("train", "split(s) to train on; join several with + (train+val)")
+    data_dir: str = _flag("datasets", "Flowers102 root in torchvision's layout (downloaded into DATA_DIR/flowers-102 "
+                          "when absent), or any folder of images, flat or one sub-folder per class")
+    split: str = _flag("train", "Flowers102 split(s) to train on; join several with + (train+val). A folder of "
+                       "images has one split, all of it")
     eval_split: str = _flag("test", "split evaluated every epoch ('none' to skip)", choices=SPLITS + ("none",))
     holdout: float = _flag(0.0, "fraction of the training split held out (seeded) and evaluated instead of "
                            "--eval-split; for data with a train split only")
     eval_size: int = _flag(512, "images of the evaluation set used every epoch (a fixed subset; 0 = all)")
     resolution: int = _flag(32, "images are resized to RESOLUTION x RESOLUTION (a multiple of 8)")
+    resize: str = _flag("squash", "how a photo becomes a square: squash (the tutorial's: the whole photo, its aspect "
+                        "lost) or center-crop (the largest centred square); inference uses the checkpoint's",
+                        choices=RESIZES)
     cache_dir: str = _flag("", "where the decoded-image cache goes when DATA_DIR is not writable "
                            "(empty: ~/.cache/vae-flowers)")
     skip_bad_images: bool = _flag(False, "skip (and count) images that cannot be decoded instead of stopping")

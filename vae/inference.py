@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from datasets.preprocessing import holdout_split, load_image, split_images, to_float
+from datasets.preprocessing import load_image, to_float
 from vae.checkpoint import load_checkpoint, restore_model
 from vae.config import saved_config
 from vae.device import model_device
@@ -41,29 +41,15 @@ def load_model(checkpoint_path, device):
     return model.to(device).eval(), checkpoint
 
 
-def load_images(paths, model, device):
-    """Image files (any size or format) preprocessed exactly as training did, as floats (N, 3, H, W)."""
+def load_images(paths, model, device, resize="squash"):
+    """Image files (any size or format) preprocessed exactly as training did (resize: the checkpoint's), as floats
+    (N, 3, H, W)."""
     for path in paths:
         if Path(path).is_dir():
             raise UserError(f"{path} is a folder, not an image; pass an image file")
         if not Path(path).is_file():
             raise UserError(f"image {path} does not exist")
-    return to_float(torch.stack([load_image(path, model.image_resolution) for path in paths])).to(device)
-
-
-def dataset_images(data_dir, split, resolution, subset="all", holdout=0.0, holdout_seed=0, cache_dir="",
-                   num_workers=1, skip_bad_images=False):
-    """(uint8 images (N, 3, R, R), their file names) of a Flowers102 split (or +-joined splits).
-
-    subset "all" is the whole split; with holdout > 0, "held-out" is exactly the images a training run with
-    --holdout HOLDOUT --seed HOLDOUT_SEED evaluated on, and "train" the ones it trained on.
-    """
-    images, names = split_images(data_dir, split, resolution, cache_dir, num_workers, skip_bad_images)
-    if subset == "all" or holdout == 0:
-        return images, names
-    train_index, held_out_index = holdout_split(len(images), holdout, holdout_seed)
-    index = held_out_index if subset == "held-out" else train_index
-    return images[index], [names[i] for i in index.tolist()]
+    return to_float(torch.stack([load_image(path, model.image_resolution, resize=resize) for path in paths])).to(device)
 
 
 # -------------------------------------------------------------------------------------- making images

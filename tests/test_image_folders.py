@@ -1,0 +1,81 @@
+"""Any folder of images is a data set: flat or one sub-folder per class, photos of any size and format, squashed or
+centre-cropped the same way in training and inference. Through the CLIs, as a user runs them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, real_flower_files, train
+from datasets.preprocessing import (decode_rgb, flower_classes, folder_files, is_image_folder, load_image,
+                                    split_images)
+from vae_inference import main as inference_main
+
+
+def make_image_folder(root, classes=("daisy", "rose", "tulip"), per_class=12):
+    """Real photos, copied into one sub-folder per class, cut to mixed sizes and saved in mixed formats."""
+    sources = iter(real_flower_files(len(classes) * per_class))
+    formats = [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"), ("JPEG", "JPEG")]
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            with Image.open(next(sources)) as photo:
+                photo = photo.convert("RGB").resize((160 + 37 * (i % 4), 120 + 53 * (i % 3)))
+            suffix, kind = formats[(c + i) % len(formats)]
+            photo.save(root / name / f"{name}-{i}.{suffix}", kind)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def garden(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("garden") / "garden")
+
+
+def test_a_folder_of_images_lists_its_photos_and_their_classes(garden):
+    assert is_image_folder(garden) and not is_image_folder(garden / "daisy" / "daisy-0.jpg")
+    files = folder_files(garden)
+    assert len(files) == 36 and all(f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") for f in files)
+    images, names = split_images(garden, "train", 32)
+    assert images.shape == (36, 3, 32, 32) and names[0] == "daisy/daisy-0.jpg"
+    assert flower_classes(garden, names) == [1] * 12 + [2] * 12 + [3] * 12
+    assert flower_classes(garden, ["tulip/tulip-3.png", "loose.jpg"]) == [3, 0]
+    assert (garden / ".vae-cache").is_dir() and not is_image_folder(garden / ".vae-cache")  # hidden: not a class
+
+
+def test_center_crop_keeps_the_middle_square_and_squash_keeps_everything(tmp_path):
+    wide = np.zeros((40, 120, 3), dtype=np.uint8)
+    wide[:, :40] = 255  # white on the left third, black elsewhere
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    squashed = decode_rgb(tmp_path / "wide.png", 8)
+    cropped = decode_rgb(tmp_path / "wide.png", 8, resize="center-crop")
+    assert squashed[:, 0].min() == 255 and squashed[:, -1].max() == 0  # the white third is still there
+    assert cropped.max() == 0  # the centred 40x40 square is all black
+    assert torch.equal(load_image(tmp_path / "wide.png", 8, resize="center-crop"),
+                       torch.from_numpy(cropped).permute(2, 0, 1))
+
+
+def test_train_evaluate_and_make_variations_on_a_folder_of_photos(garden, tmp_path, capsys):
+    common = ["--data-dir", garden, "--log-dir", tmp_path, "--epochs", 2, *TINY]
+    code = __import__("vae_training").main([str(a) for a in [*common, "--run-name", "none"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a folder of images" in err and "--holdout 0.1" in err
+    train(*common, "--run-name", "crop", "--holdout", 0.25, "--resize", "center-crop")
+    checkpoint = tmp_path / "crop" / "checkpoint.pt"
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["config"]["resize"] == "center-crop" and saved["eval"]["num_images"] == 9  # a quarter of 36
+    out = tmp_path / "eval.json"
+    assert inference_main(["evaluate", "--checkpoint", str(checkpoint), "--holdout-from-checkpoint",
+                           "--iw-samples", "2", "--json", str(out)]) == 0
+    evaluated = json.loads(out.read_text())
+    assert evaluated["num_images"] == 9 and evaluated["psnr_db"] > 0
+    photo = folder_files(garden)[15]  # a rose
+    capsys.readouterr()
+    assert inference_main(["variations", "--checkpoint", str(checkpoint), "--images", str(photo), "--num", "2",
+                           "--out", str(tmp_path / "v.png")]) == 0, capsys.readouterr().err
+    assert inference_main(["projector", "--checkpoint", str(checkpoint), "--holdout-from-checkpoint",
+                           "--log-dir", str(tmp_path / "projector")]) == 0
+    metadata = next((tmp_path / "projector").rglob("metadata.tsv")).read_text().split()
+    assert len(metadata) == 9 and set(metadata) <= {"1", "2", "3"}  # the held-out photos' sub-folders
