@@ -509,6 +509,9 @@ def check_outputs(args):
             if source.exists() and out.exists() and out.samefile(source) or out.resolve() == source.resolve():
                 raise UserError(f"{out_flag} {out} is the {in_flag} file this command reads; writing it would "
                                 f"destroy it: pass another {out_flag}")
+    out_dir = getattr(args, "out_dir", None)
+    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder; pass a folder for the single images")
     log_dir = getattr(args, "log_dir", None)
     if log_dir and any((Path(log_dir) / name).exists() for name in ("checkpoint.pt", "run.json")):
         raise UserError(f"--log-dir {log_dir} is a training run's folder; writing the projector there would replace "
@@ -549,6 +552,9 @@ def main(argv=None):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written after the last message", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -74,8 +74,9 @@ def load_split(config, split, subset="all"):
 
 
 def load_data(config):
-    """(train images, eval images, eval names): uint8 tensors, eval None with --eval-split none. The per-epoch
-    evaluation set is a seeded random draw of --eval-size images: Flowers102's split lists are sorted by class."""
+    """(train images, eval images, eval classes): uint8 tensors, eval None with --eval-split none. The per-epoch
+    evaluation set is a seeded random draw of --eval-size images: Flowers102's split lists are sorted by class.
+    The classes (for the projector at the end) are read now, so that damaged labels stop the run before it trains."""
     if is_image_folder(config.data_dir) and not config.holdout and config.eval_split != "none":
         raise UserError(f"{config.data_dir} is a folder of images, which has no {config.eval_split} split to "
                         f"evaluate on: pass --holdout 0.1 to hold a tenth of it out, or --eval-split none")
@@ -90,7 +91,7 @@ def load_data(config):
     if eval_images is not None:
         subset = random_subset(len(eval_images), config.eval_size, config.seed)
         eval_images, eval_names = eval_images[subset], [eval_names[i] for i in subset.tolist()]
-    return train_images, eval_images, eval_names
+    return train_images, eval_images, flower_classes(config.data_dir, eval_names) if eval_names else []
 
 
 class Checkpoints:
@@ -138,7 +139,7 @@ def train(config, resume="", explicit=()):
     started = time.perf_counter()
 
     with distributed.main_process_first(process):  # the main process builds the image cache; the others load it
-        train_images, eval_images, eval_names = load_data(config)
+        train_images, eval_images, eval_classes = load_data(config)
     batches = ImageBatches(train_images, config.batch_size // process.world_size, device, shuffle=True,
                            seed=config.seed, rank=process.rank, world_size=process.world_size, hflip=config.hflip)
     eval_batches = None if eval_images is None else ImageBatches(
@@ -226,8 +227,7 @@ def train(config, resume="", explicit=()):
             if process.is_main and state.epoch >= config.epochs:
                 samplers = finish_run(config, unwrap(eval_model), train_images, eval_images, state, device)
                 checkpoints.save(samplers=samplers)
-                log_run_summary(writer, config, state.eval, eval_model, eval_images,
-                                flower_classes(config.data_dir, eval_names), state.step)
+                log_run_summary(writer, config, state.eval, eval_model, eval_images, eval_classes, state.step)
                 say(run_summary(run_dir, state, time.perf_counter() - started))
     except TrainingDiverged as error:
         kept = (f"{run_dir / 'checkpoint.pt'} keeps the last good state" if (run_dir / "checkpoint.pt").exists()

@@ -149,7 +149,11 @@ def flowers102_files(data_dir, split, download=True):
     except Exception as error:  # scipy raises several types for a damaged or foreign .mat file
         raise UserError(f"cannot read the split {split!r} from {setid_path} ({type(error).__name__}: {error}); "
                         f"replace it with Flowers102's official setid.mat") from None
-    files = [folder / "jpg" / f"image_{int(i):05d}.jpg" for i in np.atleast_1d(ids)]
+    ids = np.atleast_1d(np.squeeze(ids))
+    if ids.ndim != 1 or ids.dtype.kind not in "iuf" or (ids.dtype.kind == "f" and not np.all(ids == np.round(ids))):
+        raise UserError(f"the split {split!r} in {setid_path} is not a list of image numbers ({ids.dtype}, shape "
+                        f"{ids.shape}); replace it with Flowers102's official setid.mat")
+    files = [folder / "jpg" / f"image_{int(i):05d}.jpg" for i in ids]
     if not files:
         raise UserError(f"the {split!r} split in {setid_path} lists no images; replace it with Flowers102's "
                         f"official setid.mat or choose another split")

@@ -47,6 +47,24 @@ def library_versions():
             "numpy": np.__version__}
 
 
+def _remove_orphaned_temporaries(path):
+    """Delete the half-written .NAME.tmpPID files of saves whose process is gone (a kill -9 during a save)."""
+    for temporary in path.parent.glob(f".{path.name}.tmp*"):
+        pid = temporary.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            temporary.unlink(missing_ok=True)
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, under another user
+        return True
+    return True
+
+
 def save_checkpoint(path, **contents):
     """Write {format_version, model_type, versions, git_sha, **contents} to path atomically."""
     path = Path(path)
@@ -59,6 +77,7 @@ def save_checkpoint(path, **contents):
     checkpoint = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "versions": library_versions(),
                   "git_sha": git_sha(), **contents}
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove_orphaned_temporaries(path)
     try:
         with open(temporary, "wb") as file:
             torch.save(checkpoint, file)

@@ -156,6 +156,8 @@ def config_file_arguments(parser, path, config_class=TrainConfig):
         flag = flag_name(name)
         if name not in fields:
             parser.error(f"--config {path} has an unknown setting {key!r} (see --help for the flags)")
+        if value is None:  # null: the flag's default, as if the setting were left out
+            continue
         if fields[name].type is bool:
             if not isinstance(value, bool):
                 parser.error(f"--config {path}: {key} must be true or false, not {value!r}")
@@ -196,6 +198,10 @@ def validate_config(config):
         (config.max_steps >= 0, f"--max-steps must be >= 0, got {config.max_steps}"),
         (config.eval_size >= 0, f"--eval-size must be >= 0, got {config.eval_size}"),
         (config.grid_size >= 1, f"--grid-size must be at least 1, got {config.grid_size}"),
+        (not config.run_name or ("/" not in config.run_name and "\\" not in config.run_name
+                                 and config.run_name not in (".", "..")),
+         f"--run-name {config.run_name!r} must be a folder name inside --log-dir, not a path; pass --log-dir for "
+         f"where runs go"),
         (config.holdout == 0 or config.eval_split in ("test", "none"),
          "--holdout replaces --eval-split; pass only one of them"),
         (config.resolution <= 1024, f"--resolution {config.resolution} is far beyond what this VAE is built for; "

@@ -271,7 +271,10 @@ class Bernoulli(Likelihood):
         super().__init__()
 
     def nll(self, x, image, log_scale=None):
-        return F.binary_cross_entropy(image, x, reduction="none").flatten(1).sum(dim=1)
+        # binary_cross_entropy written out, with its clamp of each log at -100: F.binary_cross_entropy raises on a
+        # NaN input, where a diverged run must get its one-line error from the NaN loss instead.
+        log_p, log_not_p = torch.log(image).clamp(min=-100), torch.log1p(-image).clamp(min=-100)
+        return -(x * log_p + (1 - x) * log_not_p).flatten(1).sum(dim=1)
 
 
 @register
