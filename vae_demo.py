@@ -10,6 +10,8 @@ is wrong with it (not an image, too many pixels) or worth knowing (greyscale, tr
 """
 
 import argparse
+import ctypes
+import gc
 import os
 import secrets
 import sys
@@ -33,6 +35,8 @@ HOST = "127.0.0.1"
 MAX_UPLOAD_MB = 25
 # Above this an upload is refused before decoding: a small file can hold a huge image (a "decompression bomb").
 MAX_MEGAPIXELS = 50
+CACHE_MINUTES = 15  # how long the page keeps the files of an upload or of the pictures it showed
+CONCURRENT_REQUESTS = 1  # requests computed at once; the others wait in Gradio's queue, so memory stays bounded
 # Bounds of the controls, checked again on the server: the page's API can be called without the page.
 COUNT, STEPS, TEMPERATURE, STRENGTH, SEED = (1, 32), (2, 16), (0.0, 3.0), (0.0, 1.0), (0, 2 ** 32 - 1)
 
@@ -67,9 +71,19 @@ def check_upload(path, name):
     return [f"{name} has transparent parts: the model sees them as white."] if transparent else []
 
 
+def release_memory():
+    """Hand the memory a large upload's decoding freed back to the operating system: glibc keeps freed blocks for
+    the process otherwise, so one 7000 x 7000 photo would double the server's resident size for good."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
+        pass
+
+
 def read_upload(upload, model, what="photo", resize="squash"):
     """(image (1, 3, R, R) on the model's device, notes) of an upload, preprocessed as training did (resize: the
-    checkpoint's --resize)."""
+    checkpoint's --resize). The decoded full-size photo is freed, and its memory released, before it returns."""
     if upload is None:
         raise UserError(f"upload a {what} first, or pick an example")
     path, name = upload_path(upload)
@@ -78,6 +92,8 @@ def read_upload(upload, model, what="photo", resize="squash"):
         x = inference.load_images([path], model, model_device(model), resize)
     except UserError:
         raise UserError(f"{name} could not be decoded (a damaged or cut-off file?); upload another photo") from None
+    finally:
+        release_memory()
     if torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
         notes.append(f"{name} is greyscale: the model, trained on colour photos, sees a grey colour photo.")
     return x, notes
@@ -185,7 +201,9 @@ def build_page(demo, checkpoint_name):
     raw = {"preprocess": False}
     gallery = {"format": "png", "columns": 8, "object_fit": "contain", "allow_preview": False}
     inputs = {"type": "filepath", "sources": ["upload"], "height": 260}
-    with gr.Blocks(title="VAE on Flowers102", analytics_enabled=False) as page:
+    # Gradio keeps every upload and every picture it served as a file: delete_cache removes those older than
+    # CACHE_MINUTES every minute, so the temporary folder holds what was shown recently, not all of it.
+    with gr.Blocks(title="VAE on Flowers102", analytics_enabled=False, delete_cache=(60, 60 * CACHE_MINUTES)) as page:
         gr.Markdown(f"# VAE on Flowers102\nModel: `{checkpoint_name}`, {width}x{height} pixels, "
                     f"samplers: {', '.join(demo.samplers)}. Images are shown {demo.scale}x enlarged.")
 
@@ -269,6 +287,7 @@ def main(argv=None):
             raise UserError("the web page needs Gradio: pip install -r requirements-demo.txt") from None
         demo = Demo(args.checkpoint, pick_device(args.device), args.scale)
         page = build_page(demo, os.path.relpath(args.checkpoint, Path.cwd()))
+        page.queue(default_concurrency_limit=CONCURRENT_REQUESTS)
         try:
             page.launch(server_name=HOST, server_port=args.port, max_file_size=f"{MAX_UPLOAD_MB}mb",
                         theme=gr.themes.Default())

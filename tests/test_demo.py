@@ -330,3 +330,36 @@ def test_any_training_checkpoint_serves_the_page(checkpoint, photo):
     assert len(other.interpolation(photo, photo, 4, True)[0]) == 4
     assert len(other.samples("gmm", 5, 0.5, 0)[0]) == 5
     assert len(vary(other, photo, 2, mode="posterior")[2]) == 2
+
+
+def resident_mb():
+    """This process's resident memory in MB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status on this system")
+
+
+def test_a_huge_upload_gives_its_memory_back(demo, tmp_path):
+    big = tmp_path / "big.png"
+    pattern = np.zeros((7000, 7000, 3), dtype=np.uint8)
+    pattern[::7, ::11] = 200  # a few hundred KB as PNG, 147 MB once decoded
+    Image.fromarray(pattern).save(big, optimize=True)
+    del pattern
+    vary(demo, str(big), 2)  # warm: the first call allocates what every later call reuses
+    before = resident_mb()
+    for _ in range(2):
+        seen = vary(demo, str(big), 2)[0]
+        assert seen is not None
+    assert resident_mb() - before < 100  # the 147 MB (and its RGBA copy) are not kept
+
+
+def test_the_page_keeps_a_bounded_cache_and_computes_one_request_at_a_time(monkeypatch):
+    import gradio as gr
+
+    launched = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda page, **kwargs: launched.append(page))
+    assert vae_demo.main(["--port", "7999"]) == 0
+    page = launched[0]
+    assert page.delete_cache == (60, 60 * vae_demo.CACHE_MINUTES)  # files older than that are deleted every minute
+    assert page._queue.default_concurrency_limit == 1  # the others wait their turn
