@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vae.config import TrainConfig  # noqa: E402
 from vae.losses import ELBOLoss  # noqa: E402
 from vae.threads import available_cores  # noqa: E402
-from vae.training import Optimization, training_step_probe  # noqa: E402
+from vae.training import Optimization, amp_in_effect, training_step_probe  # noqa: E402
 from vae.vae import build_model  # noqa: E402
 from vae_training import parse_args  # noqa: E402
 
@@ -149,7 +149,7 @@ def main(argv=None):
             stop.set()
             hog.join()
 
-    recipe_amp = configs["recipe"].amp
+    recipe_amp = amp_in_effect(configs["recipe"], torch.device("cpu"))  # what the recipe runs on this CPU
     print(f"{'model':<9} {'params':>9} {'GFLOP/img':>9}   " + "   ".join(
         f"{condition} {threads}t fp32 / bf16 img/s" for condition in conditions for threads in thread_counts))
     for name in configs:

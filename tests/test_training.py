@@ -98,7 +98,13 @@ def test_a_learned_sigma_run_resumes_bit_for_bit_with_both_parameter_groups(flow
     assert straight["model"]["likelihood.raw_log_sigma"] != VAE(likelihood="gaussian-learned").likelihood.raw_log_sigma
 
 
-def test_amp_trains_under_bf16_autocast_on_the_cpu_and_keeps_float32_weights(flowers_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_trains_under_bf16_autocast_on_the_cpu_and_keeps_float32_weights(native, flowers_root, tmp_path,
+                                                                            monkeypatch, capsys):
+    """With native bf16, --amp autocasts every step; without it (emulated, far slower) the run stays in float32."""
+    import vae.training
+
+    monkeypatch.setattr(vae.training, "native_bf16", lambda: native)
     autocast_dtypes = []
     original = torch.autocast.__init__
 
@@ -109,7 +115,8 @@ def test_amp_trains_under_bf16_autocast_on_the_cpu_and_keeps_float32_weights(flo
     monkeypatch.setattr(torch.autocast, "__init__", recording)
     train("--data-dir", flowers_root, "--amp", "--epochs", 1, "--log-dir", tmp_path, "--run-name", "amp",
           "--eval-split", "none", *TINY)  # TINY's --threads 1: no timing of thread counts, only the steps
-    assert autocast_dtypes == [("cpu", torch.bfloat16)] * 4  # one autocast region per step
+    assert autocast_dtypes == ([("cpu", torch.bfloat16)] * 4 if native else [])  # one autocast region per step
+    assert ("--amp is off for this run" in capsys.readouterr().out) != native
     checkpoint = torch.load(tmp_path / "amp" / "checkpoint.pt", weights_only=True)
     assert all(t.dtype == torch.float32 for t in checkpoint["model"].values())
 

@@ -94,7 +94,7 @@ class Optimization:
         self.kl_schedule = make_kl_schedule(config, steps_per_epoch)
         self.ema = make_ema(model, config.ema)
         self.grad_clip = config.grad_clip
-        self.amp = config.amp
+        self.amp = amp_in_effect(config, model_device(model))
         self.input_format = memory_format(config, model_device(model))
 
     def step(self, model, total):
@@ -134,20 +134,31 @@ def memory_format(config, device):
     """channels_last for the residual model on CUDA and under bf16 autocast, where its 3x3 convolutions run
     faster in it; float32 on a CPU ran at the same speed either way (119 and 117 img/s), and the tutorial's small
     model stays contiguous."""
-    faster = config.arch == "resnet" and (device.type == "cuda" or (config.amp and device.type == "cpu"))
+    faster = config.arch == "resnet" and (device.type == "cuda" or amp_in_effect(config, device))
     return torch.channels_last if faster else torch.contiguous_format
 
 
+def native_bf16():
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def amp_in_effect(config, device):
+    """Whether --amp runs bf16 autocast here: on CUDA and on CPUs with native bf16. On a CPU without it, bf16 is
+    emulated and trained about 10x slower than float32 on this project's machine, so the run stays in float32
+    (--amp only changes speed, so the recipes that set it stay usable everywhere)."""
+    return config.amp and (device.type == "cuda" or (device.type == "cpu" and native_bf16()))
+
+
 def check_amp(device):
-    """bf16 autocast needs CUDA or a CPU; on a CPU without native bf16 (AVX512-BF16 or AMX) it still works,
-    emulated, and is usually slower than float32: say so."""
+    """bf16 autocast needs CUDA or a CPU: a one-line error elsewhere; on a CPU without native bf16 say that the run
+    stays in float32."""
     if device.type not in ("cuda", "cpu"):
         raise UserError(f"--amp (bf16 autocast) runs on CUDA and CPUs, not {device.type}; drop --amp")
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    if device.type == "cpu" and not native:
-        print("note: this CPU has no native bf16 (AVX512-BF16 or AMX): --amp is emulated and likely slower than "
-              "float32 here")
+    if device.type == "cpu" and not native_bf16():
+        print("note: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 autocast is emulated and far "
+              "slower: --amp is off for this run, which trains in float32")
 
 
 def training_step_probe(model, x, config):
@@ -155,10 +166,10 @@ def training_step_probe(model, x, config):
     thread counts: the model, its optimizer and torch's random stream are left exactly as they were."""
     probe = copy.deepcopy(unwrap(model)).train()
     loss_fn = ELBOLoss(config.beta, probe.likelihood, config.free_bits)
+    amp = amp_in_effect(config, x.device)
 
     def work():
-        with torch.random.fork_rng(devices=[]), torch.autocast(x.device.type, dtype=torch.bfloat16,
-                                                                 enabled=config.amp):
+        with torch.random.fork_rng(devices=[]), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             reconstruction, mean, log_var, log_scale = probe(x, return_log_scale=True)
             total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
                             None if log_scale is None else log_scale.float())[3]
