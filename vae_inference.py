@@ -156,6 +156,8 @@ def build_parser():
     traverse.add_argument("--image", default=None, help="sweep around this image's posterior mean (else z = 0)")
     traverse.add_argument("--range", type=float, default=3.0, help="each dimension goes from -RANGE to +RANGE")
     traverse.add_argument("--steps", type=int, default=9, help="images per row")
+    traverse.add_argument("--dims", type=int, default=10, help="rows: the DIMS most active latent dimensions (largest "
+                          "held-out KL in the checkpoint's evaluation); 0 for every dimension")
 
     evaluate = commands.add_parser("evaluate", help="ELBO, IWAE bound, bits/dim, PSNR, active units",
                                    formatter_class=defaults)
@@ -199,7 +201,7 @@ def build_parser():
 
 # The range of every numeric flag: beyond it a command would fail deep inside, or run out of memory or time.
 SEED_RANGE = (0, 2 ** 32 - 1)
-FLAG_RANGES = {"num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64), "threads": (0, 1024),
+FLAG_RANGES = {"dims": (0, 100_000), "num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64), "threads": (0, 1024),
                "temperature": (0.0, 100.0), "range": (0.0, 100.0), "seed": SEED_RANGE, "holdout_seed": SEED_RANGE,
                "iw_samples": (1, 100_000), "batch_size": (1, 100_000), "holdout": (0.0, 0.999),
                "fid_samples": (0, 100_000), "variations": (0, 1_000),
@@ -366,9 +368,11 @@ def run_traverse(args, model, checkpoint):
     else:
         center = torch.zeros(model.latent_shape, device=device)
         around = "z = 0"
-    images = inference.traverse(model, center, args.range, args.steps)
+    dims, which = inference.most_active_dims(checkpoint, model.latent_size, args.dims)
+    images = inference.traverse(model, center, args.range, args.steps, dims)
     path = inference.save_grid(images, args.out, args.steps, args.scale)
-    report_grid(path, len(images), args.steps, f"row d sweeps latent dimension d from -{args.range:g} to "
+    report_grid(path, len(images), args.steps, f"a row per latent dimension, {which}: dimension "
+                f"{', '.join(map(str, dims[:12]))}{', ...' if len(dims) > 12 else ''}, each from -{args.range:g} to "
                 f"+{args.range:g} around {around}")
 
 

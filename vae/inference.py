@@ -213,18 +213,31 @@ def interpolate(model, x_a, x_b, steps, spherical=False):
 
 
 @torch.no_grad()
-def traverse(model, center, value_range, steps):
-    """One row per latent dimension d: decoded center + v * e_d for v from -range to +range.
+def traverse(model, center, value_range, steps, dims=None):
+    """One row per latent dimension d of dims (default all): decoded center + v * e_d for v from -range to +range.
 
     center: (*latent_shape) (a posterior mean, or zeros); a spatial latent's dimensions go channel by channel,
-    then row by row. Returns images (latent_size * steps, 3, H, W), row-major.
+    then row by row. Returns images (len(dims) * steps, 3, H, W), row-major.
     """
+    dims = list(range(model.latent_size)) if dims is None else list(dims)
     center = center.flatten()
     values = torch.linspace(-value_range, value_range, steps, device=center.device)
-    z = center.repeat(model.latent_size, steps, 1)  # (latent, steps, latent)
-    for d in range(model.latent_size):
-        z[d, :, d] = center[d] + values
+    z = center.repeat(len(dims), steps, 1)  # (rows, steps, latent)
+    for row, d in enumerate(dims):
+        z[row, :, d] = center[d] + values
     return model.decode(z.view(-1, *model.latent_shape))
+
+
+def most_active_dims(checkpoint, latent_size, count):
+    """The `count` latent dimensions with the largest KL in the checkpoint's last held-out evaluation, most active
+    first (the ones whose sweep changes the image); the first `count` when it has none. count 0: all of them."""
+    if count == 0 or count >= latent_size:
+        return list(range(latent_size)), "every dimension"
+    kl = (checkpoint.get("eval") or {}).get("kl_per_dim")
+    if not kl or len(kl) != latent_size:
+        return list(range(count)), f"the first {count} dimensions (the checkpoint has no evaluation to rank them by)"
+    ranked = sorted(range(latent_size), key=lambda d: -kl[d])[:count]
+    return ranked, f"the {count} dimensions of largest held-out KL ({kl[ranked[0]]:.2f} to {kl[ranked[-1]]:.2f} nats)"
 
 
 READABLE_PIXELS = 96  # what an image should measure on screen to be seen without zooming
