@@ -83,7 +83,7 @@ def test_ctrl_c_in_inference_is_one_line(monkeypatch, tmp_path, capsys):
         raise KeyboardInterrupt
     monkeypatch.setitem(vae_inference.COMMANDS, "sample", interrupted)
     capsys.readouterr()
-    assert vae_inference.main(["sample", "--out", str(tmp_path / "s.png")]) == 130
+    assert vae_inference.main(["sample", "--threads", "1", "--out", str(tmp_path / "s.png")]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
 

@@ -340,6 +340,7 @@ def resident_mb():
     pytest.skip("no /proc/self/status on this system")
 
 
+@pytest.mark.slow  # three 7000 x 7000 decodes
 def test_a_huge_upload_gives_its_memory_back(demo, tmp_path):
     big = tmp_path / "big.png"
     pattern = np.zeros((7000, 7000, 3), dtype=np.uint8)

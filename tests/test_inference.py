@@ -637,6 +637,7 @@ def test_the_projector_is_not_written_into_a_training_run(checkpoint, flowers_ro
     assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 1,024 decoded images
 def test_traverse_on_a_large_latent_shows_its_most_active_dimensions(tmp_path, capsys):
     """The shipped model's latent has 512 numbers: 10 rows by default, ranked by held-out KL; --dims 0 for all."""
     out = tmp_path / "traverse.png"
