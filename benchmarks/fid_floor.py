@@ -1,6 +1,6 @@
 """The floor of FID and KID for a run's held-out images: real training images scored exactly as generated ones.
 
-    python benchmarks/fid_floor.py --checkpoint pretrained/flowers32.pt --data-dir ../shared/data/flowers102-train
+    python benchmarks/fid_floor.py --checkpoint pretrained/flowers32.pt --data-dir DATA_DIR
 
 A model's samples cannot be expected to score better than other photos of the same flowers. This compares
 --num images drawn at random from the images the run trained on with the run's held-out images, through the

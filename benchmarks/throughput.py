@@ -1,8 +1,8 @@
 """Training throughput (images/s) of the tutorial's data pipeline, of this project's, and of the model step alone.
 
-    python benchmarks/throughput.py --data-dir ../shared/data/flowers102-train
-    python benchmarks/throughput.py --data-dir ../shared/data/flowers102-train --replicate 8189 --cache-only
-    python benchmarks/throughput.py --data-dir ../shared/data/flowers102-train --resolution 64 --replicate 8189 \\
+    python benchmarks/throughput.py --data-dir DATA_DIR
+    python benchmarks/throughput.py --data-dir DATA_DIR --replicate 8189 --cache-only
+    python benchmarks/throughput.py --data-dir DATA_DIR --resolution 64 --replicate 8189 \\
         --cache-only
 
 Every measurement runs the same training step (the default VAE, ELBOLoss(beta=0.1), one Adam step at lr 1e-4)
