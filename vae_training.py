@@ -257,11 +257,19 @@ def choose_cpu_threads(config, model, batches, process, say):
 
 def log_epoch(writer, step, epoch, losses, images_per_s, loss_fn, optimization, model, eval_model, fixed_images,
               fixed_noise):
-    """The epoch's training numbers and the image grids of the fixed test batch and prior noise."""
+    """The epoch's training numbers and the image grids of the fixed test batch and prior noise. What cannot change
+    in this run (a constant KL weight or learning rate, a fixed sigma) is in its settings, not drawn as a flat
+    curve."""
+    config = optimization.config
+    varying = {
+        "kl_weight": (config.kl_schedule != "constant", loss_fn.beta),
+        "lr": (config.lr_schedule != "constant" or config.lr_warmup_epochs > 0,
+               optimization.optimizer.param_groups[0]["lr"]),
+        "decoder_sigma": (any(True for _ in unwrap(model).likelihood.parameters()),
+                          unwrap(model).likelihood.shared_sigma())}
     log_scalars(writer, step, "train", {
-        "epoch": epoch + 1, "images_per_s": images_per_s, "kl_weight": loss_fn.beta,
-        "grad_norm": losses["grad_norm"], "lr": optimization.optimizer.param_groups[0]["lr"],
-        "decoder_sigma": unwrap(model).likelihood.shared_sigma()})
+        "epoch": epoch + 1, "images_per_s": images_per_s, "grad_norm": losses["grad_norm"],
+        **{name: value for name, (changes, value) in varying.items() if changes}})
     log_grids(writer, eval_model, fixed_images, fixed_noise, step)
     writer.flush()
 

@@ -532,18 +532,22 @@ def test_projector_writes_any_checkpoints_posterior_means_with_classes(checkpoin
 
 # --------------------------------------------------------------------------------------- the shipped model
 
-def test_the_shipped_model_is_a_plain_checkpoint_of_the_flowers32_recipe():
+@pytest.mark.parametrize("name", ["flowers32", "flowers64"])
+def test_each_shipped_model_is_a_plain_checkpoint_of_its_recipe(name):
     from vae_inference import PRETRAINED
 
-    shipped = torch.load(PRETRAINED, weights_only=True)
-    recipe = json.loads((PRETRAINED.parent.parent / "recipes" / "flowers32.json").read_text())
+    path = PRETRAINED.parent / f"{name}.pt"
+    shipped = torch.load(path, weights_only=True)
+    recipe = json.loads((PRETRAINED.parent.parent / "recipes" / f"{name}.json").read_text())
     for key, value in recipe.items():
         assert shipped["config"][key.replace("-", "_")] == value, key
-    assert shipped["samplers"]["gmm"]["kind"] == "gmm" and PRETRAINED.stat().st_size < 20e6  # the design's limit
+    assert shipped["samplers"]["gmm"]["kind"] == "gmm" and path.stat().st_size < 20e6  # the design's limit
     assert shipped["samplers"]["diffusion"]["kind"] == "diffusion"  # the recipe's prior, fitted on its images
     # No folder of the machine that trained it: inference falls back to the defaults a user has.
     assert (shipped["config"]["data_dir"], shipped["config"]["cache_dir"]) == ("datasets", "")
-    assert shipped["eval"]["psnr_db"] > 20  # its held-out evaluation at the end of training
+    assert shipped["eval"]["psnr_db"] > 24  # its held-out evaluation at the end of training
+    model, _ = inference.load_model(path, "cpu")
+    assert model.image_resolution == (shipped["config"]["resolution"],) * 2
 
 
 @pytest.mark.slow

@@ -208,3 +208,10 @@ def test_num_workers_0_decodes_in_this_process(flowers_root, tmp_path, monkeypat
     train("--data-dir", flowers_root, "--epochs", 1, "--max-steps", 1, "--log-dir", tmp_path, "--run-name", "w0",
           "--eval-split", "none", *args)
     assert torch.load(tmp_path / "w0" / "checkpoint.pt", weights_only=True)["config"]["num_workers"] == 0
+
+
+def test_what_changes_is_a_curve_and_what_does_not_is_left_to_the_settings(flowers_root, tmp_path):
+    train("--data-dir", flowers_root, "--epochs", 2, "--log-dir", tmp_path, "--run-name", "moving", "--eval-split",
+          "none", "--kl-schedule", "linear", "--lr-schedule", "cosine", "--likelihood", "gaussian-learned", *TINY)
+    tags = set(load_events(tmp_path / "moving").Tags()["scalars"])
+    assert {"train/kl_weight", "train/lr", "train/decoder_sigma"} <= tags

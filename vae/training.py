@@ -89,6 +89,7 @@ class Optimization:
     learning-rate schedule and the EMA are state (state_dict, load_state_dict)."""
 
     def __init__(self, model, config, steps_per_epoch):
+        self.config = config
         self.optimizer = make_optimizer(model, config)
         self.lr_schedule = make_lr_schedule(config, self.optimizer, steps_per_epoch)
         self.kl_schedule = make_kl_schedule(config, steps_per_epoch)
