@@ -201,9 +201,9 @@ def build_parser():
 
 # The range of every numeric flag: beyond it a command would fail deep inside, or run out of memory or time.
 SEED_RANGE = (0, 2 ** 32 - 1)
-FLAG_RANGES = {"dims": (0, 100_000), "num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64), "threads": (0, 1024),
-               "temperature": (0.0, 100.0), "range": (0.0, 100.0), "seed": SEED_RANGE, "holdout_seed": SEED_RANGE,
-               "iw_samples": (1, 100_000), "batch_size": (1, 100_000), "holdout": (0.0, 0.999),
+FLAG_RANGES = {"dims": (0, 100_000), "num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64),
+               "threads": (0, 1024), "temperature": (0.0, 100.0), "range": (0.0, 100.0), "seed": SEED_RANGE,
+               "holdout_seed": SEED_RANGE, "iw_samples": (1, 100_000), "batch_size": (1, 100_000), "holdout": (0.0, 0.999),
                "fid_samples": (0, 100_000), "variations": (0, 1_000),
                "strength": (0.0, 1.0), "diffusion_steps": (1, 1_000_000)}
 

@@ -162,7 +162,8 @@ def main(argv=None):
             recipe = entry["recipe"]["bf16_img_s" if recipe_amp else "float32_img_s"]
             ratios[f"{condition}_{threads}t"] = {
                 "recipe_over_resnet": recipe / entry["resnet"]["float32_img_s"],
-                "recipe_over_resnet_same_precision": entry["recipe"]["float32_img_s"] / entry["resnet"]["float32_img_s"],
+                "recipe_over_resnet_same_precision":
+                    entry["recipe"]["float32_img_s"] / entry["resnet"]["float32_img_s"],
                 "matmul_gflops": entry["matmul_gflops"]}
             print(f"{condition}, {threads} thread(s): recipe ({'bf16' if recipe_amp else 'float32'}) / resnet "
                   f"(float32) = {ratios[f'{condition}_{threads}t']['recipe_over_resnet']:.2f}x; in float32 both: "

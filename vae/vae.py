@@ -18,9 +18,10 @@ class VAE(nn.Module):
     With the defaults (32x32 RGB, latent 10, channels 16/32/64) this is the tutorial's model, 65,831 parameters.
     arch="resnet" swaps in ResNetEncoder/ResNetDecoder of base `width` channels (or stage_channels, with
     stage_blocks residual blocks per stage, and a space-to-depth stem and pixel-shuffle output with
-    space_to_depth); with it, latent_shape (C, H, W) gives a spatial latent instead of the dense one of latent_size. Either way `latent_shape` is the shape of
-    one image's z and `latent_size` its number of dimensions. likelihood: a name of vae.likelihoods.LIKELIHOODS
-    (sigma is the Gaussians') or a Likelihood; it is the model's `likelihood` module, learned parameters included.
+    space_to_depth); with it, latent_shape (C, H, W) gives a spatial latent instead of the dense one of latent_size.
+    Either way `latent_shape` is the shape of one image's z and `latent_size` its number of dimensions.
+    likelihood: a name of vae.likelihoods.LIKELIHOODS (sigma is the Gaussians') or a Likelihood; it is the model's
+    `likelihood` module, learned parameters included.
     """
 
     def __init__(self, image_resolution=(32, 32), latent_size=10, image_channels=3, channels=None,
