@@ -523,14 +523,15 @@ def check_outputs(args):
 
 
 def choose_cpu_threads(requested, model):
-    """--threads, or the faster of 1 thread and all cores at decoding a batch; said on stderr."""
+    """--threads, or the faster of 1 thread and all cores at decoding a batch; said first on stdout (stderr stays
+    for errors)."""
     z = torch.randn(64, *model.latent_shape, generator=torch.Generator().manual_seed(0))
 
     def work():
         with torch.no_grad():
             model.decode(z)
     count, timings = choose_threads(work, requested)
-    print(describe(count, timings, unit_count=len(z), unit="decoded images"), file=sys.stderr)
+    print(describe(count, timings, unit_count=len(z), unit="decoded images"))
 
 
 COMMANDS = {"sample": run_sample, "reconstruct": run_reconstruct, "variations": run_variations,
