@@ -97,3 +97,31 @@ def test_a_folder_with_another_runs_files_is_not_restarted(flowers_root, tmp_pat
     line = failed(capsys, "--resume", "auto", "--run-name", "other", "--data-dir", flowers_root, "--log-dir",
                   tmp_path, "--epochs", 1, "--eval-split", "none", *TINY)
     assert "already holds a run" in line and (run_dir / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_prior_is_fitted_stops_the_run_and_a_resume_finishes_it(flowers_root, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ONE_THREAD, REPO
+
+    command = [sys.executable, "vae_training.py", "--data-dir", str(flowers_root), "--log-dir", str(tmp_path),
+               "--run-name", "end", "--epochs", "1", "--eval-split", "none", "--diffusion-prior-steps", "1000000",
+               *map(str, TINY)]
+    process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    checkpoint = tmp_path / "end" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:  # the epoch is saved, then the prior starts
+        time.sleep(0.2)
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-2000:]
+    assert "stopped while fitting the samplers" in err and "--resume" in err and "Traceback" not in err
+    assert not torch.load(checkpoint, weights_only=True).get("samplers")
+    train("--resume", checkpoint, "--diffusion-prior-steps", 5)
+    assert set(torch.load(checkpoint, weights_only=True)["samplers"]) == {"gmm", "diffusion"}

@@ -12,3 +12,8 @@ class TrainingDiverged(Exception):
 class EveryProcessError(UserError):
     """A UserError raised on every process at the same step (under torchrun): after printing it, the processes wait
     for each other, so that each says it before the launcher stops the rest."""
+
+
+class Stopped(Exception):
+    """A long step (fitting the diffusion prior at the end of a run) saw a stop request (SIGINT/SIGTERM) and ended
+    early; the caller saves what it has and exits as the signal asks."""
