@@ -19,7 +19,6 @@ reported, which damps interference from other processes on the same cores. The l
 import argparse
 import itertools
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -36,14 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datasets.preprocessing import SPLIT_KEYS, ImageBatches, cache_path, cached_images, flowers102_files  # noqa: E402
 from vae.losses import ELBOLoss  # noqa: E402
 from vae.device import pick_device  # noqa: E402
+from vae.threads import available_cores  # noqa: E402
 from vae.vae import VAE  # noqa: E402
-
-
-def available_cores():
-    """CPU cores this process may run on (the affinity mask, which containers narrow; else os.cpu_count())."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def parse_args(argv=None):
