@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vae.device import DEVICES, pick_device  # noqa: E402
 from vae.losses import ELBOLoss  # noqa: E402
-from vae.training import make_optimizer, memory_format  # noqa: E402
+from vae.training import make_optimizer, memory_format, step_loss  # noqa: E402
 from vae.vae import build_model  # noqa: E402
 from vae_training import parse_args  # noqa: E402
 
@@ -38,10 +38,7 @@ def make_step(config, device, compile_model, amp):
 
     def step(x):
         x = x.contiguous(memory_format=fmt)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            reconstruction, mean, log_var, log_scale = forward(x, return_log_scale=True)
-        total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
-                        None if log_scale is None else log_scale.float())[3]
+        total = step_loss(forward, x, loss_fn, amp)[2]
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()

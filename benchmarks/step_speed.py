@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vae.config import TrainConfig  # noqa: E402
 from vae.losses import ELBOLoss  # noqa: E402
 from vae.threads import available_cores  # noqa: E402
-from vae.training import Optimization, amp_in_effect, training_step_probe  # noqa: E402
+from vae.training import Optimization, amp_in_effect, step_loss, training_step_probe  # noqa: E402
 from vae.vae import build_model  # noqa: E402
 from vae_training import parse_args  # noqa: E402
 
@@ -67,11 +67,7 @@ def make_step(config, x, amp):
     x = x.contiguous(memory_format=optimization.input_format)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
-        total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
-                        None if log_scale is None else log_scale.float())[3]
-        optimization.step(model, total)
+        optimization.step(model, step_loss(model, x, loss_fn, amp)[2])
     return step
 
 

@@ -162,6 +162,16 @@ def check_amp(device):
               "slower: --amp is off for this run, which trains in float32")
 
 
+def step_loss(model, x, loss_fn, amp=False):
+    """One training step's forward pass and loss: (kl, reconstruction, total) of loss_fn. The model runs under bf16
+    autocast with amp; the loss is always computed in float32."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
+    _, kl, reconstruction, total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
+                                           None if log_scale is None else log_scale.float())
+    return kl, reconstruction, total
+
+
 def training_step_probe(model, x, config):
     """A function that runs one training step's forward and backward pass on a copy of the model, for timing the
     thread counts: the model, its optimizer and torch's random stream are left exactly as they were."""
@@ -170,10 +180,8 @@ def training_step_probe(model, x, config):
     amp = amp_in_effect(config, x.device)
 
     def work():
-        with torch.random.fork_rng(devices=[]), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            reconstruction, mean, log_var, log_scale = probe(x, return_log_scale=True)
-            total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
-                            None if log_scale is None else log_scale.float())[3]
+        with torch.random.fork_rng(devices=[]):
+            total = step_loss(probe, x, loss_fn, amp)[2]
         probe.zero_grad(set_to_none=True)
         total.backward()
     return work
@@ -259,10 +267,7 @@ def train_one_epoch(model, batches, loss_fn, optimization, state, writer=None, s
         for x in bar:
             loss_fn.beta = optimization.kl_schedule(state.step)
             x = x.contiguous(memory_format=optimization.input_format)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=optimization.amp):
-                reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
-            _, kl, reconstruction, total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
-                                                   None if log_scale is None else log_scale.float())
+            kl, reconstruction, total = step_loss(model, x, loss_fn, optimization.amp)
             # Every process stops at the same step.
             if distributed.any_process(not torch.isfinite(total), x.device):
                 raise TrainingDiverged(f"the loss became {total.item()} at step {state.step + 1} "
