@@ -56,7 +56,9 @@ def plot_sweep(points, path):
     first = points[0]
     ceiling, reconstructions = first["species_accuracy_real"], first["species_kept_reconstructions"]
     axes.axhline(ceiling, color="grey", linestyle="--", linewidth=1)
-    axes.text(1.02, ceiling, " real photos", va="center", color="grey", fontsize=8)
+    # At the axes' right edge whatever the sweep's range: a label placed in data units beyond it widens the figure.
+    axes.text(0.99, ceiling, "real photos", transform=axes.get_yaxis_transform(), ha="right", va="bottom",
+              color="grey", fontsize=8)
     axes.axhline(0.45 * ceiling, color="grey", linestyle=":", linewidth=1)
     axes.axvline(0.5, color="grey", linestyle=":", linewidth=1)
     axes.text(0.51, 0.45 * ceiling, "target: 45% of real,\ndiversity 0.5", va="bottom", color="grey", fontsize=7)
@@ -71,7 +73,7 @@ def plot_sweep(points, path):
     axes.set_ylabel("species kept (share of variations)")
     axes.set_xlim(left=-0.03)
     axes.set_ylim(bottom=0)
-    axes.legend(fontsize=8, loc="upper right")
+    axes.legend(fontsize=8, loc="upper center")
     axes.set_title(f"{first['variations']} variations of each of {first['variation_fid_reference_images']} "
                    f"held-out photos; labels: strength", fontsize=9)
     figure.tight_layout()
