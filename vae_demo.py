@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
 from vae import inference
-from vae.config import saved_config
+from vae.config import RANGES, check_range, saved_config
 from vae.device import DEVICES, model_device, pick_device
 from vae.errors import UserError
 
@@ -37,7 +37,12 @@ MAX_MEGAPIXELS = 50
 CACHE_MINUTES = 15  # how long the page keeps the files of an upload or of the pictures it showed
 CONCURRENT_REQUESTS = 1  # requests computed at once; the others wait in Gradio's queue, so memory stays bounded
 # Bounds of the controls, checked again on the server: the page's API can be called without the page.
-COUNT, STEPS, TEMPERATURE, STRENGTH, SEED = (1, 32), (2, 16), (0.0, 3.0), (0.0, 1.0), (0, 2 ** 32 - 1)
+# The page's controls, narrower than the command line's RANGES where one request could otherwise hold a public
+# server for minutes (see test_the_page_limits_lie_within_the_command_lines).
+PAGE_LIMITS = {"num": (1, 32), "steps": (2, 16), "temperature": (0.0, 3.0), "strength": RANGES["strength"],
+               "seed": RANGES["seed"]}
+COUNT, STEPS, TEMPERATURE, STRENGTH, SEED = (PAGE_LIMITS[name] for name in ("num", "steps", "temperature", "strength",
+                                                                             "seed"))
 
 
 # ------------------------------------------------------------------------------------------ uploads
@@ -97,13 +102,6 @@ def read_upload(upload, model, what="photo", resize="squash"):
     if torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]):
         notes.append(f"{name} is greyscale: the model, trained on colour photos, sees a grey colour photo.")
     return x, notes
-
-
-def check_range(label, value, bounds):
-    low, high = bounds
-    if not isinstance(value, (int, float)) or not low <= value <= high:
-        raise UserError(f"{label} must be between {low} and {high}, not {value}")
-    return value
 
 
 # -------------------------------------------------------------------------------------------- the page

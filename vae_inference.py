@@ -11,7 +11,6 @@ traversals, and honest evaluation. The checkpoint's config rebuilds the model; n
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from datasets.preprocessing import ImageBatches, dataset_images, flower_classes, random_subset, to_float
 from vae import inference
 from vae.checkpoint import export_for_inference
-from vae.config import TrainConfig, saved_config
+from vae.config import TrainConfig, check_ranges, saved_config
 from vae.device import DEVICES, model_device, pick_device
 from vae.errors import UserError
 from vae.logs import log_projector
@@ -200,22 +199,6 @@ def build_parser():
 # --------------------------------------------------------------------------------------------- helpers
 
 # The range of every numeric flag: beyond it a command would fail deep inside, or run out of memory or time.
-SEED_RANGE = (0, 2 ** 32 - 1)
-FLAG_RANGES = {"dims": (0, 100_000), "num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64),
-               "threads": (0, 1024), "temperature": (0.0, 100.0), "range": (0.0, 100.0), "seed": SEED_RANGE,
-               "holdout_seed": SEED_RANGE, "iw_samples": (1, 100_000), "batch_size": (1, 100_000), "holdout": (0.0, 0.999),
-               "fid_samples": (0, 100_000), "variations": (0, 1_000),
-               "strength": (0.0, 1.0), "diffusion_steps": (1, 1_000_000)}
-
-
-def check_flag_ranges(args):
-    """A one-line error naming the first numeric flag outside FLAG_RANGES (NaN and infinities included)."""
-    for name, (low, high) in FLAG_RANGES.items():
-        value = getattr(args, name, None)
-        if value is not None and not (math.isfinite(value) and low <= value <= high):
-            raise UserError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
-
-
 def load_photos(paths, args, model, checkpoint):
     """Image files preprocessed as the checkpoint's training images were (its --resize), on the model's device."""
     resize = saved_config(checkpoint["config"], args.checkpoint).resize
@@ -542,7 +525,7 @@ COMMANDS = {"sample": run_sample, "reconstruct": run_reconstruct, "variations": 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        check_flag_ranges(args)
+        check_ranges(args)
         check_outputs(args)
         device = pick_device(args.device)
         model, checkpoint = inference.load_model(args.checkpoint, device)

@@ -1,6 +1,7 @@
 """vae_inference.py and the evaluation maths: every subcommand on a checkpoint trained here, the IWAE bound,
 discretized bits/dim by hand, active units, variations, and the errors a user sees."""
 
+import dataclasses
 import json
 import math
 
@@ -13,21 +14,22 @@ from torch.distributions import Normal
 
 from conftest import error_line, run_script
 from datasets.preprocessing import ImageBatches, cached_images, dataset_images, holdout_split, to_float
-from vae import inference
+from vae import inference, training
+from vae.errors import UserError
 from vae.likelihoods import discretized_gaussian_log_likelihood
 from vae.losses import ELBOLoss
 from vae.metrics import active_units, bits_per_dim, iwae_log_likelihood
 from vae.samplers import prior_state
 from vae.training import evaluate, importance_samples
 from vae.vae import VAE
-from vae_inference import main
+from vae_inference import build_parser as vae_inference_parser, main
 
 
-def log_weights(model, x, noise):
-    """The (K, B) importance log-weights under the model's own likelihood."""
+def log_weights(model, x, k, generator):
+    """The (K, B) importance log-weights under the model's own likelihood, the noise drawn from `generator`."""
     with torch.no_grad():
         mean, log_var = model.encode(x)
-        return importance_samples(model, x, mean, log_var, noise)["log_weight"]
+        return importance_samples(model, x, mean, log_var, k, generator)["log_weight"]
 
 @pytest.fixture(scope="session")
 def flower_files(flowers_root):
@@ -142,7 +144,7 @@ def test_a_mode_the_checkpoint_cannot_run_names_the_fix(checkpoint, flower_files
     assert "no diffusion sampler" in error and "--fit-samplers diffusion" in error
     assert main(["variations", "--checkpoint", str(checkpoint), "--images", str(flower_files[0]), "--strength",
                  "1.5", "--out", str(tmp_path / "v.png")]) == 2
-    assert "--strength must be in [0.0, 1.0]" in error_line(capsys.readouterr().err)
+    assert "--strength must be between 0.0 and 1.0" in error_line(capsys.readouterr().err)
 
 
 def test_variations_use_only_the_images_a_holdout_run_trained_on(checkpoint, flowers_root, flower_files, tmp_path,
@@ -280,14 +282,50 @@ def test_bernoulli_model_has_no_bits_per_dim():
     assert math.isfinite(results["iwae_nll_nats"])
 
 
+def test_a_measurement_added_in_one_place_is_reported_as_its_mean_over_images(monkeypatch):
+    """evaluate() reports the mean of each entry of training.image_measures under its name, and the
+    standard error and variance machinery works for any of them."""
+    original = training.image_measures
+
+    def with_brightness(model, x, *args):
+        return {**original(model, x, *args), "brightness": x.flatten(1).mean(dim=1)}
+
+    monkeypatch.setattr(training, "image_measures", with_brightness)
+    model = VAE((8, 8), latent_size=1, channels=[4]).eval()  # one latent dimension: its lists stay lists
+    images = torch.randint(0, 256, (7, 3, 8, 8), dtype=torch.uint8)
+    results = evaluate(model, ImageBatches(images, 3, "cpu", shuffle=False), iw_samples=2)
+    assert results["brightness"] == pytest.approx(images.double().div(255).mean().item(), rel=1e-6)
+    assert results["num_images"] == 7 and len(results["kl_per_dim"]) == 1
+    assert results["neg_elbo_nats"] == pytest.approx(results["kl_nats"] + results["reconstruction_nats"])
+
+
+def test_importance_sampling_decodes_in_chunks_with_the_same_noise_as_one_draw(monkeypatch):
+    """K draws are made and decoded DECODE_CHUNK_IMAGES images at a time, so memory does not grow with K; the
+    bound equals the one from a single draw of all the noise."""
+    model = VAE((8, 8), latent_size=3, channels=[4], sigma=0.3).eval()
+    x = torch.rand(4, 3, 8, 8)
+    whole = log_weights(model, x, 10, torch.Generator().manual_seed(3))
+    decoded = []
+    monkeypatch.setattr(training, "DECODE_CHUNK_IMAGES", 8)  # two draws of 4 images per chunk
+    original = model.decode_distribution
+    monkeypatch.setattr(model, "decode_distribution", lambda z: decoded.append(len(z)) or original(z))
+    chunked = log_weights(model, x, 10, torch.Generator().manual_seed(3))
+    assert decoded == [8, 8, 8, 8, 8] and chunked.shape == (10, 4)
+    # Chunks of the generator's stream need not give the noise of one draw, but its distribution: the bounds
+    # agree to their Monte Carlo error, and the same seed gives the same numbers.
+    assert torch.equal(chunked, log_weights(model, x, 10, torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(iwae_log_likelihood(chunked).mean(), iwae_log_likelihood(whole).mean(),
+                               rtol=0.05, atol=1.0)
+
+
 # ----------------------------------------------------------------------------------------- the maths
 
 def test_iwae_with_one_sample_is_the_single_sample_elbo_on_the_same_z():
     torch.manual_seed(0)
     model = VAE((8, 8), latent_size=3, channels=[4], sigma=0.3).eval()
     x = torch.rand(4, 3, 8, 8)
-    eps = torch.randn(1, 4, 3)
-    weights = log_weights(model, x, eps)
+    eps = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(2))
+    weights = log_weights(model, x, 1, torch.Generator().manual_seed(2))  # the same noise
     with torch.no_grad():
         mean, log_var = model.encode(x)
         std = (0.5 * log_var).exp()
@@ -304,7 +342,7 @@ def test_iwae_bound_does_not_rise_as_k_grows():
     model = VAE((8, 8), latent_size=3, channels=[4], sigma=0.1).eval()  # a wide gap between ELBO and log p(x)
     x = torch.rand(32, 3, 8, 8)
     generator = torch.Generator().manual_seed(1)
-    nll = [-iwae_log_likelihood(log_weights(model, x, torch.randn(k, 32, 3, generator=generator))).mean().item()
+    nll = [-iwae_log_likelihood(log_weights(model, x, k, generator)).mean().item()
            for k in (1, 10, 100)]
     assert nll[0] >= nll[1] >= nll[2]
 
@@ -378,8 +416,6 @@ def test_a_missing_checkpoint_is_a_one_line_error(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from vae.errors import UserError
-
     with pytest.raises(UserError):
         main(["sample", "--checkpoint", str(tmp_path / "missing.pt"), "--debug"])
     assert main(["sample", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
@@ -595,7 +631,7 @@ def test_inference_says_how_many_threads_it_uses(tmp_path, capsys):
         assert inference_main(["sample", "--num", "4", "--out", str(tmp_path / "t.png")]) == 0
         assert capsys.readouterr().out.startswith("threads: ")
         assert inference_main(["sample", "--threads", "-1", "--out", str(tmp_path / "u.png")]) == 2
-        assert "--threads must be in [0, 1024]" in capsys.readouterr().err
+        assert "--threads must be between 0 and 1024" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
 
@@ -657,3 +693,22 @@ def test_traverse_on_a_large_latent_shows_its_most_active_dimensions(tmp_path, c
     assert sorted(kl, reverse=True)[:4] == [kl[d] for d in dims]
     assert main(["traverse", "--steps", "2", "--dims", "0", "--scale", "1", "--out", str(out)]) == 0
     assert png_size(out) == expected_grid(512 * 2, 2, scale=1)
+
+
+def test_every_numeric_flag_of_both_scripts_has_one_range():
+    """One table, vae.config.RANGES, bounds the numbers of both scripts; the page only narrows it."""
+    import argparse
+
+    import vae_demo
+    from vae.config import RANGES, TrainConfig, validate_config
+    parser = vae_inference_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    numeric = {action.dest for command in commands.values() for action in command._actions
+               if action.type in (int, float) and action.nargs is None}
+    assert numeric and numeric <= set(RANGES), numeric - set(RANGES)
+    # Training's bounded flags are checked from the same table.
+    for name in ("seed", "threads", "fid_samples", "diffusion_prior_steps"):
+        with pytest.raises(UserError, match=f"--{name.replace('_', '-')} must be between"):
+            validate_config(dataclasses.replace(TrainConfig(), **{name: RANGES[name][1] + 1}))
+    for name, (low, high) in vae_demo.PAGE_LIMITS.items():
+        assert RANGES[name][0] <= low <= high <= RANGES[name][1], name

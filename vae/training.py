@@ -27,7 +27,7 @@ from vae.vae import eval_mode
 
 # Decoded images held in memory at once while importance sampling: bounds memory for any K and resolution
 # (4096 images of 64x64 are 200 MB in float32, about 1 GB with the float64 likelihood terms).
-DECODE_CHUNK_IMAGES = 4096
+DECODE_CHUNK_IMAGES = 1024
 
 
 # -------------------------------------------------------------------------------- optimizer and schedules
@@ -303,20 +303,24 @@ def _log_normal(z):
     return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(2).sum(dim=2)
 
 
-def importance_samples(model, x, mean, log_var, noise, discretized=False):
-    """Per importance sample z_k = mean + std * noise_k (noise: (K, B, *latent)): a dict of (K, B) tensors in
-    nats: "trained_term" (B,) the reconstruction term training minimises, for the first draw only, and in float64
+def importance_samples(model, x, mean, log_var, iw_samples, generator=None, discretized=False):
+    """K = iw_samples draws z_k = mean + std * noise_k per image: a dict of tensors in nats: "trained_term" (B,)
+    the reconstruction term training minimises, for the first draw only, and (K, B) in float64
     "log_likelihood" log p(x|z_k) under the model's likelihood (a density for the Gaussians),
     "log_weight" log p(x|z_k) + log p(z_k) - log q(z_k|x), and with discretized=True the same two under the
     likelihood of the 8-bit pixels ("log_likelihood_8bit", "log_weight_8bit"), from the same decoded images.
-    Decodes at most DECODE_CHUNK_IMAGES images at once, so K may be large at any resolution.
+    The noise is drawn from `generator` and decoded DECODE_CHUNK_IMAGES images at a time, so the memory needed
+    does not grow with K, at any resolution.
     """
     std = log_var.mul(0.5).exp()
-    chunks = []
+    names = ["log_likelihood", "log_weight"] + (["log_likelihood_8bit", "log_weight_8bit"] if discretized else [])
+    # Filled chunk by chunk: allocated once, before the decoded images, so that no small result stays between the
+    # large freed blocks of each chunk (glibc's heap would keep them, and grow by gigabytes over many chunks).
+    results = {name: torch.empty(iw_samples, len(x), dtype=torch.float64) for name in names}
     per_chunk = max(1, DECODE_CHUNK_IMAGES // len(x))
-    for start in range(0, len(noise), per_chunk):
-        eps = noise[start:start + per_chunk]
-        k = len(eps)
+    for start in range(0, iw_samples, per_chunk):
+        k = min(per_chunk, iw_samples - start)
+        eps = torch.randn(k, *mean.shape, generator=generator).to(mean.device)
         z = mean + std * eps
         decoded, log_scale = model.decode_distribution(z.flatten(0, 1))
         targets = x.repeat(k, *[1] * (x.dim() - 1))
@@ -326,24 +330,76 @@ def importance_samples(model, x, mean, log_var, noise, discretized=False):
         log_posterior = (_log_normal(eps) - log_var.mul(0.5).flatten(1).sum(dim=1)).cpu().double()
         log_likelihood, log_likelihood_8bit = model.likelihood.log_likelihoods(targets, decoded, log_scale,
                                                                                 discretized)
-        likelihoods = {"": log_likelihood}
-        if discretized:
-            likelihoods["_8bit"] = log_likelihood_8bit
-        chunk = {}
         if start == 0:  # the trained term of the first draw only: all the training objective needs
             first_scale = log_scale if log_scale is None or log_scale.dim() == 0 else log_scale[:len(x)]
             trained_term = model.likelihood.loss(x, decoded[:len(x)], first_scale)
-        for suffix, log_likelihood in likelihoods.items():
-            log_likelihood = log_likelihood.view(k, len(x)).cpu().double()
-            chunk["log_likelihood" + suffix] = log_likelihood
-            chunk["log_weight" + suffix] = log_likelihood + log_prior - log_posterior
-        chunks.append(chunk)
-    return {"trained_term": trained_term, **{name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}}
+        for suffix, values in [("", log_likelihood)] + ([("_8bit", log_likelihood_8bit)] if discretized else []):
+            values = values.view(k, len(x)).cpu().double()
+            results["log_likelihood" + suffix][start:start + k] = values
+            results["log_weight" + suffix][start:start + k] = values + log_prior - log_posterior
+    return {"trained_term": trained_term, **results}
 
 
-# The sums evaluate() accumulates per image, reduced across processes in one call.
-_SUMS = ("count", "kl", "reconstruction", "loss_reconstruction", "iwae_nll", "iwae_nll_sq", "reconstruction_8bit",
-         "iwae_nll_8bit", "iwae_nll_8bit_sq", "squared_error", "posterior_std")
+def image_measures(model, x, iw_samples, generator, beta, discretized):
+    """What evaluate() measures on each image: a dict of per-image values, (B,) or (B, latent size), in nats
+    unless a name says otherwise. evaluate() reports the mean of each over the evaluation images under the same
+    name, and keeps the sums of squares for standard errors and variances: a new measurement is one entry here.
+    """
+    mean, log_var = model.encode(x)
+    samples = importance_samples(model, x, mean, log_var, iw_samples, generator, discretized)
+    kl = kl_per_dimension(mean, log_var).flatten(1)
+    measures = {
+        "kl_nats": kl.sum(dim=1),
+        # -log p(x|z) under the model's likelihood, averaged over the K draws z ~ q(z|x).
+        "reconstruction_nats": -samples["log_likelihood"].mean(dim=0),
+        "iwae_nll_nats": -iwae_log_likelihood(samples["log_weight"]),
+        # Of the reconstruction decoded from the posterior mean, for the PSNR.
+        "mean_squared_error": (model.decode(mean) - x).pow(2).flatten(1).mean(dim=1),
+        "posterior_std": log_var.mul(0.5).exp().flatten(1).mean(dim=1),
+        "kl_per_dim": kl,
+        "posterior_mean": mean.flatten(1),  # per dimension; its variance over images counts the active units
+    }
+    if beta is not None:  # the training objective on these images (the trained term of the first draw, no free bits)
+        measures["loss"] = beta * kl.sum(dim=1) + samples["trained_term"]
+    if discretized:
+        measures["reconstruction_8bit_nats"] = -samples["log_likelihood_8bit"].mean(dim=0)
+        measures["iwae_nll_8bit_nats"] = -iwae_log_likelihood(samples["log_weight_8bit"])
+    return measures
+
+
+class Sums:
+    """Per-measure sums and sums of squares over images, kept on the device and reduced across processes."""
+
+    def __init__(self):
+        self.count, self.sums, self.squares = 0, {}, {}
+
+    def add(self, measures, dtype, device):
+        for name, values in measures.items():
+            values = values.to(device=device, dtype=dtype)
+            self.sums[name] = self.sums.get(name, 0) + values.sum(dim=0)
+            self.squares[name] = self.squares.get(name, 0) + values.pow(2).sum(dim=0)
+        self.count += len(next(iter(measures.values())))
+
+    def reduce(self, dtype, device):
+        """Every process's sums added up (in one call, the names in a fixed order): (count, means, standard errors
+        of the mean, sample variances), each a dict of float64 CPU tensors by measure name."""
+        names = sorted(self.sums)
+        parts = [self.sums[name].reshape(-1) for name in names] + [self.squares[name].reshape(-1) for name in names]
+        flat = torch.cat([torch.tensor([float(self.count)], dtype=dtype, device=device), *parts])
+        flat = distributed.all_reduce_sum(flat).double().cpu()
+        count, values = int(flat[0]), flat[1:]
+        sizes = [self.sums[name].numel() for name in names]
+        shapes = [self.sums[name].shape for name in names]
+        totals = {name: part.view(shape) for name, part, shape in zip(names, values[:sum(sizes)].split(sizes), shapes)}
+        squares = {name: part.view(shape) for name, part, shape in zip(names, values[sum(sizes):].split(sizes), shapes)}
+        if count == 0:
+            return 0, {}, {}, {}
+        means = {name: total / count for name, total in totals.items()}
+        variances = {name: (squares[name] - totals[name].pow(2) / count).clamp(min=0) / max(count - 1, 1)
+                     for name in names}
+        errors = {name: (variance / count).sqrt() if count > 1 else torch.zeros_like(variance)
+                  for name, variance in variances.items()}
+        return count, means, errors, variances
 
 
 @torch.no_grad()
@@ -358,74 +414,39 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
     posterior_std diagnose posterior collapse. With beta, loss = beta * KL + the trained reconstruction term
     (no free bits), the training objective on these images. Noise comes from `generator` (a fixed seed makes
     the numbers reproducible; None: torch's global generator). Under torchrun each process evaluates its
-    shard and the sums are reduced.
+    shard and the sums are reduced. The per-image measurements are `image_measures`.
     """
     model = unwrap(model)
     device = model_device(model)
     dtype = sum_dtype(device)
     likelihood = model.likelihood
     discretized = likelihood.no_bits_per_dim is None
-    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-    # Per latent dimension: summed KL and the first two moments of the posterior means (for their variance).
-    moments = torch.zeros(3, model.latent_size, dtype=dtype, device=device)
+    sums = Sums()
     with eval_mode(model):
         for x in tqdm(batches.epoch(0), total=len(batches), desc=f"evaluating (K={iw_samples})", unit="batch",
                       leave=False, disable=not progress):
-            mean, log_var = model.encode(x)
-            kl = kl_per_dimension(mean, log_var)
-            noise = torch.randn(iw_samples, *mean.shape, generator=generator).to(device)
-            samples = importance_samples(model, x, mean, log_var, noise, discretized)
-            nll = -iwae_log_likelihood(samples["log_weight"])
-            batch_sums = {
-                "count": len(x), "kl": kl.sum(), "reconstruction": -samples["log_likelihood"].mean(dim=0).sum(),
-                # The trained reconstruction term (SSE for the tutorial's) of the first draw: the training objective.
-                "loss_reconstruction": samples["trained_term"].sum(),
-                "iwae_nll": nll.sum(), "iwae_nll_sq": nll.pow(2).sum(),
-                "squared_error": (model.decode(mean) - x).pow(2).sum(),
-                "posterior_std": log_var.mul(0.5).exp().flatten(1).mean(dim=1).sum(),
-            }
-            if discretized:
-                nll_8bit = -iwae_log_likelihood(samples["log_weight_8bit"])
-                batch_sums.update(reconstruction_8bit=-samples["log_likelihood_8bit"].mean(dim=0).sum(),
-                                  iwae_nll_8bit=nll_8bit.sum(), iwae_nll_8bit_sq=nll_8bit.pow(2).sum())
-            sums += torch.tensor([float(batch_sums.get(name, 0.0)) for name in _SUMS], dtype=torch.float64)
-            kl = kl.to(dtype)
-            moments += torch.stack([kl.sum(dim=0), mean.flatten(1).to(dtype).sum(dim=0),
-                                    mean.flatten(1).to(dtype).pow(2).sum(dim=0)])
-    sums = distributed.all_reduce_sum(sums.to(device=device, dtype=dtype)).double().cpu()
-    distributed.all_reduce_sum(moments)
-    totals = dict(zip(_SUMS, sums.tolist()))
-    count = totals["count"]
+            sums.add(image_measures(model, x, iw_samples, generator, beta, discretized), dtype, device)
+    count, mean, error, variance = sums.reduce(dtype, device)
     if count == 0:
         raise UserError("the evaluation set is empty; use a larger --holdout or --eval-size, or --eval-split none")
     num_dims = batches.images[0].numel()
-    kl_sum, mean_sum, mean_square_sum = moments.double().cpu()
-    variance = (mean_square_sum - mean_sum.pow(2) / count) / max(count - 1, 1)
+    scalar = {name: value.item() for name, value in mean.items() if value.dim() == 0}
     metrics = {
-        "num_images": int(count),
-        "likelihood": likelihood.name,
-        "decoder_sigma": likelihood.shared_sigma(),
-        "neg_elbo_nats": (totals["kl"] + totals["reconstruction"]) / count,
-        "kl_nats": totals["kl"] / count,
-        "reconstruction_nats": totals["reconstruction"] / count,
-        "iw_samples": iw_samples,
-        "iwae_nll_nats": totals["iwae_nll"] / count,
-        "iwae_nll_stderr": _standard_error(totals["iwae_nll"], totals["iwae_nll_sq"], count),
-        "psnr_db": psnr_db(totals["squared_error"] / (count * num_dims)),
-        "active_units": active_units(variance),
-        "latent_size": model.latent_size,
-        "posterior_std": totals["posterior_std"] / count,
-        "kl_per_dim": (kl_sum / count).tolist(),
-        "posterior_mean_variance": variance.tolist(),
+        "num_images": count, "likelihood": likelihood.name, "decoder_sigma": likelihood.shared_sigma(),
+        "iw_samples": iw_samples, "latent_size": model.latent_size,
+        # Every measurement's mean, under its own name: per-dimension ones as lists.
+        **{name: scalar[name] if name in scalar else value.tolist() for name, value in mean.items()},
+        "neg_elbo_nats": scalar["kl_nats"] + scalar["reconstruction_nats"],
+        "iwae_nll_stderr": error["iwae_nll_nats"].item(),
+        "psnr_db": psnr_db(scalar["mean_squared_error"]),
+        "active_units": active_units(variance["posterior_mean"]),
+        "posterior_mean_variance": variance["posterior_mean"].tolist(),
     }
-    if beta is not None:
-        metrics["loss"] = (beta * totals["kl"] + totals["loss_reconstruction"]) / count
     if discretized:
         metrics.update({
-            "bits_per_dim": bits_per_dim(totals["iwae_nll_8bit"] / count, num_dims),
-            "bits_per_dim_stderr": bits_per_dim(
-                _standard_error(totals["iwae_nll_8bit"], totals["iwae_nll_8bit_sq"], count), num_dims),
-            "neg_elbo_bits_per_dim": bits_per_dim((totals["kl"] + totals["reconstruction_8bit"]) / count, num_dims),
+            "bits_per_dim": bits_per_dim(scalar["iwae_nll_8bit_nats"], num_dims),
+            "bits_per_dim_stderr": bits_per_dim(error["iwae_nll_8bit_nats"].item(), num_dims),
+            "neg_elbo_bits_per_dim": bits_per_dim(scalar["kl_nats"] + scalar["reconstruction_8bit_nats"], num_dims),
             "bits_per_dim_note": f"IWAE bound with K={iw_samples} under the decoder's "
                                  f"{likelihood.discretized} discretized to 256 "
                                  f"levels (bins of width 1/255, end bins to +-inf); D = {num_dims}; "
@@ -436,11 +457,3 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
             "bits_per_dim": None, "bits_per_dim_stderr": None, "neg_elbo_bits_per_dim": None,
             "bits_per_dim_note": likelihood.no_bits_per_dim.format(name=likelihood.name)})
     return metrics
-
-
-def _standard_error(total, total_of_squares, count):
-    """Standard error of the mean of per-image values, from their sum and sum of squares (0 for one value)."""
-    if count < 2:
-        return 0.0
-    variance = max(total_of_squares - total ** 2 / count, 0.0) / (count - 1)
-    return math.sqrt(variance / count)
