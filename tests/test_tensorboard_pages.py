@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 # Four of compare.sh's nine runs (ONLY=...): each kind of line of the script, in a third of the time.
 RECIPE_RUNS = ["seed-defaults", "bernoulli", "resolution-64", "cyclical-seed1"]
-METRICS = ["psnr_db", "neg_elbo_nats", "bits_per_dim", "kl_nats", "active_units", "fid"]
+METRICS = ["neg_elbo_nats", "bits_per_dim", "psnr_db", "fid", "active_units", "kl_nats"]
+# The five settings TensorBoard shows by default (it shows those marked as differing first, in name order).
+DEFAULT_COLUMNS = ["arch", "beta", "epochs", "latent", "likelihood"]
 
 
 def tensorboard(log_dir):
@@ -44,8 +46,10 @@ def test_compare_sh_fills_one_hparams_table(flowers_root, tmp_path):
     with tensorboard(log_dir) as url:
         experiment = hparams_api(url, "experiment", {"experimentName": ""})
         assert [m["name"]["tag"] for m in experiment["metricInfos"]] == [f"hparams/{m}" for m in METRICS]
-        settings = {h["name"] for h in experiment["hparamInfos"]}
-        assert {"likelihood", "batch_norm", "kl_schedule", "resolution", "seed", "holdout"} <= settings
+        settings = [h["name"] for h in experiment["hparamInfos"]]
+        assert {"likelihood", "batch_norm", "kl_schedule", "resolution", "seed", "holdout"} <= set(settings)
+        assert settings[:6] == DEFAULT_COLUMNS + ["lr"]  # the table's first columns, then the others by name
+        assert settings[6:] == sorted(settings[6:])
         groups = hparams_api(url, "session_groups", {
             "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
                                                       "STATUS_RUNNING"],
@@ -60,12 +64,18 @@ def test_compare_sh_fills_one_hparams_table(flowers_root, tmp_path):
             assert sorted(measured) == sorted(f"hparams/{m}" for m in METRICS if m not in missing), name
             assert 0 < measured["hparams/psnr_db"] < 60 and measured["hparams/neg_elbo_nats"] > 0
         assert rows["resolution-64"]["hparams"]["resolution"] == 64
+        assert rows["seed-defaults"]["hparams"]["latent"] == "10"
         assert rows["bernoulli"]["hparams"]["likelihood"] == "bernoulli"
         assert rows["cyclical-seed1"]["hparams"]["seed"] == 1
 
         with browser_page(url + "#hparams", width=1900) as page:
             for name in RECIPE_RUNS:  # the table in the HPARAMS tab has a row per run
                 page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+            # Its columns: the default settings are ticked in the left pane, the others are not.
+            ticked = {name: page.get_by_role("checkbox", name=name, exact=True).first.is_checked()
+                      for name in DEFAULT_COLUMNS + ["lr", "amp", "batch_norm"]}
+            assert ticked == {**{name: True for name in DEFAULT_COLUMNS}, "lr": False, "amp": False,
+                              "batch_norm": False}
             screenshot(page, "hparams.jpg", full_page=False)
 
 

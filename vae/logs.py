@@ -18,8 +18,13 @@ from vae.checkpoint import unwrap
 from vae.vae import eval_mode, posterior_means
 
 LOSS_CURVES = ("KL Loss", "Reconstruction Loss", "Total Loss")  # the tutorial's add_scalars("loss", ...)
-# The held-out numbers that compare runs in the HPARAMS table (fid only where it was measured).
-HPARAM_METRICS = ("psnr_db", "neg_elbo_nats", "bits_per_dim", "kl_nats", "active_units", "fid")
+# The held-out numbers that compare runs in the HPARAMS table, in its column order: TensorBoard shows the first
+# five by default (fid only where it was measured).
+HPARAM_METRICS = ("neg_elbo_nats", "bits_per_dim", "psnr_db", "fid", "active_units", "kl_nats")
+# The settings the HPARAMS table shows first (TensorBoard ticks five by default, in name order: arch, beta,
+# epochs, latent, likelihood; lr is the sixth); every other setting is one tick away. "latent" is the latent's
+# shape, from --latent-shape or --latent-size.
+HPARAM_COLUMNS = ("arch", "beta", "epochs", "latent", "likelihood", "lr")
 
 
 def open_writer(run_dir, resumed_step=None):
@@ -79,13 +84,24 @@ def log_settings(writer, config):
 def log_hparams(writer, config, metrics):
     """The settings and the final held-out metrics in TensorBoard's HPARAMS table, where runs compare as rows.
     Lists and None (e.g. --latent-shape) become their JSON text, the types HPARAMS takes."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
     settings = {name: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
                 for name, value in dataclasses.asdict(config).items()}
+    settings["latent"] = "x".join(map(str, config.latent_shape)) if config.latent_shape else str(config.latent_size)
     # Every run declares every metric, measured or not: TensorBoard takes the table's columns from the first run
     # it reads, so a run without FID must not hide the FID column of the runs that have one.
     declared = {f"hparams/{name}": 0.0 for name in HPARAM_METRICS}
+    experiment, start, end = hparams(settings, declared)
+    # TensorBoard shows the settings marked "differs" first. Every run marks the same ones, so that the columns
+    # do not depend on which run's declaration TensorBoard happens to read.
+    metadata = experiment.value[0].metadata.plugin_data
+    data = HParamsPluginData.FromString(metadata.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in HPARAM_COLUMNS
+    metadata.content = data.SerializeToString()
     file_writer = writer._get_file_writer()
-    for summary in hparams(settings, declared):  # the experiment, the session's start and its end
+    for summary in (experiment, start, end):
         file_writer.add_summary(summary)
     for name in HPARAM_METRICS:
         if metrics.get(name) is not None:
