@@ -226,10 +226,12 @@ def train(config, resume="", explicit=()):
             # The end of the run: samplers of the latent, sample quality, HPARAMS and the projector.
             if process.is_main and state.epoch >= config.epochs:
                 try:
-                    samplers = finish_run(config, unwrap(eval_model), train_images, eval_images, state, device, stop)
+                    with stop.raising():
+                        samplers = finish_run(config, unwrap(eval_model), train_images, eval_images, state, device)
                 except Stopped:  # the epochs are saved; a resume does the end of the run again
-                    say(f"\nstopped while fitting the samplers at the end of the run; its {state.epoch} epochs are "
-                        f"saved. Finish it with: {resume_command(run_dir / 'checkpoint.pt')}", file=sys.stderr)
+                    say(f"\nstopped at the end of the run (fitting the samplers, or measuring FID); its {state.epoch} "
+                        f"epochs are saved. Finish it with: {resume_command(run_dir / 'checkpoint.pt')}",
+                        file=sys.stderr)
                     return stop.exit_code
                 checkpoints.save(samplers=samplers)
                 log_run_summary(writer, config, state.eval, eval_model, eval_images, eval_classes, state.step)
@@ -279,14 +281,13 @@ def log_epoch(writer, step, epoch, losses, images_per_s, loss_fn, optimization, 
     writer.flush()
 
 
-def finish_run(config, model, train_images, eval_images, state, device, stop):
+def finish_run(config, model, train_images, eval_images, state, device):
     """Samplers of the training images' posteriors (a GMM, and the diffusion prior when asked), so that sampling
     and variations need no data; with --fid-samples, their sample quality joins state.eval. Returns the samplers.
-    A stop request during the diffusion prior's fit raises Stopped."""
+    A stop request raises Stopped (see StopRequest.raising)."""
     kinds = ("gmm", "diffusion") if config.diffusion_prior_steps else ("gmm",)
     samplers = fit_samplers(model, train_images, kinds, seed=config.seed, hflip=config.hflip,
-                            diffusion_steps=config.diffusion_prior_steps, progress=True,
-                            should_stop=lambda: stop.requested)
+                            diffusion_steps=config.diffusion_prior_steps, progress=True)
     if config.fid_samples and eval_images is not None:
         quality = sample_quality(model, samplers[kinds[-1]], eval_images, config.fid_samples, 1.0,
                                  torch.Generator().manual_seed(config.seed), device)

@@ -100,7 +100,16 @@ def test_a_folder_with_another_runs_files_is_not_restarted(flowers_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_signal_while_the_prior_is_fitted_stops_the_run_and_a_resume_finishes_it(flowers_root, tmp_path):
+@pytest.mark.parametrize("during, signal_name, end_of_run, resume", [
+    # SIGTERM (a job scheduler) while the diffusion prior is fitted: a loop of a million steps.
+    ("the prior's fit", "SIGTERM", ["--eval-split", "none", "--diffusion-prior-steps", "1000000"],
+     ["--diffusion-prior-steps", "5"]),
+    # Ctrl-C while FID is measured: the GMM is fitted in a moment, then a hundred thousand samples to score.
+    ("FID", "SIGINT", ["--holdout", "0.25", "--diffusion-prior-steps", "0", "--fid-samples", "100000"],
+     ["--fid-samples", "0"]),
+])
+def test_a_signal_at_the_end_of_a_run_stops_it_and_a_resume_finishes_it(during, signal_name, end_of_run, resume,
+                                                                       flowers_root, tmp_path):
     import signal
     import subprocess
     import sys
@@ -109,19 +118,22 @@ def test_a_signal_while_the_prior_is_fitted_stops_the_run_and_a_resume_finishes_
     from conftest import ONE_THREAD, REPO
 
     command = [sys.executable, "vae_training.py", "--data-dir", str(flowers_root), "--log-dir", str(tmp_path),
-               "--run-name", "end", "--epochs", "1", "--eval-split", "none", "--diffusion-prior-steps", "1000000",
-               *map(str, TINY)]
+               "--run-name", "end", "--epochs", "1", *end_of_run, *map(str, TINY)]
     process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     checkpoint = tmp_path / "end" / "checkpoint.pt"
     deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline:  # the epoch is saved, then the prior starts
+    while not checkpoint.exists() and time.monotonic() < deadline:  # the epoch is saved, then the end of the run
         time.sleep(0.2)
     time.sleep(3)
-    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    process.send_signal(getattr(signal, signal_name))
     out, err = process.communicate(timeout=60)
-    assert process.returncode == 143, err[-2000:]
-    assert "stopped while fitting the samplers" in err and "--resume" in err and "Traceback" not in err
+    assert process.returncode == 128 + getattr(signal, signal_name), err[-2000:]
+    assert time.monotonic() - sent < 30, during  # promptly, not after the whole step
+    assert "stopped at the end of the run" in err and "--resume" in err and "Traceback" not in err, err[-2000:]
+    assert {"the prior's fit": "diffusion prior", "FID": "inception features"}[during] in err  # its progress bar
     assert not torch.load(checkpoint, weights_only=True).get("samplers")
-    train("--resume", checkpoint, "--diffusion-prior-steps", 5)
-    assert set(torch.load(checkpoint, weights_only=True)["samplers"]) == {"gmm", "diffusion"}
+    train("--resume", checkpoint, *resume)
+    kinds = {"gmm", "diffusion"} if "--diffusion-prior-steps" in resume[:1] else {"gmm"}
+    assert set(torch.load(checkpoint, weights_only=True)["samplers"]) == kinds

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vae.errors import Stopped
 
 SCHEDULE_OFFSET = 0.008  # s of the cosine schedule: keeps a(0) just below 1 so eps is defined at t = 0
 MAX_T = 0.999  # a(1) = 0 exactly would make sqrt(a) / sqrt(1 - a) degenerate; the last step starts just short
@@ -119,7 +118,7 @@ def _unstandardise(u, state):
 
 
 def fit_diffusion_prior(means, stds, latent_shape, steps=6000, batch_size=128, lr=2e-3, width=128, num_blocks=4,
-                        seed=0, device="cpu", progress=False, should_stop=None):
+                        seed=0, device="cpu", progress=False):
     """Fit the diffusion prior to the aggregate posterior of the training images.
 
     means, stds: (N, *latent_shape) posterior means and standard deviations of the training images (include
@@ -152,8 +151,6 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=6000, batch_size=128, l
             1 + math.cos(math.pi * step / steps)))
         recent = deque(maxlen=200)
         for _ in tqdm(range(steps), desc="diffusion prior", unit="step", disable=not progress):
-            if should_stop is not None and should_stop():
-                raise Stopped("fitting the diffusion prior was stopped")
             index = torch.randint(len(means_u), (min(batch_size, len(means_u)),), generator=generator, device=device)
             u0 = means_u[index] + stds_u[index] * torch.randn(means_u[index].shape, generator=generator,
                                                               device=device)

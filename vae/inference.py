@@ -55,7 +55,7 @@ def load_images(paths, model, device, resize="squash"):
 # -------------------------------------------------------------------------------------- making images
 
 def fit_samplers(model, images_uint8, kinds=("gmm",), seed=0, hflip=False, diffusion_steps=DIFFUSION_STEPS,
-                 progress=False, should_stop=None):
+                 progress=False):
     """Latent samplers fitted to the training images' posteriors: {kind: state} (see vae.samplers).
 
     The GMM has GMM_COMPONENTS full-covariance components (fewer for tiny sets), fitted to the posterior means;
@@ -71,8 +71,7 @@ def fit_samplers(model, images_uint8, kinds=("gmm",), seed=0, hflip=False, diffu
             flipped = posterior_moments(model, images_uint8.flip(-1))
             all_means, all_stds = torch.cat([means, flipped[0]]), torch.cat([stds, flipped[1]])
         return diffusion_prior.fit_diffusion_prior(all_means, all_stds, model.latent_shape, steps=diffusion_steps,
-                                                   seed=seed, device=device, progress=progress,
-                                                   should_stop=should_stop)
+                                                   seed=seed, device=device, progress=progress)
 
     fitters = {"gmm": lambda: fit_gmm(means, num_components=min(GMM_COMPONENTS, len(means)), seed=seed),
                "two-stage": lambda: fit_two_stage(means, seed=seed, progress=progress),

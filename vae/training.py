@@ -7,6 +7,7 @@
     metrics = evaluate(model, eval_batches, beta=config.beta)
 """
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from vae import distributed
 from vae.checkpoint import unwrap
 from vae.device import model_device, sum_dtype
-from vae.errors import TrainingDiverged, UserError
+from vae.errors import Stopped, TrainingDiverged, UserError
 from vae.losses import ELBOLoss, kl_per_dimension
 from vae.metrics import active_units, bits_per_dim, iwae_log_likelihood, psnr_db
 from vae.schedules import KLSchedule
@@ -236,6 +237,22 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signum
+        if self._raising:
+            raise Stopped(f"stopped by signal {signum}")
+
+    _raising = False
+
+    @contextlib.contextmanager
+    def raising(self):
+        """Within it, a signal (or one that came before) raises Stopped at once: for the long steps at the end of a
+        run (the samplers' fit, FID), which have no step after which to look at the flag."""
+        if self.requested:
+            raise Stopped(f"stopped by signal {self.signal}")
+        self._raising = True
+        try:
+            yield
+        finally:
+            self._raising = False
 
     @property
     def requested(self):
