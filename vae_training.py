@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from datasets.preprocessing import (ImageBatches, dataset_images, flower_classes, is_image_folder, random_subset,
-                                    to_float)
+from datasets.preprocessing import (ImageBatches, dataset_images, fingerprint, flower_classes, is_image_folder,
+                                    random_subset, to_float)
 from vae import distributed
 from vae.checkpoint import checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
 from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args, validate_config
@@ -99,9 +99,9 @@ class Checkpoints:
     TrainState (and the latest evaluation, state.eval), the RNG states and the config. It holds the run's objects,
     which change in place, never a value that is reassigned."""
 
-    def __init__(self, run_dir, config, model, optimization, state, device, enabled):
+    def __init__(self, run_dir, config, model, optimization, state, device, enabled, data):
         self.run_dir, self.config, self.model, self.optimization = run_dir, config, model, optimization
-        self.state, self.device, self.enabled = state, device, enabled
+        self.state, self.device, self.enabled, self.data = state, device, enabled, data
 
     def save(self, name="checkpoint.pt", samplers=None):
         if not self.enabled:
@@ -109,7 +109,19 @@ class Checkpoints:
         state = self.state.as_dict()
         save_checkpoint(self.run_dir / name, model=unwrap(self.model).state_dict(), **self.optimization.state_dict(),
                         rng=rng_state(self.device), config=dataclasses.asdict(self.config), eval=state.pop("eval"),
-                        **state, **({"samplers": samplers} if samplers else {}))
+                        data=self.data, **state, **({"samplers": samplers} if samplers else {}))
+
+
+def check_same_data(checkpoint, data, config, path):
+    """A resumed run trains and evaluates on the images it started with: data that moved must be the same photos."""
+    saved = checkpoint.get("data")  # absent in checkpoints written before the data were fingerprinted
+    for split in ("train", "eval"):
+        if saved is not None and saved[split] != data[split]:
+            raise UserError(
+                f"--data-dir {config.data_dir} gives other {split} images than {path} was trained on "
+                f"({data[split]['images']} images now, {saved[split]['images']} then, or the same number with "
+                f"other pixels); resume with the data set the run used (moved is fine, changed is not), or start "
+                f"a new run")
 
 
 def train(config, resume="", explicit=()):
@@ -140,6 +152,9 @@ def train(config, resume="", explicit=()):
 
     with distributed.main_process_first(process):  # the main process builds the image cache; the others load it
         train_images, eval_images, eval_classes = load_data(config)
+    data = {"train": fingerprint(train_images), "eval": fingerprint(eval_images)}
+    if checkpoint is not None:
+        check_same_data(checkpoint, data, config, checkpoint_path)
     batches = ImageBatches(train_images, config.batch_size // process.world_size, device, shuffle=True,
                            seed=config.seed, rank=process.rank, world_size=process.world_size, hflip=config.hflip)
     eval_batches = None if eval_images is None else ImageBatches(
@@ -164,7 +179,8 @@ def train(config, resume="", explicit=()):
     if process.rank > 0:  # every process draws its own reparameterisation noise
         torch.manual_seed(config.seed + 7919 * process.rank + state.step)
     eval_model = optimization.ema.module if optimization.ema is not None else model  # grids, best.pt, evaluation
-    checkpoints = Checkpoints(run_dir, config, model, optimization, state, device, enabled=process.is_main)
+    checkpoints = Checkpoints(run_dir, config, model, optimization, state, device, enabled=process.is_main,
+                              data=data)
     if process.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -586,6 +586,13 @@ def dataset_images(data_dir, split, resolution, subset="all", holdout=0.0, holdo
     return images[index], [names[i] for i in index.tolist()]
 
 
+def fingerprint(images):
+    """{"images": count, "sha256": of the pixels} of a uint8 image tensor: the same photos give the same
+    fingerprint wherever they are on disk, and any other image, one more or one fewer does not."""
+    pixels = images.contiguous().numpy() if images is not None else np.empty(0, dtype=np.uint8)
+    return {"images": 0 if images is None else len(images), "sha256": hashlib.sha256(pixels).hexdigest()}
+
+
 def random_subset(num_images, size, seed):
     """Sorted indices of a seeded random draw of `size` images out of num_images; all of them (0, 1, ...) when size
     is 0 or at least num_images. The same arguments give the same indices.

@@ -3,11 +3,13 @@ first checkpoint, and --epochs on resume extends, refuses or says the run is fin
 in this process."""
 
 import math
+import shutil
 
 import pytest
 import torch
+from PIL import Image, ImageOps
 
-from conftest import TINY, train
+from conftest import TINY, real_flower_files, train
 from test_run_folders import failed, snapshot
 
 COSINE = ["--lr-schedule", "cosine", "--lr", "1e-2", "--lr-warmup-epochs", "1"]
@@ -137,3 +139,31 @@ def test_a_signal_at_the_end_of_a_run_stops_it_and_a_resume_finishes_it(during, 
     train("--resume", checkpoint, *resume)
     kinds = {"gmm", "diffusion"} if "--diffusion-prior-steps" in resume[:1] else {"gmm"}
     assert set(torch.load(checkpoint, weights_only=True)["samplers"]) == kinds
+
+
+def test_a_resume_on_moved_data_goes_on_and_on_other_images_is_refused(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in real_flower_files(20):
+        shutil.copy(path, photos / path.name)
+    common = ["--log-dir", tmp_path / "runs", "--holdout", 0.2, *TINY]
+    train("--data-dir", photos, "--run-name", "r", "--epochs", 1, *common)
+    checkpoint = tmp_path / "runs" / "r" / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["data"]["train"]["images"] == 16
+
+    moved = tmp_path / "moved"
+    shutil.move(photos, moved)  # the same photos in another folder: the run goes on
+    train("--resume", checkpoint, "--data-dir", moved, "--epochs", 2)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+
+    before = snapshot(checkpoint.parent)
+    extra = next(moved.iterdir())
+    shutil.copy(extra, moved / f"copy-{extra.name}")  # one more photo: other training or held-out images
+    line = failed(capsys, "--resume", checkpoint, "--data-dir", moved, "--epochs", 3)
+    assert "gives other" in line and "images than" in line and "moved is fine" in line, line
+    (moved / f"copy-{extra.name}").unlink()
+    with Image.open(extra) as photo:  # the same number of photos, one of them edited (mirrored)
+        mirrored = ImageOps.mirror(photo.convert("RGB"))
+    mirrored.save(extra, "JPEG")
+    assert "gives other" in failed(capsys, "--resume", checkpoint, "--data-dir", moved, "--epochs", 3)
+    assert snapshot(checkpoint.parent) == before
