@@ -140,11 +140,12 @@ def train(config, resume="", explicit=()):
     if config.amp and process.is_main:
         check_amp(device)
     lock, restarted = None, None
-    if process.is_main:
-        run_dir, lock = claim(config.log_dir, config.run_name or None, resumed_from=checkpoint_path,
-                              restart_unsaved=resume == "auto")
-        restarted = -1 if checkpoint is None and resume == "auto" and holds_unsaved_run(run_dir) else None
-        config.run_name = run_dir.name
+    with distributed.errors_of_the_main_process(process):
+        if process.is_main:
+            run_dir, lock = claim(config.log_dir, config.run_name or None, resumed_from=checkpoint_path,
+                                  restart_unsaved=resume == "auto")
+            restarted = -1 if checkpoint is None and resume == "auto" and holds_unsaved_run(run_dir) else None
+            config.run_name = run_dir.name
     config.run_name = distributed.broadcast_object(config.run_name)
     run_dir = Path(config.log_dir) / config.run_name  # on every process, for its messages
     torch.manual_seed(config.seed)
@@ -338,8 +339,7 @@ def main(argv=None):
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr, flush=True)
-        if isinstance(error, EveryProcessError):
-            distributed.barrier()
+        distributed.end_with_error(f"error: {error}", on_every_process=isinstance(error, EveryProcessError))
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted before training started; nothing to save", file=sys.stderr)

@@ -63,8 +63,42 @@ def test_a_diverged_run_ends_with_the_one_line_error_on_every_process(flowers_ro
                "--num-workers", "1", "--lr", "1e6", "--epochs", "50"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    errors = [line[line.index("error: "):] for line in result.stderr.splitlines() if "error: the loss became" in line]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: the loss became")]
     assert len(errors) == 2, result.stderr[-3000:]  # one per process, the same line
     assert errors[0] == errors[1] and "--lr" in errors[0]
+    report = result.stderr[result.stderr.rindex("Root Cause"):]  # torchrun's report ends with process 0's line
+    assert "rank      : 0" in report and f"traceback : {errors[0]}" in report, report
     # No traceback from the project's code (torchrun itself reports the failed processes with one).
     assert "vae_training.py\", line" not in result.stderr and "/vae/" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem", ["run folder taken", "unreadable image"])
+def test_an_error_on_process_0_is_said_by_every_process_and_ends_the_launchers_report(problem, flowers_root,
+                                                                                     tmp_path):
+    """A refusal that only process 0 meets (the run folder it claims, the image cache it builds) reaches the other
+    process too: no gloo traceback from a process left waiting, and torchrun's report ends with the line."""
+    import shutil
+
+    data = flowers_root
+    if problem == "run folder taken":
+        (tmp_path / "runs" / "taken").mkdir(parents=True)
+        (tmp_path / "runs" / "taken" / "notes.txt").write_text("mine")
+        expected = "already holds a run"
+    else:
+        data = tmp_path / "photos"
+        data.mkdir()
+        for path in sorted((flowers_root / "flowers-102" / "jpg").glob("*.jpg"))[:20]:
+            shutil.copy(path, data / path.name)
+        (data / "broken.jpg").write_bytes(b"\xff\xd8 not a photo")
+        expected = "cannot read image"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "vae_training.py", "--data-dir", str(data), "--batch-size", "16", "--log-dir", str(tmp_path / "runs"),
+               "--run-name", "taken", "--holdout", "0.2", "--device", "cpu", "--epochs", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if line.startswith("error: ") and expected in line]
+    assert len(said) == 2 and said[0] == said[1], result.stderr[-3000:]  # each process, the same line
+    assert "Connection closed" not in result.stderr and "[rank1]" not in result.stderr, result.stderr[-3000:]
+    report = result.stderr[result.stderr.rindex("Root Cause"):]  # process 0's failure, the report's last entry
+    assert "rank      : 0" in report and f"traceback : {said[0]}" in report, report

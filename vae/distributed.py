@@ -7,13 +7,15 @@ Without torchrun (WORLD_SIZE unset) everything here is a no-op for a single proc
 """
 
 import contextlib
+import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from vae.errors import UserError
+from vae.errors import EveryProcessError, UserError
 from vae.device import pick_device
 
 
@@ -81,12 +83,59 @@ def barrier():
 
 @contextlib.contextmanager
 def main_process_first(process):
-    """Run the block on the main process first (it builds the image cache), then on the others (they load it)."""
-    if not process.is_main:
-        barrier()
-    yield
+    """Run the block on the main process first (it builds the image cache), then on the others (they load it). A
+    UserError on the main process is raised on every process, instead of leaving the others waiting for it."""
     if process.is_main:
-        barrier()
+        with errors_of_the_main_process(process):
+            yield
+    else:
+        error = broadcast_object(None)  # the main process's outcome, once its block has ended
+        if error is not None:
+            raise EveryProcessError(error)
+        yield
+
+
+@contextlib.contextmanager
+def errors_of_the_main_process(process):
+    """Around work that only the main process does (every process enters the block; the others learn the outcome
+    when it ends there): a UserError on the main process is raised on every process, as EveryProcessError, which
+    each prints before they exit together."""
+    error = None
+    try:
+        yield
+    except UserError as caught:
+        if not (process.distributed and process.is_main):
+            raise
+        error = str(caught)
+    if process.distributed:
+        error = broadcast_object(error)
+    if error is not None:
+        raise EveryProcessError(error)
+
+
+def report_error(message):
+    """Under torchrun, the process's one-line error for the launcher's failure report (TORCHELASTIC_ERROR_FILE), so
+    that the report ends with it instead of a pointer to the documentation."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as file:
+            # The launcher prints "py_callstack" as the failure's traceback: here, the one line.
+            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                     "timestamp": str(int(time.time()))}}}, file)
+
+
+def end_with_error(message, on_every_process):
+    """The end of a process that printed its one-line error. When every process met it (EveryProcessError),
+    torchrun's failure report must name process 0 as the root cause, with this line: so process 0 reports first
+    and exits first, and the others report after it and wait for the launcher to stop them."""
+    together = on_every_process and dist.is_available() and dist.is_initialized()
+    if not together or dist.get_rank() == 0:
+        report_error(message)
+    if together:
+        dist.barrier()  # every process has said it, and process 0 has reported
+        if dist.get_rank() != 0:
+            report_error(message)
+            time.sleep(10)  # torchrun stops this process as soon as process 0 has exited
 
 
 def replicas_in_sync(model, device):
