@@ -380,15 +380,16 @@ def default_cache_dir():
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vae-flowers"
 
 
-def cache_key(split, resolution, files, skip_bad_images=False, resize="squash"):
+def cache_key(split, resolution, files, resize="squash"):
     """16 hex digits that change whenever the split, resolution, resize method or any file (its name, size in
-    bytes or modification time in ns) changes."""
+    bytes or modification time in ns) changes. One cache serves runs with and without --skip-bad-images (see
+    cached_images)."""
     stats = []
     for f in files:  # os.path, not pathlib: building 8,189 Path objects would take longer than loading the cache
         stat = os.stat(f)
         stats.append((os.path.basename(f), stat.st_size, stat.st_mtime_ns))
     method = RESIZE_METHOD if resize == "squash" else f"{RESIZE_METHOD}+{resize}"  # squash keeps the older keys
-    payload = json.dumps([CACHE_FORMAT, split, resolution, method, skip_bad_images, stats])
+    payload = json.dumps([CACHE_FORMAT, split, resolution, method, False, stats])  # False: the older keys
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -432,12 +433,11 @@ def _cache_locations(data_dir, split, resolution, key, cache_dir="", next_to_dat
     return [beside, in_shared], ([beside] if writable else []) + [in_shared]
 
 
-def cache_path(data_dir, split, resolution, files, cache_dir="", skip_bad_images=False, next_to_data=True,
-               resize="squash"):
+def cache_path(data_dir, split, resolution, files, cache_dir="", next_to_data=True, resize="squash"):
     """Where the cache of these files is written: DATA_DIR/flowers-102/cache/ (DATA_DIR/.vae-cache/ for a folder
     of images) when the data folder is writable, else cache_dir (default ~/.cache/vae-flowers). next_to_data=False
     always picks cache_dir."""
-    key = cache_key(split, resolution, files, skip_bad_images, resize)
+    key = cache_key(split, resolution, files, resize)
     return _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data, resize)[1][0]
 
 
@@ -496,15 +496,18 @@ def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip
     skip_bad_images leaves some out.
 
     The cache (N * 3 * H * W bytes: 25 MB for 8,189 images at 32x32) lies next to the data when that folder is
-    writable, else in cache_dir; it is rebuilt whenever cache_key changes. next_to_data=False keeps it in
+    writable, else in cache_dir; it is rebuilt whenever cache_key changes, and runs with and without
+    skip_bad_images share it. next_to_data=False keeps it in
     cache_dir. A cache that cannot be written is reported and the decoded images are returned anyway.
     """
     files = dataset_files(data_dir, split)
-    key = cache_key(split, resolution, files, skip_bad_images, resize)
+    key = cache_key(split, resolution, files, resize)
     read_from, write_to = _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data, resize)
     for path in read_from:
         cached = _read_cache(path, key, resolution)
-        if cached is not None:
+        # A cache that left unreadable images out serves --skip-bad-images only: without it, decoding again
+        # stops at the first bad file with its name. One with every image serves both.
+        if cached is not None and (skip_bad_images or len(cached[1]) == len(files)):
             return cached if with_names else cached[0]
     images, kept = decode_images(files, resolution, num_workers, skip_bad_images,
                                  description=f"caching {split} {resolution}px", resize=resize)

@@ -139,8 +139,22 @@ def test_a_corrupt_jpeg_names_the_file_or_is_skipped_and_counted(small_root, tmp
     many = files * 22
     with pytest.raises(UserError, match=bad.name):
         decode_images(many, 32, num_workers=2)
-    images, kept = decode_images(many, 32, num_workers=2, skip_bad_images=True)
-    assert len(images) == len(kept) == 5 * 22 and bad not in kept
+    pooled, kept = decode_images(many, 32, num_workers=2, skip_bad_images=True)
+    assert len(pooled) == len(kept) == 5 * 22 and bad not in kept
+
+    # The cache that left it out serves --skip-bad-images again, without decoding; without the flag the bad file
+    # still stops the run by name, and the cache stays for the next --skip-bad-images run.
+    cache = cache_path(small_root, "train", 32, files)
+    assert cache.is_file() and torch.equal(cached_images(small_root, "train", 32, skip_bad_images=True), images)
+    assert "skipped" not in capsys.readouterr().err
+    with pytest.raises(UserError, match=bad.name):
+        cached_images(small_root, "train", 32)
+    assert cache.is_file()
+    bad.write_bytes(files[0].read_bytes())  # the bad file repaired: one new cache of all six, for both kinds of run
+    assert len(cached_images(small_root, "train", 32)) == 6
+    repaired = cache_path(small_root, "train", 32, files)
+    assert len(cached_images(small_root, "train", 32, skip_bad_images=True)) == 6
+    assert [p.name for p in repaired.parent.glob("*.pt")] == [repaired.name]  # the older one was replaced
 
 
 def test_parallel_and_serial_decoding_agree(fifty_root):
