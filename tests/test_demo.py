@@ -340,6 +340,43 @@ def resident_mb():
     pytest.skip("no /proc/self/status on this system")
 
 
+def server_peak_mb(url):
+    """The peak resident memory (VmHWM) in MB of the page server serving url, found by its --port (Linux)."""
+    port = url.rstrip("/").rsplit(":", 1)[1].encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"vae_demo.py" not in command or port not in command:
+                continue
+            status = (proc / "status").read_text()
+        except OSError:  # a process that ended meanwhile
+            continue
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+    if Path("/proc/self/status").exists():
+        pytest.fail(f"no vae_demo.py process serves {url}")
+    pytest.skip("no /proc on this system")
+
+
+@pytest.mark.slow
+def test_eight_requests_at_once_stay_under_two_gigabytes(served_page, tmp_path):
+    """Eight clients send a large photo for 32 variations each at the same moment, through Gradio's own client:
+    the page computes one at a time, so the server's peak memory stays bounded and every request is answered."""
+    from gradio_client import Client, handle_file
+
+    big = tmp_path / "big.png"
+    pattern = np.zeros((4000, 4000, 3), dtype=np.uint8)
+    pattern[::5, ::3] = 180  # 48 MB once decoded
+    Image.fromarray(pattern).save(big)
+    client = Client(served_page, verbose=False)
+    jobs = [client.submit(handle_file(str(big)), "diffusion", 32, 0.35, seed, True, api_name="/variations")
+            for seed in range(8)]
+    results = [job.result(timeout=600) for job in jobs]
+    assert all(len(result[2]) == 32 and result[4] == seed for seed, result in enumerate(results))
+    peak = server_peak_mb(served_page)
+    print(f"peak resident memory of the page server: {peak:.0f} MB")
+    assert peak < 2048
+
+
 @pytest.mark.slow  # three 7000 x 7000 decodes
 def test_a_huge_upload_gives_its_memory_back(demo, tmp_path):
     big = tmp_path / "big.png"
