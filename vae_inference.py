@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from datasets.preprocessing import ImageBatches, dataset_images, flower_classes, random_subset, to_float
+from datasets.preprocessing import (ImageBatches, dataset_images, flower_classes, images_folder, is_image_folder,
+                                    random_subset, to_float)
 from vae import inference
 from vae.checkpoint import export_for_inference
 from vae.config import TrainConfig, check_ranges, saved_config
@@ -227,15 +228,20 @@ def data_dir_of(args, config):
     return args.data_dir or config.data_dir
 
 
+def describe_split(data_dir, split):
+    """How messages name the images: a folder of images is one set, whatever the split."""
+    return str(data_dir) if is_image_folder(data_dir) else f"{data_dir} split {split}"
+
+
 def split_images(args, checkpoint, subset):
     """(uint8 images, names, description) of --data-dir/--split, restricted to the hold-out when asked."""
     config = saved_config(checkpoint["config"], args.checkpoint)
     data_dir = data_dir_of(args, config)
     holdout, seed = holdout_settings(args, config)
     split = args.split or (config.split if holdout > 0 else "test")
-    images, names = dataset_images(data_dir, split, config.resolution, subset=subset,
-                                             holdout=holdout, holdout_seed=seed, **cache_settings(args, config))
-    described = f"{data_dir} split {split}"
+    images, names = dataset_images(data_dir, split, config.resolution, subset=subset, holdout=holdout,
+                                   holdout_seed=seed, **cache_settings(args, config))
+    described = describe_split(data_dir, split)
     if holdout > 0:
         described += f", the {len(images)} images held out by --holdout {holdout} --seed {seed}"
     return images, names, described
@@ -249,9 +255,9 @@ def training_images(args, checkpoint):
     split = args.split or config.split
     holdout = config.holdout if split == config.split else 0.0
     images, names = dataset_images(data_dir, split, config.resolution, subset="train", holdout=holdout,
-                                             holdout_seed=config.seed, **cache_settings(args, config))
+                                   holdout_seed=config.seed, **cache_settings(args, config))
     kept_aside = f" (its {holdout:g} hold-out excluded, as in training)" if holdout else ""
-    return images, names, f"{len(images)} training images of {data_dir} split {split}{kept_aside}"
+    return images, names, f"{len(images)} training images of {describe_split(data_dir, split)}{kept_aside}"
 
 
 def generator_for(args):
@@ -484,8 +490,8 @@ def output_files(args):
 
 
 def check_outputs(args):
-    """Refuse, before any work, to write over a file the command reads (the checkpoint, the photos) or into a
-    training run's folder; and an output that is a folder."""
+    """Refuse, before any work, to write over a file the command reads (the checkpoint, the photos), among the
+    data set's images or into a training run's folder; and an output that is a folder."""
     inputs = [("--checkpoint", Path(args.checkpoint))]
     inputs += [("--images", Path(image)) for image in getattr(args, "images", None) or []]
     inputs += [("--image", Path(args.image))] if getattr(args, "image", None) else []
@@ -496,6 +502,15 @@ def check_outputs(args):
             if source.exists() and out.exists() and out.samefile(source) or out.resolve() == source.resolve():
                 raise UserError(f"{out_flag} {out} is the {in_flag} file this command reads; writing it would "
                                 f"destroy it: pass another {out_flag}")
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir and Path(data_dir).is_dir():
+        folder = images_folder(data_dir).resolve()
+        for out_flag, out in output_files(args) + ([("--log-dir", Path(args.log_dir))]
+                                                   if getattr(args, "log_dir", None) else []):
+            if folder == out.resolve() or folder in out.resolve().parents:
+                raise UserError(f"{out_flag} {out} is inside {folder}, which holds the data set's images: the "
+                                f"file would replace one, or be read as a photo by the next run; write it "
+                                f"outside the data set")
     out_dir = getattr(args, "out_dir", None)
     if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UserError(f"--out-dir {out_dir} is a file, not a folder; pass a folder for the single images")

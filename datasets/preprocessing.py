@@ -402,7 +402,7 @@ def _may_write(folder):
         return False
 
 
-def _data_folder(data_dir):
+def images_folder(data_dir):
     """The folder that holds the images: DATA_DIR/flowers-102, or DATA_DIR itself for a folder of images."""
     return Path(data_dir) if is_image_folder(data_dir) else flowers_folder(data_dir)
 
@@ -414,7 +414,7 @@ def _cache_prefix(data_dir, split, resolution, in_shared_folder, resize="squash"
     if in_shared_folder:
         # One cache folder serves every data root that is not writable; the root's own id keeps their caches
         # apart, so refreshing one root's cache never evicts another's.
-        root = str(_data_folder(data_dir).resolve())
+        root = str(images_folder(data_dir).resolve())
         prefix += "-" + hashlib.sha256(root.encode()).hexdigest()[:8]
     return prefix
 
@@ -425,7 +425,7 @@ def _cache_locations(data_dir, split, resolution, key, cache_dir="", next_to_dat
     in_shared = shared_folder / f"{_cache_prefix(data_dir, split, resolution, True, resize)}-{key}.pt"
     if not next_to_data:
         return [in_shared], [in_shared]
-    data_folder = _data_folder(data_dir)
+    data_folder = images_folder(data_dir)
     # In a folder of images, a hidden folder: a sub-folder named cache would read as a class of images.
     cache_folder = data_folder / (".vae-cache" if is_image_folder(data_dir) else "cache")
     beside = cache_folder / f"{_cache_prefix(data_dir, split, resolution, False, resize)}-{key}.pt"

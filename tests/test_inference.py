@@ -666,6 +666,33 @@ def test_no_command_writes_over_a_file_it_reads(checkpoint, flowers_root, tmp_pa
     assert (own.read_bytes(), mine.read_bytes()) == before
 
 
+def test_no_command_writes_among_the_data_sets_images(checkpoint, tmp_path, capsys):
+    """A grid, a JSON or a projector written into a folder of photos would replace one of them, or be trained on
+    as a photo next time: each is refused, and nothing in the folder changes."""
+    import shutil
+
+    from conftest import real_flower_files
+    from vae_inference import main as inference_main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in real_flower_files(6):
+        shutil.copy(path, photos / path.name)
+    first = sorted(photos.iterdir())[0]
+    before = {path.name: path.read_bytes() for path in photos.iterdir()}
+    cases = [(["reconstruct", "--out", first], "--out"), (["reconstruct", "--out", photos / "grid.png"], "--out"),
+             (["evaluate", "--json", photos / "eval.json", "--iw-samples", "1"], "--json"),
+             (["projector", "--log-dir", photos / "projector"], "--log-dir")]
+    for args, flag in cases:
+        capsys.readouterr()
+        code = inference_main([str(a) for a in [*args, "--checkpoint", checkpoint, "--data-dir", photos]])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and line.startswith(f"error: {flag}") and "data set's images" in line, line
+    assert {path.name: path.read_bytes() for path in photos.iterdir()} == before
+    assert inference_main(["reconstruct", "--checkpoint", str(checkpoint), "--data-dir", str(photos), "--out",
+                           str(tmp_path / "grid.png"), "--num", "4"]) == 0  # outside it: written
+
+
 def test_the_projector_is_not_written_into_a_training_run(checkpoint, flowers_root, tmp_path, capsys):
     from vae_inference import main as inference_main
 
