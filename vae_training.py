@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from datasets.preprocessing import (ImageBatches, dataset_images, fingerprint, flower_classes, is_image_folder,
-                                    random_subset, to_float)
+from datasets.preprocessing import (ImageBatches, dataset_images, fingerprint, flower_classes, images_folder,
+                                    is_image_folder, random_subset, to_float)
 from vae import distributed
 from vae.checkpoint import checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
 from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args, validate_config
@@ -94,6 +94,16 @@ def load_data(config):
     return train_images, eval_images, flower_classes(config.data_dir, eval_names) if eval_names else []
 
 
+def check_log_dir_outside_the_images(config):
+    """A run inside a folder of images would be part of it: the projector's thumbnails would be read as photos,
+    a class of their own, by the next run."""
+    if is_image_folder(config.data_dir):
+        folder, log_dir = images_folder(config.data_dir).resolve(), Path(config.log_dir).resolve()
+        if log_dir == folder or folder in log_dir.parents:
+            raise UserError(f"--log-dir {config.log_dir} is inside {folder}, the folder of images the run trains "
+                            f"on: its files would become part of the data; pass a --log-dir outside it")
+
+
 class Checkpoints:
     """Writes the run's checkpoints, on the main process only: the model, the optimization's state, the
     TrainState (and the latest evaluation, state.eval), the RNG states and the config. It holds the run's objects,
@@ -130,6 +140,7 @@ def train(config, resume="", explicit=()):
     # Setup: the process, the run folder, the data, the model, and the checkpoint's state over them.
     checkpoint, checkpoint_path, config = checkpoint_to_resume(resume, config, explicit)
     validate_config(config)
+    check_log_dir_outside_the_images(config)
     if checkpoint is not None and finished(checkpoint, config):
         print(f"{checkpoint_path} is a finished run: {checkpoint['epoch']} of {config.epochs} epochs, samplers fitted; "
               f"nothing to do (pass a larger --epochs to train on)")

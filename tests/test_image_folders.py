@@ -62,6 +62,9 @@ def test_train_evaluate_and_make_variations_on_a_folder_of_photos(garden, tmp_pa
     code = __import__("vae_training").main([str(a) for a in [*common, "--run-name", "none"]])
     err = capsys.readouterr().err
     assert code == 2 and "is a folder of images" in err and "--holdout 0.1" in err
+    inside = [str(a) for a in [*common, "--holdout", 0.25, "--log-dir", garden / "runs"]]
+    assert __import__("vae_training").main(inside) == 2  # a run inside the photos would become photos itself
+    assert "is inside" in capsys.readouterr().err and not (garden / "runs").exists()
     train(*common, "--run-name", "crop", "--holdout", 0.25, "--resize", "center-crop")
     checkpoint = tmp_path / "crop" / "checkpoint.pt"
     saved = torch.load(checkpoint, weights_only=True)
