@@ -508,6 +508,9 @@ def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip
         # A cache that left unreadable images out serves --skip-bad-images only: without it, decoding again
         # stops at the first bad file with its name. One with every image serves both.
         if cached is not None and (skip_bad_images or len(cached[1]) == len(files)):
+            if len(cached[1]) < len(files):
+                print(f"skipped {len(files) - len(cached[1])} unreadable image(s) of the {split!r} split (as when "
+                      f"its cache was built)", file=sys.stderr)
             return cached if with_names else cached[0]
     images, kept = decode_images(files, resolution, num_workers, skip_bad_images,
                                  description=f"caching {split} {resolution}px", resize=resize)
