@@ -263,7 +263,7 @@ def train(config, resume="", explicit=()):
                     return stop.exit_code
                 checkpoints.save(samplers=samplers)
                 log_run_summary(writer, config, state.eval, eval_model, eval_images, eval_classes, state.step)
-                say(run_summary(run_dir, state, time.perf_counter() - started))
+                say(run_summary(run_dir, state, time.perf_counter() - started, config))
     except TrainingDiverged as error:
         kept = (f"{run_dir / 'checkpoint.pt'} keeps the last good state" if (run_dir / "checkpoint.pt").exists()
                 else "no checkpoint had been saved yet")
@@ -323,22 +323,23 @@ def finish_run(config, model, train_images, eval_images, state, device):
     return samplers
 
 
-def run_summary(run_dir, state, seconds):
-    """The lines that end a run: where it is, its best held-out numbers, how long it took, what to run next."""
-    best = run_dir / "best.pt"
+def run_summary(run_dir, state, seconds, config):
+    """The lines that end a run: where it is, its best held-out numbers, how long it took, what to run next (on
+    checkpoint.pt, which holds the samplers fitted at the end; best.pt has the best held-out weights alone)."""
     lines = [f"done: {state.epoch} epochs, {state.step} steps in {seconds / 60:.1f} min; run folder {run_dir}"]
     if state.eval:
-        numbers = [f"-ELBO {state.eval['neg_elbo_nats']:.1f} nats (best {state.best_eval:.1f})"]
+        numbers = [f"-ELBO {state.eval['neg_elbo_nats']:.1f} nats (best {state.best_eval:.1f}, in best.pt)"]
         if state.eval.get("bits_per_dim") is not None:
             numbers.append(f"{state.eval['bits_per_dim']:.3f} bits/dim")
         numbers.append(f"PSNR {state.eval['psnr_db']:.2f} dB")
         if state.eval.get("fid") is not None:
             numbers.append(f"FID {state.eval['fid']:.1f}")
         lines.append("held-out: " + ", ".join(numbers))
-    checkpoint = shlex.quote(str(best if best.exists() else run_dir / "checkpoint.pt"))
+    checkpoint = shlex.quote(str(run_dir / "checkpoint.pt"))
+    held_out = " --holdout-from-checkpoint" if config.holdout else ""
     lines += [f"  tensorboard --logdir {shlex.quote(str(run_dir.parent))}",
               f"  python vae_inference.py sample --checkpoint {checkpoint} --out samples.png",
-              f"  python vae_inference.py evaluate --checkpoint {checkpoint}"]
+              f"  python vae_inference.py evaluate --checkpoint {checkpoint}{held_out}"]
     return "\n".join(lines)
 
 

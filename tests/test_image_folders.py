@@ -2,6 +2,7 @@
 centre-cropped the same way in training and inference. Through the CLIs, as a user runs them."""
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def test_center_crop_keeps_the_middle_square_and_squash_keeps_everything(tmp_pat
                        torch.from_numpy(cropped).permute(2, 0, 1))
 
 
-def test_train_evaluate_and_make_variations_on_a_folder_of_photos(garden, tmp_path, capsys):
+def test_train_evaluate_and_make_variations_on_a_folder_of_photos(garden, tmp_path, capsys, monkeypatch):
     common = ["--data-dir", garden, "--log-dir", tmp_path, "--epochs", 2, *TINY]
     code = __import__("vae_training").main([str(a) for a in [*common, "--run-name", "none"]])
     err = capsys.readouterr().err
@@ -67,6 +68,15 @@ def test_train_evaluate_and_make_variations_on_a_folder_of_photos(garden, tmp_pa
     assert "is inside" in capsys.readouterr().err and not (garden / "runs").exists()
     train(*common, "--run-name", "crop", "--holdout", 0.25, "--resize", "center-crop")
     checkpoint = tmp_path / "crop" / "checkpoint.pt"
+    # The run ends with where it is, its held-out numbers and the commands to run next, which work as printed.
+    summary = capsys.readouterr().out.split("done: ")[1].splitlines()
+    assert "run folder" in summary[0] and summary[1].startswith("held-out: -ELBO")
+    commands = [shlex.split(line) for line in summary if line.startswith("  python vae_inference.py")]
+    assert [c[2] for c in commands] == ["sample", "evaluate"] and "--holdout-from-checkpoint" in commands[1]
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        assert inference_main(command[2:]) == 0, capsys.readouterr().err
+    assert "held out by --holdout 0.25" in capsys.readouterr().out and (tmp_path / "samples.png").is_file()
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["config"]["resize"] == "center-crop" and saved["eval"]["num_images"] == 9  # a quarter of 36
     out = tmp_path / "eval.json"
