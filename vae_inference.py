@@ -22,7 +22,7 @@ from datasets.preprocessing import (ImageBatches, dataset_images, flower_classes
                                     random_subset, to_float)
 from vae import inference
 from vae.checkpoint import export_for_inference
-from vae.config import TrainConfig, check_ranges, saved_config
+from vae.config import TrainConfig, check_fid_sizes, check_ranges, saved_config
 from vae.device import DEVICES, model_device, pick_device
 from vae.errors import UserError
 from vae.logs import log_projector
@@ -368,7 +368,9 @@ def run_traverse(args, model, checkpoint):
 def run_evaluate(args, model, checkpoint):
     if args.variations == 1:
         raise UserError("--variations 1 cannot show how variations differ from each other; pass 2 or more (or 0)")
+    check_fid_sizes(args.fid_samples)
     images, names, described = split_images(args, checkpoint, subset="held-out")
+    check_fid_sizes(args.fid_samples, len(images))
     print(f"evaluating {args.checkpoint} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('step')}) on "
           f"{len(images)} images: {described}")
     batches = ImageBatches(images, args.batch_size, model_device(model), shuffle=False)

@@ -22,14 +22,15 @@ from datasets.preprocessing import (ImageBatches, dataset_images, fingerprint, f
                                     is_image_folder, random_subset, to_float)
 from vae import distributed
 from vae.checkpoint import checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
-from vae.config import TrainConfig, build_parser, config_file_arguments, config_from_args, validate_config
+from vae.config import (TrainConfig, build_parser, check_fid_sizes, config_file_arguments, config_from_args,
+                        validate_config)
 from vae.errors import EveryProcessError, Stopped, TrainingDiverged, UserError
 from vae.inference import fit_samplers, sample_quality
 from vae.logs import log_grids, log_run_summary, log_scalars, log_settings, open_writer
 from vae.likelihoods import LIKELIHOODS
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
-from vae.run_folder import claim, holds_unsaved_run, resume_command, write_manifest
+from vae.run_folder import claim, holds_unsaved_run, release_if_empty, resume_command, write_manifest
 from vae.threads import available_cores, choose_threads, describe
 from vae.training import (Optimization, StopRequest, TrainState, check_amp, evaluate, every, memory_format,
                           train_one_epoch, training_step_probe)
@@ -91,6 +92,7 @@ def load_data(config):
     if eval_images is not None:
         subset = random_subset(len(eval_images), config.eval_size, config.seed)
         eval_images, eval_names = eval_images[subset], [eval_names[i] for i in subset.tolist()]
+        check_fid_sizes(config.fid_samples, len(eval_images))  # now, not after the whole run
     return train_images, eval_images, flower_classes(config.data_dir, eval_names) if eval_names else []
 
 
@@ -151,6 +153,7 @@ def train(config, resume="", explicit=()):
     if config.amp and process.is_main:
         check_amp(device)
     lock, restarted = None, None
+    new_folder = not config.run_name or not (Path(config.log_dir) / config.run_name).exists()
     with distributed.errors_of_the_main_process(process):
         if process.is_main:
             run_dir, lock = claim(config.log_dir, config.run_name or None, resumed_from=checkpoint_path,
@@ -162,8 +165,13 @@ def train(config, resume="", explicit=()):
     torch.manual_seed(config.seed)
     started = time.perf_counter()
 
-    with distributed.main_process_first(process):  # the main process builds the image cache; the others load it
-        train_images, eval_images, eval_classes = load_data(config)
+    try:
+        with distributed.main_process_first(process):  # the main process builds the image cache; the others load it
+            train_images, eval_images, eval_classes = load_data(config)
+    except UserError:
+        if lock is not None and new_folder:
+            release_if_empty(run_dir, lock)
+        raise
     data = {"train": fingerprint(train_images), "eval": fingerprint(eval_images)}
     if checkpoint is not None:
         check_same_data(checkpoint, data, config, checkpoint_path)

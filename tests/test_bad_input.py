@@ -98,3 +98,22 @@ def test_a_save_killed_midway_leaves_no_temporary_file_behind(tmp_path):
     live.write_bytes(b"\0")
     save_checkpoint(tmp_path / "checkpoint.pt", model={"w": torch.zeros(2)})
     assert not orphan.exists() and live.exists() and (tmp_path / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--fid-samples", "1"], "--fid-samples must be 0 (no FID) or at least 2"),
+    (["--fid-samples", "8", "--eval-size", "1"], "need at least 2 evaluation images"),
+])
+def test_fid_that_cannot_be_computed_is_refused_before_training_and_leaves_no_folder(args, expected, flowers_root,
+                                                                                      tmp_path, capsys):
+    code = training_main([str(a) for a in ["--data-dir", flowers_root, "--log-dir", tmp_path / "runs", "--holdout",
+                                           0.25, "--epochs", 1, *TINY, *args]])
+    assert code == 2 and expected in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())  # no empty run folder left
+
+
+def test_evaluate_refuses_fid_of_one_sample(tmp_path, capsys):
+    from vae_inference import main as inference_main
+
+    assert inference_main(["evaluate", "--fid-samples", "1"]) == 2
+    assert "--fid-samples must be 0 (no FID) or at least 2" in error_line(capsys.readouterr().err)

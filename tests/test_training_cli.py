@@ -80,8 +80,11 @@ def test_max_steps_stops_a_smoke_run_early(flowers_root, tmp_path):
 
 def test_same_seed_same_parameters_other_seed_differs(flowers_root, tmp_path):
     def final_parameters(name, seed):
+        # One thread for all three: floating-point sums depend on the thread count, which the default would
+        # choose by timing, differently on a busy machine.
         run_training("--data-dir", flowers_root, "--epochs", 1, "--batch-size", 8, "--seed", seed, "--log-dir",
-                     tmp_path, "--run-name", name, "--eval-split", "none", "--grid-size", 4, "--num-workers", 1)
+                     tmp_path, "--run-name", name, "--eval-split", "none", "--grid-size", 4, "--num-workers", 1,
+                     "--threads", 1)
         return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
     first, second, other = final_parameters("a", 7), final_parameters("b", 7), final_parameters("c", 8)
     assert all(torch.equal(first[k], second[k]) for k in first)

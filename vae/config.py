@@ -196,6 +196,16 @@ def check_range(label, value, bounds):
     return value
 
 
+def check_fid_sizes(fid_samples, reference_images=None):
+    """FID and KID compare two sets of images, each of at least two: --fid-samples 1, or fewer than two images
+    to compare with, is refused before any work (KID's unbiased estimate divides by n - 1)."""
+    if fid_samples == 1:
+        raise UserError("--fid-samples must be 0 (no FID) or at least 2: FID and KID compare sets of images")
+    if fid_samples and reference_images is not None and reference_images < 2:
+        raise UserError(f"FID and KID need at least 2 evaluation images to compare the samples with, not "
+                        f"{reference_images}; use a larger --eval-size or --holdout, or --fid-samples 0")
+
+
 def check_ranges(settings):
     """Every setting of `settings` (a TrainConfig or parsed arguments) that RANGES names, unless it is unset."""
     for name, bounds in RANGES.items():
@@ -212,6 +222,7 @@ def validate_config(config):
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{flag_name(f.name)} must be a finite number, got {value}")
     check_ranges(config)
+    check_fid_sizes(config.fid_samples)
     checks = [
         (config.resolution >= 8 and config.resolution % 8 == 0,
          f"--resolution must be a positive multiple of 8, got {config.resolution}"),

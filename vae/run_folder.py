@@ -44,6 +44,18 @@ def _holds_a_run(run_dir):
     return any(path.name != LOCK_NAME for path in run_dir.iterdir())
 
 
+def release_if_empty(run_dir, lock):
+    """Unlock run_dir, and remove it when it holds nothing but its lock: a run refused before it wrote anything
+    (its data failed to load) leaves no folder behind."""
+    lock.close()
+    if run_dir.is_dir() and not _holds_a_run(run_dir):
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+        try:
+            run_dir.rmdir()
+        except OSError:  # something appeared meanwhile: leave it
+            pass
+
+
 def holds_unsaved_run(run_dir):
     """Whether run_dir holds only what a training writes before its first checkpoint (its manifests and
     TensorBoard events): a run killed before it saved anything, which may start again in place."""
