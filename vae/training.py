@@ -225,6 +225,7 @@ class StopRequest:
         self.max_steps = max_steps
         self.signal = None
         self._previous = {}
+        self._raising = False  # see raising()
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -239,8 +240,6 @@ class StopRequest:
         self.signal = signum
         if self._raising:
             raise Stopped(f"stopped by signal {signum}")
-
-    _raising = False
 
     @contextlib.contextmanager
     def raising(self):
