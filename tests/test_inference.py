@@ -739,3 +739,11 @@ def test_every_numeric_flag_of_both_scripts_has_one_range():
             validate_config(dataclasses.replace(TrainConfig(), **{name: RANGES[name][1] + 1}))
     for name, (low, high) in vae_demo.PAGE_LIMITS.items():
         assert RANGES[name][0] <= low <= high <= RANGES[name][1], name
+
+
+@pytest.mark.slow
+def test_the_evaluate_memory_benchmark_prints_its_ratio():
+    result = run_script("benchmarks/evaluate_memory.py", "--small", 2, "--large", 20)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary["peak_mb"]) == {"2", "20"} and 0.5 < summary["ratio"] < 10
