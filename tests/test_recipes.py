@@ -32,6 +32,7 @@ def recipe_runs(flowers_root, tmp_path_factory):
     return {name: torch.load(log_dir / name / "checkpoint.pt", weights_only=True) for name in ("straight", "resumed")}
 
 
+@pytest.mark.slow  # three whole runs of the recipe (the fixture)
 def test_the_whole_recipe_resumes_bit_for_bit(recipe_runs):
     straight, resumed = recipe_runs["straight"], recipe_runs["resumed"]
     assert straight["step"] == resumed["step"] == 3 * 4  # 32 of 40 train+val images, batch 8
@@ -42,6 +43,7 @@ def test_the_whole_recipe_resumes_bit_for_bit(recipe_runs):
     assert straight["config"]["split"] == "train+val" and straight["config"]["latent_shape"] == [4, 4, 4]
 
 
+@pytest.mark.slow  # three whole runs of the recipe (the fixture)
 def test_ema_weights_differ_from_the_trained_ones_and_inference_uses_them(recipe_runs, tmp_path):
     checkpoint = recipe_runs["straight"]
     weight = "decoder.output.weight"
@@ -52,6 +54,7 @@ def test_ema_weights_differ_from_the_trained_ones_and_inference_uses_them(recipe
     assert torch.equal(model.state_dict()["decoder.output.weight"], checkpoint["ema_model"]["decoder.output.weight"])
 
 
+@pytest.mark.slow  # three whole runs of the recipe (the fixture)
 def test_a_finished_run_stores_a_gmm_and_the_diffusion_prior_of_its_training_posteriors(recipe_runs, tmp_path):
     gmm = recipe_runs["straight"]["samplers"]["gmm"]
     assert gmm["kind"] == "gmm" and gmm["means"].shape[1] == 4 * 4 * 4
