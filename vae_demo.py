@@ -38,7 +38,7 @@ CACHE_MINUTES = 15  # how long the page keeps the files of an upload or of the p
 CONCURRENT_REQUESTS = 1  # requests computed at once; the others wait in Gradio's queue, so memory stays bounded
 # Bounds of the controls, checked again on the server: the page's API can be called without the page.
 # The page's controls, narrower than the command line's RANGES where one request could otherwise hold a public
-# server for minutes (see test_the_page_limits_lie_within_the_command_lines).
+# server for minutes (tests/test_inference.py checks that they lie within RANGES).
 PAGE_LIMITS = {"num": (1, 32), "steps": (2, 16), "temperature": (0.0, 3.0), "strength": RANGES["strength"],
                "seed": RANGES["seed"]}
 COUNT, STEPS, TEMPERATURE, STRENGTH, SEED = (PAGE_LIMITS[name] for name in ("num", "steps", "temperature", "strength",

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from datasets.preprocessing import (ImageBatches, dataset_images, flower_classes, images_folder, is_image_folder,
-                                    random_subset, to_float)
+from datasets.preprocessing import (ImageBatches, dataset_images, flower_classes, images_folder,
+                                    inside_images_folder, is_image_folder, random_subset, to_float)
 from vae import inference
 from vae.checkpoint import export_for_inference
 from vae.config import TrainConfig, check_fid_sizes, check_ranges, saved_config
@@ -506,13 +506,12 @@ def check_outputs(args):
                                 f"destroy it: pass another {out_flag}")
     data_dir = getattr(args, "data_dir", None)
     if data_dir and Path(data_dir).is_dir():
-        folder = images_folder(data_dir).resolve()
         for out_flag, out in output_files(args) + ([("--log-dir", Path(args.log_dir))]
                                                    if getattr(args, "log_dir", None) else []):
-            if folder == out.resolve() or folder in out.resolve().parents:
-                raise UserError(f"{out_flag} {out} is inside {folder}, which holds the data set's images: the "
-                                f"file would replace one, or be read as a photo by the next run; write it "
-                                f"outside the data set")
+            if inside_images_folder(data_dir, out):
+                raise UserError(f"{out_flag} {out} is inside {images_folder(data_dir)}, which holds the data set's "
+                                f"images: the file would replace one, or be read as a photo by the next run; "
+                                f"write it outside the data set")
     out_dir = getattr(args, "out_dir", None)
     if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UserError(f"--out-dir {out_dir} is a file, not a folder; pass a folder for the single images")

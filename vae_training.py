@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from datasets.preprocessing import (ImageBatches, dataset_images, fingerprint, flower_classes, images_folder,
+from datasets.preprocessing import (ImageBatches, dataset_images, fingerprint, flower_classes, inside_images_folder,
                                     is_image_folder, random_subset, to_float)
 from vae import distributed
 from vae.checkpoint import checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
@@ -99,11 +99,9 @@ def load_data(config):
 def check_log_dir_outside_the_images(config):
     """A run inside a folder of images would be part of it: the projector's thumbnails would be read as photos,
     a class of their own, by the next run."""
-    if is_image_folder(config.data_dir):
-        folder, log_dir = images_folder(config.data_dir).resolve(), Path(config.log_dir).resolve()
-        if log_dir == folder or folder in log_dir.parents:
-            raise UserError(f"--log-dir {config.log_dir} is inside {folder}, the folder of images the run trains "
-                            f"on: its files would become part of the data; pass a --log-dir outside it")
+    if is_image_folder(config.data_dir) and inside_images_folder(config.data_dir, config.log_dir):
+        raise UserError(f"--log-dir {config.log_dir} is inside {config.data_dir}, the folder of images the run "
+                        f"trains on: its files would become part of the data; pass a --log-dir outside it")
 
 
 class Checkpoints:

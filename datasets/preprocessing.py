@@ -407,6 +407,12 @@ def images_folder(data_dir):
     return Path(data_dir) if is_image_folder(data_dir) else flowers_folder(data_dir)
 
 
+def inside_images_folder(data_dir, path):
+    """Whether path is the folder that holds data_dir's images, or lies inside it."""
+    folder, path = images_folder(data_dir).resolve(), Path(path).resolve()
+    return path == folder or folder in path.parents
+
+
 def _cache_prefix(data_dir, split, resolution, in_shared_folder, resize="squash"):
     size = "x".join(map(str, _height_width(resolution)))
     kind = "images" if is_image_folder(data_dir) else "flowers102"

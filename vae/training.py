@@ -376,7 +376,7 @@ def image_measures(model, x, iw_samples, generator, beta, discretized):
         "posterior_mean": mean.flatten(1),  # per dimension; its variance over images counts the active units
     }
     if beta is not None:  # the training objective on these images (the trained term of the first draw, no free bits)
-        measures["loss"] = beta * kl.sum(dim=1) + samples["trained_term"]
+        measures["loss"] = beta * measures["kl_nats"] + samples["trained_term"]
     if discretized:
         measures["reconstruction_8bit_nats"] = -samples["log_likelihood_8bit"].mean(dim=0)
         measures["iwae_nll_8bit_nats"] = -iwae_log_likelihood(samples["log_weight_8bit"])
@@ -384,30 +384,31 @@ def image_measures(model, x, iw_samples, generator, beta, discretized):
 
 
 class Sums:
-    """Per-measure sums and sums of squares over images, kept on the device and reduced across processes."""
+    """Per-measure sums and sums of squares over images, kept on the device (in `dtype`) and reduced across
+    processes."""
 
-    def __init__(self):
+    def __init__(self, dtype, device):
+        self.dtype, self.device = dtype, device
         self.count, self.sums, self.squares = 0, {}, {}
 
-    def add(self, measures, dtype, device):
+    def add(self, measures):
         for name, values in measures.items():
-            values = values.to(device=device, dtype=dtype)
+            values = values.to(device=self.device, dtype=self.dtype)
             self.sums[name] = self.sums.get(name, 0) + values.sum(dim=0)
             self.squares[name] = self.squares.get(name, 0) + values.pow(2).sum(dim=0)
         self.count += len(next(iter(measures.values())))
 
-    def reduce(self, dtype, device):
+    def reduce(self):
         """Every process's sums added up (in one call, the names in a fixed order): (count, means, standard errors
         of the mean, sample variances), each a dict of float64 CPU tensors by measure name."""
         names = sorted(self.sums)
-        parts = [self.sums[name].reshape(-1) for name in names] + [self.squares[name].reshape(-1) for name in names]
-        flat = torch.cat([torch.tensor([float(self.count)], dtype=dtype, device=device), *parts])
+        tensors = [self.sums[name] for name in names] + [self.squares[name] for name in names]
+        flat = torch.cat([torch.tensor([float(self.count)], dtype=self.dtype, device=self.device),
+                          *(tensor.reshape(-1) for tensor in tensors)])
         flat = distributed.all_reduce_sum(flat).double().cpu()
-        count, values = int(flat[0]), flat[1:]
-        sizes = [self.sums[name].numel() for name in names]
-        shapes = [self.sums[name].shape for name in names]
-        totals = {name: part.view(shape) for name, part, shape in zip(names, values[:sum(sizes)].split(sizes), shapes)}
-        squares = {name: part.view(shape) for name, part, shape in zip(names, values[sum(sizes):].split(sizes), shapes)}
+        count = int(flat[0])
+        parts = [part.view(tensor.shape) for part, tensor in zip(flat[1:].split([t.numel() for t in tensors]), tensors)]
+        totals, squares = dict(zip(names, parts[:len(names)])), dict(zip(names, parts[len(names):]))
         if count == 0:
             return 0, {}, {}, {}
         means = {name: total / count for name, total in totals.items()}
@@ -434,15 +435,14 @@ def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=F
     """
     model = unwrap(model)
     device = model_device(model)
-    dtype = sum_dtype(device)
     likelihood = model.likelihood
     discretized = likelihood.no_bits_per_dim is None
-    sums = Sums()
+    sums = Sums(sum_dtype(device), device)
     with eval_mode(model):
         for x in tqdm(batches.epoch(0), total=len(batches), desc=f"evaluating (K={iw_samples})", unit="batch",
                       leave=False, disable=not progress):
-            sums.add(image_measures(model, x, iw_samples, generator, beta, discretized), dtype, device)
-    count, mean, error, variance = sums.reduce(dtype, device)
+            sums.add(image_measures(model, x, iw_samples, generator, beta, discretized))
+    count, mean, error, variance = sums.reduce()
     if count == 0:
         raise UserError("the evaluation set is empty; use a larger --holdout or --eval-size, or --eval-split none")
     num_dims = batches.images[0].numel()
