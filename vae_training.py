@@ -21,7 +21,7 @@ import torch
 from datasets.preprocessing import (ImageBatches, dataset_images, fingerprint, flower_classes, inside_images_folder,
                                     is_image_folder, random_subset, to_float)
 from vae import distributed
-from vae.checkpoint import checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
+from vae.checkpoint import check_finite, checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
 from vae.config import (TrainConfig, build_parser, check_fid_sizes, config_file_arguments, config_from_args,
                         validate_config)
 from vae.errors import EveryProcessError, Stopped, TrainingDiverged, UserError
@@ -229,6 +229,8 @@ def train(config, resume="", explicit=()):
                 losses = train_one_epoch(model, batches, loss_fn, optimization, state, writer, stop,
                                          after_step=save_when_due, progress=process.is_main)
                 images_per_s = (state.step - first_step) * config.batch_size / (time.perf_counter() - epoch_start)
+                # A finite last loss can still have stepped into non-finite weights: stop before they are logged.
+                check_finite(unwrap(model).state_dict(), state.step)
                 # Every process takes part in the reduction, so a signal that reached only one still stops all.
                 if distributed.any_process(stop.requested, device):
                     checkpoints.save()

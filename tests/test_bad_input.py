@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.io import loadmat, savemat
 
-from conftest import TINY, error_line, make_flowers_root, train
+from conftest import TINY, error_line, load_events, make_flowers_root, train
 from vae_training import main as training_main
 
 
@@ -27,6 +27,30 @@ def test_a_diverging_bernoulli_run_ends_with_the_one_line_error(flowers_root, tm
     line = fails(capsys, training_main, "--data-dir", flowers_root, "--log-dir", tmp_path, "--likelihood", "bernoulli",
                  "--lr", 10, "--epochs", 30, "--eval-split", "none", *TINY)
     assert "the loss became nan" in line and "--lr" in line, line
+
+
+def test_a_step_into_non_finite_weights_stops_the_run_before_anything_is_logged(flowers_root, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A step can make a weight NaN although the loss before it was finite (a NaN gradient): the run must stop at
+    the end of that epoch, before it evaluates or logs grids of NaN images, and keep its last good checkpoint."""
+    import vae.training
+
+    real_step = vae.training.Optimization.step
+
+    def step_into_nan(self, model, total):
+        grad_norm = real_step(self, model, total)
+        if self.lr_schedule.last_epoch == 3:  # the third step of the run, in its second epoch
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("nan")
+        return grad_norm
+
+    monkeypatch.setattr(vae.training.Optimization, "step", step_into_nan)
+    line = fails(capsys, training_main, "--data-dir", flowers_root, "--log-dir", tmp_path, "--run-name", "r",
+                 "--epochs", 3, "--max-steps", 3, "--batch-size", 16, *TINY[2:])
+    assert "became non-finite by step 3" in line and "checkpoint.pt keeps the last good state" in line, line
+    events = load_events(tmp_path / "r")
+    assert [event.step for event in events.Images("reconstructions")] == [2]
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 @pytest.mark.parametrize("split", ["a string", np.arange(1, 9).reshape(2, 4)])

@@ -65,15 +65,19 @@ def _process_exists(pid):
     return True
 
 
+def check_finite(state_dict, step):
+    """Raise TrainingDiverged naming the first floating-point tensor of state_dict with a NaN or infinite value."""
+    broken = next((name for name, tensor in state_dict.items() if torch.is_tensor(tensor)
+                   and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if broken is not None:
+        raise TrainingDiverged(f"the parameter {broken} became non-finite by step {step}")
+
+
 def save_checkpoint(path, **contents):
     """Write {format_version, model_type, versions, git_sha, **contents} to path atomically."""
     path = Path(path)
     # A checkpoint with NaN or infinite weights would overwrite the last good one with a run that cannot recover.
-    model = contents.get("model") or {}
-    broken = next((name for name, tensor in model.items() if torch.is_tensor(tensor)
-                   and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
-    if broken is not None:
-        raise TrainingDiverged(f"the parameter {broken} became non-finite by step {contents.get('step', '?')}")
+    check_finite(contents.get("model") or {}, contents.get("step", "?"))
     checkpoint = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "versions": library_versions(),
                   "git_sha": git_sha(), **contents}
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")

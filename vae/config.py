@@ -217,10 +217,12 @@ def check_ranges(settings):
 def validate_config(config):
     """Reject impossible settings before any data is read, with the flag to change. The model's own settings
     (shapes, sizes, sigma) are checked by building it, without allocating its weights."""
+    largest = torch.finfo(torch.float32).max  # training computes in float32: --lr 1e39 overflows in Adam's step
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{flag_name(f.name)} must be a finite number, got {value}")
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= largest):
+            raise UserError(f"{flag_name(f.name)} must be a finite number no larger than float32's {largest:.3g}, "
+                            f"got {value}")
     check_ranges(config)
     check_fid_sizes(config.fid_samples)
     checks = [
