@@ -358,8 +358,12 @@ def main(argv=None):
     except UserError as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        distributed.end_with_error(f"error: {error}", on_every_process=isinstance(error, EveryProcessError))
+        line = f"error: {error}"
+        # One write with its newline: print() writes the two apart, and under torchrun another process's line
+        # could then land between them, gluing two lines into one.
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        distributed.end_with_error(line, on_every_process=isinstance(error, EveryProcessError))
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted before training started; nothing to save", file=sys.stderr)
