@@ -26,7 +26,7 @@ from vae.config import (TrainConfig, build_parser, check_fid_sizes, config_file_
                         validate_config)
 from vae.errors import EveryProcessError, Stopped, TrainingDiverged, UserError
 from vae.inference import fit_samplers, sample_quality
-from vae.logs import log_grids, log_run_summary, log_scalars, log_settings, open_writer
+from vae.logs import fixed_grids, log_run_summary, log_scalars, log_settings, open_writer
 from vae.likelihoods import LIKELIHOODS
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
@@ -242,10 +242,16 @@ def train(config, resume="", explicit=()):
                 line = (f"epoch {epoch + 1}/{config.epochs} step {state.step}: reconstruction "
                         f"{losses.get('Reconstruction Loss', math.nan):.2f}  KL {losses.get('KL Loss', math.nan):.3f}  "
                         f"total {losses.get('Total Loss', math.nan):.2f}")
+                # Every process draws the grids: weights that are finite but too large for finite images stop all.
+                grids = fixed_grids(eval_model, fixed_images, fixed_noise)
+                check_finite(grids, state.step, "image grid of")
                 if eval_batches is not None:
                     # A fixed generator: the same noise every epoch, and the training RNG stream is not touched.
                     state.eval = evaluate(eval_model, eval_batches, config.beta,
                                           generator=torch.Generator().manual_seed(config.seed))
+                    if not math.isfinite(state.eval["neg_elbo_nats"]):
+                        raise TrainingDiverged(f"the held-out -ELBO became {state.eval['neg_elbo_nats']} at step "
+                                               f"{state.step}")
                     line += (f" | eval -ELBO {state.eval['neg_elbo_nats']:.1f} nats, "
                              f"{state.eval['active_units']}/{state.eval['latent_size']} active units")
                     if process.is_main:
@@ -254,8 +260,7 @@ def train(config, resume="", explicit=()):
                         state.best_eval = state.eval["neg_elbo_nats"]
                         checkpoints.save("best.pt")
                 if process.is_main:
-                    log_epoch(writer, state.step, epoch, losses, images_per_s, loss_fn, optimization, model,
-                              eval_model, fixed_images, fixed_noise)
+                    log_epoch(writer, state.step, epoch, losses, images_per_s, loss_fn, optimization, model, grids)
                 checkpoints.save()
                 say(line + f"  ({images_per_s:.0f} img/s)")
 
@@ -298,8 +303,7 @@ def choose_cpu_threads(config, model, batches, process, say):
     say(describe(count, timings, unit_count=len(x)))
 
 
-def log_epoch(writer, step, epoch, losses, images_per_s, loss_fn, optimization, model, eval_model, fixed_images,
-              fixed_noise):
+def log_epoch(writer, step, epoch, losses, images_per_s, loss_fn, optimization, model, grids):
     """The epoch's training numbers and the image grids of the fixed test batch and prior noise. What cannot change
     in this run (a constant KL weight or learning rate, a fixed sigma) is in its settings, not drawn as a flat
     curve."""
@@ -313,7 +317,8 @@ def log_epoch(writer, step, epoch, losses, images_per_s, loss_fn, optimization, 
     log_scalars(writer, step, "train", {
         "epoch": epoch + 1, "images_per_s": images_per_s, "grad_norm": losses["grad_norm"],
         **{name: value for name, (changes, value) in varying.items() if changes}})
-    log_grids(writer, eval_model, fixed_images, fixed_noise, step)
+    for name, grid in grids.items():
+        writer.add_image(name, grid, step)
     writer.flush()
 
 

@@ -53,6 +53,16 @@ def test_a_step_into_non_finite_weights_stops_the_run_before_anything_is_logged(
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
+def test_weights_too_large_for_finite_images_stop_the_run_before_its_evaluation(flowers_root, tmp_path, capsys):
+    """At --lr 1e30 one Adam step leaves the weights finite (about 1e30) but the images they make are not: the end
+    of the epoch stops the run with one line, before the evaluation or TensorBoard meets the NaN images."""
+    line = fails(capsys, training_main, "--data-dir", flowers_root, "--log-dir", tmp_path, "--run-name", "r", "--lr",
+                 1e30, "--epochs", 3, "--batch-size", 32, *TINY[2:])  # 32 training images: one step an epoch
+    assert "image grid of reconstructions became non-finite by step 1" in line and "--lr" in line, line
+    assert "no checkpoint had been saved yet" in line, line
+    assert load_events(tmp_path / "r").Tags()["images"] == [] and not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
 @pytest.mark.parametrize("split", ["a string", np.arange(1, 9).reshape(2, 4)])
 def test_a_setid_mat_whose_split_is_not_a_list_of_numbers_is_named(split, tmp_path, capsys):
     root = make_flowers_root(tmp_path / "data", train=8, val=4, test=4)

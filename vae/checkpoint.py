@@ -65,12 +65,13 @@ def _process_exists(pid):
     return True
 
 
-def check_finite(state_dict, step):
-    """Raise TrainingDiverged naming the first floating-point tensor of state_dict with a NaN or infinite value."""
-    broken = next((name for name, tensor in state_dict.items() if torch.is_tensor(tensor)
+def check_finite(tensors, step, kind="parameter"):
+    """Raise TrainingDiverged naming the first floating-point tensor of `tensors` (a dict, such as a state dict)
+    with a NaN or infinite value: "the {kind} {name} became non-finite by step {step}"."""
+    broken = next((name for name, tensor in tensors.items() if torch.is_tensor(tensor)
                    and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
     if broken is not None:
-        raise TrainingDiverged(f"the parameter {broken} became non-finite by step {step}")
+        raise TrainingDiverged(f"the {kind} {broken} became non-finite by step {step}")
 
 
 def save_checkpoint(path, **contents):

@@ -63,17 +63,16 @@ def log_scalars(writer, step, prefix, values):
 
 
 @torch.no_grad()
-def log_grids(writer, model, fixed_images, fixed_noise, step):
-    """originals, reconstructions (decoded from the posterior mean) and prior samples of the same fixed inputs
-    every epoch, so frames compare across epochs."""
+def fixed_grids(model, fixed_images, fixed_noise):
+    """{"originals", "reconstructions" (decoded from the posterior mean), "samples" (decoded prior noise)} of the
+    same fixed inputs every epoch, so frames compare across epochs: each a grid image for TensorBoard."""
     model = unwrap(model)
     nrow = max(1, int(math.sqrt(len(fixed_images))))
     with eval_mode(model):
         reconstructions = model.decode(model.encode(fixed_images)[0])
         samples = model.decode(fixed_noise)
-    writer.add_image("originals", make_grid(fixed_images, nrow=nrow), step)
-    writer.add_image("reconstructions", make_grid(reconstructions, nrow=nrow), step)
-    writer.add_image("samples", make_grid(samples, nrow=nrow), step)
+    return {name: make_grid(images, nrow=nrow) for name, images in
+            (("originals", fixed_images), ("reconstructions", reconstructions), ("samples", samples))}
 
 
 def log_settings(writer, config):
