@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
-from scipy.io import savemat
+from scipy.io import loadmat, savemat
 
 REPO = Path(__file__).resolve().parent.parent
 # One thread per child process: several share two cores, and oversubscribed threads slow them all down.
@@ -43,12 +43,29 @@ def real_flower_files(count):
 
 
 def real_photos(count):
-    """count real Flowers102 JPEGs, or [] where none are at hand."""
+    """count real Flowers102 JPEGs, or [] where none are at hand: the train split's first, in setid.mat's order."""
     for folder in PHOTO_FOLDERS:
-        files = sorted(folder.glob("image_*.jpg"))
+        files = photos_train_first(folder)
         if len(files) >= count:
             return files[:count]
     return []
+
+
+def photos_train_first(folder):
+    """The photos of a Flowers102 jpg/ folder, those of the train split (setid.mat's trnid, beside the folder)
+    first, then the others in name order; all in name order where there is no setid.mat. The shared subset keeps
+    its train and val photos at full size but its test photos resized to 176 px on the short side (image_00001.jpg
+    is one of them): a test that compares preprocessing with torchvision's needs photos as Flowers102 has them."""
+    files = sorted(folder.glob("image_*.jpg"))
+    setid = folder.parent / "setid.mat"
+    if not setid.is_file():
+        return files
+    present = {file.name: file for file in files}
+    train = [present[name] for name in (f"image_{int(i):05d}.jpg"
+                                        for i in np.atleast_1d(loadmat(setid, squeeze_me=True)["trnid"]))
+             if name in present]
+    chosen = set(train)
+    return train + [file for file in files if file not in chosen]
 
 
 def generated_photos(count):

@@ -50,6 +50,17 @@ def all_different(pictures):
     return all(not np.array_equal(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
 
 
+def decoded_alike(a, b):
+    """Two pictures of one latent code decoded in batches of different sizes (a reconstruction alone, the same code
+    among 8 variations or 5 path points): equal up to a level in a few of the model's pixels, not always exactly.
+    PyTorch's CPU convolutions sum in an order that depends on the batch size and the thread count, so the decoded
+    floats differ in their last bits (about 3e-7), and a pixel lying that close to a step of 1/255 lands on either
+    side of it. About 1 photo in 40 has such a pixel (image_00001.jpg among them with 2 threads or more), whatever
+    its size: the test of strength 0 compares latent codes exactly and pictures up to that rounding."""
+    difference = np.abs(pixels(a) - pixels(b))[::SCALE, ::SCALE]  # one value per model pixel
+    return difference.max() <= 1 and np.count_nonzero(difference) <= difference.size // 100
+
+
 def vary(demo, upload, count, strength=vae_demo.inference.DEFAULT_STRENGTH, seed=0, mode=None):
     """The page's variations with a fixed seed, in the checkpoint's default mode unless one is given."""
     return demo.variations(upload, mode or demo.modes[0], count, strength, seed, True)
@@ -78,7 +89,13 @@ def test_strength_zero_gives_the_reconstruction_in_every_mode(demo, photo):
     assert demo.modes == ["diffusion", "gmm", "posterior"]  # pretrained/flowers32.pt ships both priors
     for mode in demo.modes:
         _, reconstruction, variations, _, _ = vary(demo, photo, 2, strength=0.0, mode=mode)
-        assert all(np.array_equal(pixels(v), pixels(reconstruction)) for v in variations), mode
+        assert all(decoded_alike(v, reconstruction) for v in variations), mode
+        # The code each of them decodes is the photo's posterior mean itself.
+        x, _ = vae_demo.read_upload(photo, demo.model, resize=demo.resize)
+        with torch.no_grad():
+            _, z, mean = vae_demo.inference.variations(demo.model, x, 2, 0.0, torch.Generator().manual_seed(0), mode,
+                                                       demo.checkpoint)
+        assert torch.equal(z, mean.repeat_interleave(2, dim=0)), mode
 
 
 def test_each_press_draws_a_new_seed_and_shows_it_unless_the_seed_is_fixed(demo, photo):
@@ -150,8 +167,8 @@ def test_interpolation(demo, photo):
         path, message = demo.interpolation(photo, other, 5, spherical)
         assert message == "" and len(path) == 5 and all_different(path)
         # The ends are the two reconstructions.
-        assert np.array_equal(pixels(path[0]), pixels(vary(demo, photo, 1, strength=0.0, seed=0)[1]))
-        assert np.array_equal(pixels(path[-1]), pixels(vary(demo, other, 1, strength=0.0, seed=0)[1]))
+        assert decoded_alike(path[0], vary(demo, photo, 1, strength=0.0, seed=0)[1])
+        assert decoded_alike(path[-1], vary(demo, other, 1, strength=0.0, seed=0)[1])
 
 
 def test_samples_from_each_sampler_the_checkpoint_has(demo):
@@ -258,7 +275,7 @@ def test_the_page_in_a_browser(served_page, tmp_path):
         earlier = image_urls(page, "#variations")
         page.click("#vary")
         flat = png_images(page, "#variations", 8, replacing=earlier)
-        assert all(np.array_equal(pixels(v), pixels(reconstruction)) for v in flat)
+        assert all(decoded_alike(v, reconstruction) for v in flat)
         # A fixed seed repeats its draw: the seed of the second press, at the default strength, gives its images.
         strength.fill(str(vae_demo.inference.DEFAULT_STRENGTH))
         strength.press("Enter")
