@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from datasets.preprocessing import (ImageBatches, dataset_images, flower_classes, images_folder,
-                                    inside_images_folder, is_image_folder, random_subset, to_float)
+from datasets.batches import ImageBatches, random_subset, to_float
+from datasets.folders import flower_classes, images_folder, inside_images_folder, is_image_folder
+from datasets.preprocessing import dataset_images
 from vae import inference
 from vae.checkpoint import export_for_inference
 from vae.config import TrainConfig, check_fid_sizes, check_ranges, saved_config

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from datasets.preprocessing import (ImageBatches, dataset_images, fingerprint, flower_classes, inside_images_folder,
-                                    is_image_folder, random_subset, to_float)
+from datasets.batches import ImageBatches, fingerprint, random_subset, to_float
+from datasets.folders import flower_classes, inside_images_folder, is_image_folder
+from datasets.preprocessing import dataset_images
 from vae import distributed
 from vae.checkpoint import check_finite, checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
 from vae.config import (TrainConfig, build_parser, check_fid_sizes, config_file_arguments, config_from_args,

@@ -25,7 +25,7 @@ def measure(iw_samples):
     import torch
 
     sys.path.insert(0, str(REPO))
-    from datasets.preprocessing import ImageBatches
+    from datasets.batches import ImageBatches
     from vae.training import evaluate
     from vae.vae import VAE
 

@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.preprocessing import dataset_images, random_subset, to_float  # noqa: E402
+from datasets.batches import random_subset, to_float  # noqa: E402
+from datasets.preprocessing import dataset_images  # noqa: E402
 from vae.config import saved_config  # noqa: E402
 from vae.fid import fid_kid, inception_features, load_inception  # noqa: E402
 from vae.inference import load_model  # noqa: E402

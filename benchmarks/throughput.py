@@ -32,7 +32,9 @@ from scipy.io import loadmat, savemat
 # Run as a script from anywhere: the project's packages live one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.preprocessing import SPLIT_KEYS, ImageBatches, cache_path, cached_images, flowers102_files  # noqa: E402
+from datasets.batches import ImageBatches  # noqa: E402
+from datasets.cache import cache_path, cached_images  # noqa: E402
+from datasets.flowers102 import SPLIT_KEYS, flowers102_files  # noqa: E402
 from vae.losses import ELBOLoss  # noqa: E402
 from vae.device import pick_device  # noqa: E402
 from vae.threads import available_cores  # noqa: E402

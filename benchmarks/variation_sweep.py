@@ -18,7 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.preprocessing import dataset_images, flower_classes, random_subset, to_float  # noqa: E402
+from datasets.batches import random_subset, to_float  # noqa: E402
+from datasets.folders import flower_classes  # noqa: E402
+from datasets.preprocessing import dataset_images  # noqa: E402
 from vae import inference  # noqa: E402
 from vae.config import saved_config  # noqa: E402
 from vae.device import pick_device  # noqa: E402

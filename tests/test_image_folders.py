@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import TINY, real_flower_files, train
-from datasets.preprocessing import (decode_rgb, flower_classes, folder_files, is_image_folder, load_image,
-                                    split_images)
+from datasets.decoding import decode_rgb, load_image
+from datasets.folders import flower_classes, folder_files, is_image_folder
+from datasets.preprocessing import images_and_names
 from vae_inference import main as inference_main
 
 
@@ -39,7 +40,7 @@ def test_a_folder_of_images_lists_its_photos_and_their_classes(garden):
     assert is_image_folder(garden) and not is_image_folder(garden / "daisy" / "daisy-0.jpg")
     files = folder_files(garden)
     assert len(files) == 36 and all(f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") for f in files)
-    images, names = split_images(garden, "train", 32)
+    images, names = images_and_names(garden, "train", 32)
     assert images.shape == (36, 3, 32, 32) and names[0] == "daisy/daisy-0.jpg"
     assert flower_classes(garden, names) == [1] * 12 + [2] * 12 + [3] * 12
     assert flower_classes(garden, ["tulip/tulip-3.png", "loose.jpg"]) == [3, 0]

@@ -17,8 +17,10 @@ from PIL import Image
 from scipy.io import savemat
 
 from conftest import REPO
-from datasets.preprocessing import (cache_path, cached_images, decode_images, decode_rgb, flowers102_files,
-                                    holdout_split, load_image, random_subset)
+from datasets.batches import holdout_split, random_subset
+from datasets.cache import cache_path, cached_images
+from datasets.decoding import decode_images, decode_rgb, load_image
+from datasets.flowers102 import flowers102_files
 from vae.errors import UserError
 
 
@@ -193,16 +195,16 @@ def test_a_cache_whose_image_bytes_changed_is_noticed_and_rebuilt(tmp_path, caps
 # workers are forked, so they run the slowed function too. KeyboardInterrupt ends it as the training script does.
 BUILD_CACHE = """
 import signal, sys, time
-from datasets import preprocessing
+from datasets import cache, decoding
 # As in a terminal: a process started in the background of a non-interactive shell (CI) inherits SIGINT ignored.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-decode = preprocessing.decode_rgb
+decode = decoding.decode_rgb
 def slow_decode(*args, **kwargs):
     time.sleep(0.2)  # 30 s for the whole build: the signal always arrives while it runs
     return decode(*args, **kwargs)
-preprocessing.decode_rgb = slow_decode
+decoding.decode_rgb = slow_decode
 try:
-    preprocessing.cached_images(sys.argv[1], "train", 16, cache_dir=sys.argv[2], num_workers=2, next_to_data=False)
+    cache.cached_images(sys.argv[1], "train", 16, cache_dir=sys.argv[2], num_workers=2, next_to_data=False)
 except KeyboardInterrupt:
     print("interrupted before training started; nothing to save", file=sys.stderr)
     sys.exit(130)

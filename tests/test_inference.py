@@ -13,7 +13,9 @@ from scipy.stats import norm
 from torch.distributions import Normal
 
 from conftest import error_line, run_script
-from datasets.preprocessing import ImageBatches, cached_images, dataset_images, holdout_split, to_float
+from datasets.batches import ImageBatches, holdout_split, to_float
+from datasets.cache import cached_images
+from datasets.preprocessing import dataset_images
 from vae import inference, training
 from vae.errors import UserError
 from vae.likelihoods import discretized_gaussian_log_likelihood

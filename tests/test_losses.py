@@ -205,7 +205,7 @@ def test_an_unknown_likelihood_names_the_choices():
 
 def test_adding_a_likelihood_is_one_class_and_its_registration(tmp_path):
     """A Laplace likelihood with a fixed scale: registered, it trains, evaluates and has a --likelihood flag."""
-    from datasets.preprocessing import ImageBatches
+    from datasets.batches import ImageBatches
     from vae.config import TrainConfig, build_parser
     from vae.training import evaluate
     from vae.vae import VAE

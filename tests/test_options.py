@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from datasets.preprocessing import ImageBatches
+from datasets.batches import ImageBatches
 from vae.config import TrainConfig
 from vae.losses import ELBOLoss
 from vae.metrics import active_units

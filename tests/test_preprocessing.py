@@ -11,8 +11,10 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import REPO, make_flowers_root, real_photos
-from datasets import preprocessing
-from datasets.preprocessing import ImageBatches, cache_path, cached_images, decode_images, flowers102_files
+from datasets.batches import ImageBatches
+from datasets.cache import cache_path, cached_images
+from datasets.decoding import decode_images, load_image
+from datasets.flowers102 import flowers102_files
 from vae.errors import UserError
 
 
@@ -32,13 +34,13 @@ def small_root(tmp_path):
 def decode_calls(monkeypatch):
     """Counts how often the JPEGs are actually decoded (a cache miss)."""
     calls = []
-    original = preprocessing.decode_images
+    original = decode_images
 
     def counting(files, *args, **kwargs):
         calls.append(len(files))
         return original(files, *args, **kwargs)
 
-    monkeypatch.setattr(preprocessing, "decode_images", counting)
+    monkeypatch.setattr("datasets.cache.decode_images", counting)
     return calls
 
 
@@ -162,7 +164,7 @@ def test_parallel_and_serial_decoding_agree(fifty_root):
     parallel, _ = decode_images(files, 32, num_workers=2)
     serial, _ = decode_images(files, 32, num_workers=1)
     assert torch.equal(parallel, serial)
-    assert torch.equal(serial[0], preprocessing.load_image(files[0], 32))
+    assert torch.equal(serial[0], load_image(files[0], 32))
 
 
 # ------------------------------------------------------------------------------------------- ImageBatches

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, train
-from datasets.preprocessing import ImageBatches
+from datasets.batches import ImageBatches
 from vae import inference
 from vae.config import TrainConfig
 from vae.training import Optimization, TrainState, evaluate, make_ema, make_lr_schedule, train_one_epoch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY, load_events, train
-from datasets.preprocessing import ImageBatches
+from datasets.batches import ImageBatches
 from vae.losses import ELBOLoss, kl_per_dimension
 from vae.metrics import active_units
 from vae.config import TrainConfig
@@ -150,7 +150,7 @@ def test_a_finished_run_fills_hparams_settings_and_the_projector(flowers_root, t
     folder = next(path.parent for path in run_dir.rglob("tensors.tsv"))
     means = [line.split("\t") for line in (folder / "tensors.tsv").read_text().splitlines()]
     assert len(means) == 8 and len(means[0]) == 10  # the 8 held-out images, 10 latent dimensions
-    from datasets.preprocessing import holdout_split
+    from datasets.batches import holdout_split
     held_out = holdout_split(32, 0.25, 0)[1].tolist()
     classes = (folder / "metadata.tsv").read_text().split()
     assert classes == [str((i + 1) % 102 + 1) for i in held_out]  # conftest's roots label image k as k % 102 + 1
@@ -195,14 +195,14 @@ def test_num_workers_0_decodes_in_this_process(flowers_root, tmp_path, monkeypat
     import numpy as np
     from PIL import Image
 
-    import datasets.preprocessing as preprocessing
+    import datasets.decoding as decoding
 
     files = []
     for i in range(130):  # enough images that 2 workers would start a pool
         files.append(tmp_path / f"{i}.png")
         Image.fromarray(np.full((40, 40, 3), i, dtype=np.uint8)).save(files[-1])
-    monkeypatch.setattr(preprocessing, "_pool_context", lambda: pytest.fail("a decoding pool was started"))
-    images, kept = preprocessing.decode_images(files, 32, num_workers=0)
+    monkeypatch.setattr(decoding, "_pool_context", lambda: pytest.fail("a decoding pool was started"))
+    images, kept = decoding.decode_images(files, 32, num_workers=0)
     assert images.shape == (130, 3, 32, 32) and len(kept) == 130 and images[7].float().mean() == 7
     args = [a if a != "1" or i == 0 or TINY[i - 1] != "--num-workers" else "0" for i, a in enumerate(TINY)]
     train("--data-dir", flowers_root, "--epochs", 1, "--max-steps", 1, "--log-dir", tmp_path, "--run-name", "w0",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.preprocessing import is_image_folder
+from datasets.folders import is_image_folder
 from vae.config import TrainConfig, resumed_config
 from vae.errors import TrainingDiverged, UserError
 

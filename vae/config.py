@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from datasets.preprocessing import RESIZES
+from datasets.decoding import RESIZES
 from vae.device import DEVICES
 from vae.errors import UserError
 from vae.fid import inception_path

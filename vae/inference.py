@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from datasets.preprocessing import load_image, to_float
+from datasets.batches import to_float
+from datasets.decoding import load_image
 from vae.checkpoint import load_checkpoint, restore_model
 from vae.config import saved_config
 from vae.device import model_device

@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
 
-from datasets.preprocessing import to_float
+from datasets.batches import to_float
 from vae.checkpoint import unwrap
 from vae.vae import eval_mode, posterior_means
 

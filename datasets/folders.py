@@ -1,0 +1,68 @@
+"""Which images a data set holds, and how they are named and classed.
+
+A data set is a Flowers102 root (DATA_DIR/flowers-102 in torchvision's layout, with its train, val and test
+splits) or any folder of images: flat, or one sub-folder per class (torchvision's ImageFolder layout), whose one
+split is all of it ("all"; --holdout carves an evaluation set out of it).
+"""
+
+from pathlib import Path
+
+from datasets.flowers102 import flowers102_classes, flowers102_files, flowers_folder
+
+FOLDER_SPLIT = "all"  # a folder of images has one split: all of it
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def is_image_folder(data_dir):
+    """Whether data_dir is a folder of images (flat, or one sub-folder per class) rather than a Flowers102 root."""
+    root = Path(data_dir)
+    return root.is_dir() and not flowers_folder(root).exists() and bool(folder_files(root))
+
+
+def folder_files(data_dir):
+    """The image files of a folder, sorted: those at its top level and those of its sub-folders (one per class).
+    Hidden files and folders (the image cache's .vae-cache among them) are left out."""
+    root = Path(data_dir)
+
+    def images_in(folder):
+        return [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+                and f.is_file()]
+    files = images_in(root)
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.name.startswith("."):
+            files += images_in(folder)
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def dataset_files(data_dir, split, download=True):
+    """The image files of a split: a Flowers102 split, or every image of a folder (whose only split is "all")."""
+    if is_image_folder(data_dir):
+        return folder_files(data_dir)
+    return flowers102_files(data_dir, split, download)
+
+
+def image_name(data_dir, path):
+    """How an image is named in names lists: its file name in Flowers102, its path inside a folder data set."""
+    return Path(path).relative_to(data_dir).as_posix() if is_image_folder(data_dir) else Path(path).name
+
+
+def images_folder(data_dir):
+    """The folder that holds the images: DATA_DIR/flowers-102, or DATA_DIR itself for a folder of images."""
+    return Path(data_dir) if is_image_folder(data_dir) else flowers_folder(data_dir)
+
+
+def inside_images_folder(data_dir, path):
+    """Whether path is the folder that holds data_dir's images, or lies inside it."""
+    folder, path = images_folder(data_dir).resolve(), Path(path).resolve()
+    return path == folder or folder in path.parents
+
+
+def flower_classes(data_dir, names):
+    """The class of each image name: in Flowers102 its class (1-102, from imagelabels.mat; 0 for a name that is not
+    one of its files), in a folder of images its sub-folder's (1, 2, ... in sorted order; 0 at the top level)."""
+    if is_image_folder(data_dir):
+        root = Path(data_dir)
+        folders = sorted({f.relative_to(root).parts[0] for f in folder_files(root) if f.parent != root})
+        return [folders.index(name.split("/")[0]) + 1 if name.split("/")[0] in folders and "/" in name else 0
+                for name in names]
+    return flowers102_classes(data_dir, names)
