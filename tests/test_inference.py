@@ -309,8 +309,8 @@ def test_importance_sampling_decodes_in_chunks_with_the_same_noise_as_one_draw(m
     whole = log_weights(model, x, 10, torch.Generator().manual_seed(3))
     decoded = []
     monkeypatch.setattr(training, "DECODE_CHUNK_IMAGES", 8)  # two draws of 4 images per chunk
-    original = model.decode_distribution
-    monkeypatch.setattr(model, "decode_distribution", lambda z: decoded.append(len(z)) or original(z))
+    original = model.decode_parameters
+    monkeypatch.setattr(model, "decode_parameters", lambda z: decoded.append(len(z)) or original(z))
     chunked = log_weights(model, x, 10, torch.Generator().manual_seed(3))
     assert decoded == [8, 8, 8, 8, 8] and chunked.shape == (10, 4)
     # Chunks of the generator's stream need not give the noise of one draw, but its distribution: the bounds
@@ -332,7 +332,7 @@ def test_iwae_with_one_sample_is_the_single_sample_elbo_on_the_same_z():
         mean, log_var = model.encode(x)
         std = (0.5 * log_var).exp()
         z = mean + std * eps[0]
-        log_p_x_given_z = -model.likelihood.nll(x, *model.decode_distribution(z))
+        log_p_x_given_z = -model.likelihood.nll(x, model.decode_parameters(z))
         log_p_z = Normal(0.0, 1.0).log_prob(z).sum(dim=1)
         log_q_z = Normal(mean, std).log_prob(z).sum(dim=1)
     elbo = (log_p_x_given_z + log_p_z - log_q_z).double()

@@ -53,15 +53,13 @@ def test_losses_average_over_the_batch():
 def test_gaussian_nll_matches_torch_distributions(sigma):
     torch.manual_seed(1)
     x, r = torch.rand(3, 3, 4, 4), torch.rand(3, 3, 4, 4)
-    log_sigma = torch.tensor(math.log(sigma))
     expected = -Independent(Normal(r, sigma), 3).log_prob(x)
-    assert torch.allclose(make_likelihood("gaussian", sigma).nll(x, r, None), expected, atol=1e-4)
-    assert torch.allclose(make_likelihood("gaussian").nll(x, r, log_sigma), expected, atol=1e-4)
-    assert torch.allclose(make_likelihood("gaussian-learned").nll(x, r, log_sigma), expected, atol=1e-4)
-    assert torch.allclose(make_likelihood("gaussian-learned", sigma).nll(x, r, None), expected, atol=1e-4)
+    # The Gaussians' parameters are the mean itself; sigma is the likelihood's own.
+    assert torch.allclose(make_likelihood("gaussian", sigma).nll(x, r), expected, atol=1e-4)
+    assert torch.allclose(make_likelihood("gaussian-learned", sigma).nll(x, r), expected, atol=1e-4)
     # The trained fixed-sigma term drops only the constant D * log(sigma * sqrt(2 pi)).
     constant = 48 * math.log(sigma * math.sqrt(2 * math.pi))
-    assert torch.allclose(make_likelihood("gaussian", sigma).loss(x, r, None) + constant, expected, atol=1e-4)
+    assert torch.allclose(make_likelihood("gaussian", sigma).loss(x, r) + constant, expected, atol=1e-4)
     sse = (x - r).pow(2).flatten(1).sum(1)
     assert torch.allclose(gaussian_nll_from_sse(sse, math.log(sigma), 48), expected, atol=1e-4)
 
@@ -71,9 +69,9 @@ def test_bernoulli_matches_torch_distributions_on_binary_pixels():
     x = (torch.rand(2, 3, 4, 4) > 0.5).float()
     p = torch.rand(2, 3, 4, 4).clamp(0.01, 0.99)
     expected = -Independent(Bernoulli(probs=p), 3).log_prob(x)
-    assert torch.allclose(make_likelihood("bernoulli").loss(x, p, None), expected, atol=1e-4)
-    assert torch.allclose(make_likelihood("bernoulli").nll(x, p, None), expected, atol=1e-4)
-    assert make_likelihood("bernoulli").log_likelihood_8bit(x, p, None) is None
+    assert torch.allclose(make_likelihood("bernoulli").loss(x, p), expected, atol=1e-4)
+    assert torch.allclose(make_likelihood("bernoulli").nll(x, p), expected, atol=1e-4)
+    assert make_likelihood("bernoulli").log_likelihood_8bit(x, p) is None
     assert "no bits/dim" in make_likelihood("bernoulli").no_bits_per_dim
 
 
@@ -90,9 +88,9 @@ def test_free_bits_floor_each_dimension_in_the_loss_but_kl_is_reported_raw():
 
 def test_learned_sigma_gets_a_gradient_towards_the_error_scale():
     x, r = torch.zeros(4, 3, 8, 8), torch.full((4, 3, 8, 8), 0.1)
-    log_sigma = torch.tensor(0.0, requires_grad=True)
-    ELBOLoss(1.0, "gaussian-learned")(x, r, torch.zeros(4, 2), torch.zeros(4, 2), log_scale=log_sigma)[3].backward()
-    assert log_sigma.grad > 0  # sigma 1 is far above the 0.1 error: the loss wants it smaller
+    likelihood = make_likelihood("gaussian-learned", sigma=1.0)
+    ELBOLoss(1.0, likelihood)(x, r, torch.zeros(4, 2), torch.zeros(4, 2))[3].backward()
+    assert likelihood.raw_log_sigma.grad > 0  # sigma 1 is far above the 0.1 error: the loss wants it smaller
 
 
 def test_kl_of_a_spatial_latent_is_flattened_per_dimension():
@@ -149,19 +147,23 @@ def test_logistic_matches_an_independent_float64_computation():
 def test_logistic_nll_is_the_loss_and_the_nll_per_image():
     torch.manual_seed(4)
     x = torch.randint(0, 256, (2, 3, 4, 4)) / 255
-    mean, log_scale = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4) * -5
+    maps = torch.randn(2, 6, 4, 4) * 2  # the decoder's: the means' logits, then the raw log scales
+    logistic = make_likelihood("logistic")
+    parameters = logistic(maps)
+    mean, log_scale = logistic.mean_and_log_scale(parameters)
+    assert torch.equal(mean, torch.sigmoid(maps[:, :3])) and torch.equal(logistic.mean(parameters), mean)
+    assert torch.equal(log_scale, MIN_LOG_SCALE + torch.nn.functional.softplus(maps[:, 3:] - MIN_LOG_SCALE))
     expected = -discretized_logistic_log_probs(x, mean, log_scale).flatten(1).sum(dim=1)
     assert expected.shape == (2,)
     assert torch.equal(discretized_logistic_nll(x, mean, log_scale), expected)
-    logistic = make_likelihood("logistic")
-    assert torch.equal(logistic.loss(x, mean, log_scale), expected)
-    assert torch.equal(logistic.nll(x, mean, log_scale), expected)
-    assert torch.allclose(logistic.log_likelihood_8bit(x, mean, log_scale), -expected.double(), rtol=1e-6)
+    assert torch.equal(logistic.loss(x, parameters), expected)
+    assert torch.equal(logistic.nll(x, parameters), expected)
+    assert torch.allclose(logistic.log_likelihood_8bit(x, parameters), -expected.double(), rtol=1e-6)
     latent = torch.zeros(2, 5)
-    _, kl, reconstruction, total = ELBOLoss(0.5, "logistic")(x, mean, latent, latent, log_scale=log_scale)
+    _, kl, reconstruction, total = ELBOLoss(0.5, "logistic")(x, parameters, latent, latent)
     assert reconstruction.item() == pytest.approx(expected.mean().item()) and total.item() == pytest.approx(
         expected.mean().item())
-    with pytest.raises(ValueError, match="per-pixel log scale"):
+    with pytest.raises(ValueError, match="per-pixel log scale"):  # an image is not the logistic's parameters
         ELBOLoss(0.5, "logistic")(x, mean, latent, latent)
 
 
@@ -185,9 +187,9 @@ def test_elbo_loss_takes_a_likelihood_object_or_its_name_with_the_same_numbers()
     x, r = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
     mean, log_var = torch.randn(4, 6), torch.randn(4, 6)
     for name in LIKELIHOODS:
-        log_scale = torch.rand(4, 3, 8, 8) * -3 if name == "logistic" else None
-        by_name = ELBOLoss(0.3, name)(x, r, mean, log_var, log_scale)
-        by_object = ELBOLoss(0.3, make_likelihood(name))(x, r, mean, log_var, log_scale)
+        parameters = make_likelihood(name)(torch.randn(4, make_likelihood(name).output_channels(3), 8, 8))
+        by_name = ELBOLoss(0.3, name)(x, parameters, mean, log_var)
+        by_object = ELBOLoss(0.3, make_likelihood(name))(x, parameters, mean, log_var)
         assert [v.item() if torch.is_tensor(v) else v for v in by_name] == [
             v.item() if torch.is_tensor(v) else v for v in by_object]
     # The tutorial's loss, written out: SSE + beta * KL.
@@ -218,15 +220,14 @@ def test_adding_a_likelihood_is_one_class_and_its_registration(tmp_path):
         def __init__(self, sigma=None):
             super().__init__()
 
-        def nll(self, x, image, log_scale):
-            return torch.distributions.Laplace(image, 0.1).log_prob(x).neg().flatten(1).sum(dim=1)
+        def nll(self, x, parameters):
+            return torch.distributions.Laplace(parameters, 0.1).log_prob(x).neg().flatten(1).sum(dim=1)
 
     try:
         model = VAE(likelihood="laplace-test")
         x = torch.rand(2, 3, 32, 32)
-        reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
-        assert log_scale is None
-        total = ELBOLoss(1.0, model.likelihood)(x, reconstruction, mean, log_var, log_scale)[3]
+        parameters, mean, log_var = model(x, return_parameters=True)
+        total = ELBOLoss(1.0, model.likelihood)(x, parameters, mean, log_var)[3]
         total.backward()
         assert torch.isfinite(total)
         assert "laplace-test" in build_parser(TrainConfig).format_help()

@@ -135,13 +135,18 @@ def test_old_config_without_the_new_settings_builds_the_seed_model():
 def test_resnet_shapes_at_32_and_64(resolution, latent_shape, halvings, likelihood):
     model = VAE(resolution, latent_size=6, arch="resnet", width=8, latent_shape=latent_shape, likelihood=likelihood)
     x = torch.rand(2, 3, resolution, resolution)
-    reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
+    torch.manual_seed(0)
+    parameters, mean, log_var = model(x, return_parameters=True)
+    torch.manual_seed(0)
+    reconstruction = model(x)[0]
     expected_latent = latent_shape or (6,)
     assert model.latent_shape == expected_latent and model.latent_size == mean[0].numel()
     assert mean.shape == log_var.shape == (2, *expected_latent)
     assert reconstruction.shape == x.shape
     assert model.decode(torch.randn(3, *model.latent_shape)).shape == (3, 3, resolution, resolution)
-    assert log_scale.shape == (x.shape if likelihood == "logistic" else ())
+    assert torch.equal(reconstruction, model.likelihood.mean(parameters))
+    if likelihood == "logistic":
+        assert model.likelihood.mean_and_log_scale(parameters)[1].shape == x.shape
     upsamplers = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Upsample)]
     assert len(upsamplers) == halvings
     pools = [m for m in model.encoder.modules() if isinstance(m, torch.nn.AvgPool2d)]
@@ -189,45 +194,47 @@ def test_gradients_reach_every_resnet_encoder_parameter_through_the_reparameteri
     loss_fn = ELBOLoss(beta=0.0, likelihood="logistic")  # only the reconstruction: the encoder learns through z
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(2):  # the residual blocks' last convolutions start at zero; one step wakes what lies behind
-        reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
         optimizer.zero_grad()
-        loss_fn(x, reconstruction, mean, log_var, log_scale=log_scale)[3].backward()
+        loss_fn(x, *model(x, return_parameters=True))[3].backward()
         optimizer.step()
     for name, parameter in model.encoder.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-def test_forward_returns_the_decoders_scale_for_the_same_z():
+def test_forward_returns_the_decoders_parameters_for_the_same_z():
     torch.manual_seed(0)
     model = VAE(arch="resnet", width=8, latent_shape=(4, 4, 4), likelihood="logistic").eval()
     x = torch.rand(2, 3, 32, 32)
     torch.manual_seed(1)
-    reconstruction, mean, _, log_scale = model(x, return_log_scale=True)
+    parameters, mean, _ = model(x, return_parameters=True)
     torch.manual_seed(1)  # the same noise, so the same z
     z = model.sample_latent(*model.encode(x))
-    image, expected_log_scale = model.decode_distribution(z)
-    assert torch.equal(reconstruction, image) and torch.equal(log_scale, expected_log_scale)
+    expected = model.decode_parameters(z)
+    assert torch.equal(parameters, expected)
     torch.manual_seed(1)
     outputs = model(x)
-    assert len(outputs) == 3 and torch.equal(outputs[0], image)
+    assert len(outputs) == 3 and torch.equal(outputs[0], model.decode(z))
 
 
-def test_decode_distribution_gives_the_scale_of_each_likelihood():
+def test_decode_parameters_belong_to_each_likelihood():
     z = torch.randn(2, 10)
-    assert VAE(sigma=0.3).decode_distribution(z)[1].item() == pytest.approx(math.log(0.3))
-    assert VAE(likelihood="gaussian-learned", sigma=0.2).decode_distribution(z)[1].item() == pytest.approx(
-        math.log(0.2), abs=1e-6)
-    assert VAE(likelihood="bernoulli").decode_distribution(z)[1] is None
-    image, log_scale = VAE(likelihood="logistic").decode_distribution(z)  # the tutorial's architecture, too
-    assert image.shape == log_scale.shape == (2, 3, 32, 32)
+    for likelihood in ("gaussian", "gaussian-learned", "bernoulli"):  # the image is all their parameters
+        model = VAE(likelihood=likelihood)
+        assert torch.equal(model.decode_parameters(z), model.decode(z))
+    model = VAE(likelihood="logistic")  # the tutorial's architecture, too
+    mean, log_scale = model.likelihood.mean_and_log_scale(model.decode_parameters(z))
+    assert torch.equal(mean, model.decode(z)) and log_scale.shape == (2, 3, 32, 32)
     assert VAE(likelihood="logistic").likelihood.shared_sigma() is None
     assert VAE(sigma=0.3).likelihood.shared_sigma() == 0.3
+    assert VAE(likelihood="gaussian-learned", sigma=0.2).likelihood.log_scale().item() == pytest.approx(
+        math.log(0.2), abs=1e-6)
 
 
 def test_log_scale_floor_is_soft():
     raw = torch.tensor([[-30.0, -10.0, 0.0]], requires_grad=True).view(1, 1, 1, 3).repeat(1, 2, 1, 1)
     raw.retain_grad()
-    image, log_scale = make_likelihood("logistic")(raw)
+    logistic = make_likelihood("logistic")
+    image, log_scale = logistic.mean_and_log_scale(logistic(raw))
     assert image.shape == log_scale.shape == (1, 1, 1, 3)
     assert log_scale.min() >= MIN_LOG_SCALE and log_scale[0, 0, 0, 2].item() == pytest.approx(0.0, abs=1e-3)
     log_scale.sum().backward()
@@ -238,9 +245,9 @@ def test_log_scale_floor_is_soft():
 def test_decoder_output_is_float32_under_bf16_autocast(arch, latent_shape):
     model = VAE(arch=arch, width=8, latent_shape=latent_shape, likelihood="logistic")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        reconstruction, mean, _, log_scale = model(torch.rand(2, 3, 32, 32), return_log_scale=True)
+        parameters, mean, _ = model(torch.rand(2, 3, 32, 32), return_parameters=True)
     assert mean.dtype == torch.bfloat16  # autocast is on ...
-    assert reconstruction.dtype == log_scale.dtype == torch.float32  # ... but not for the likelihood's parameters
+    assert parameters.dtype == torch.float32  # ... but not for the likelihood's parameters
 
 
 @pytest.mark.slow  # hundreds of steps
@@ -254,8 +261,7 @@ def test_resnet_with_the_logistic_likelihood_learns_a_small_batch():
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     totals = []
     for _ in range(100):
-        reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
-        total = loss_fn(x, reconstruction, mean, log_var, log_scale=log_scale)[3]
+        total = loss_fn(x, *model(x, return_parameters=True))[3]
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
@@ -295,7 +301,8 @@ def test_space_to_depth_runs_no_convolution_at_full_resolution(resolution, laten
     hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[-1]))
              for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     x = torch.rand(2, 3, resolution, resolution)
-    reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
+    parameters, mean, log_var = model(x, return_parameters=True)
+    reconstruction, log_scale = model.likelihood.mean_and_log_scale(parameters)
     assert reconstruction.shape == log_scale.shape == x.shape and mean.shape == (2, *(latent_shape or (6,)))
     assert sizes and max(sizes) == resolution // 2  # every convolution reads maps of half the image's size
     for hook in hooks:
@@ -309,7 +316,7 @@ def test_pixel_shuffle_keeps_the_logistic_means_and_log_scales_apart():
     with torch.no_grad():  # constant maps: means at logit 0 (0.5), log scales at the initial bias
         output.weight.zero_()
         output.bias[:12] = 0.0
-    image, log_scale = model.decode_distribution(torch.randn(2, 4, 8, 8))
+    image, log_scale = model.likelihood.mean_and_log_scale(model.decode_parameters(torch.randn(2, 4, 8, 8)))
     assert torch.allclose(image, torch.full_like(image, 0.5))
     start = MIN_LOG_SCALE + math.log1p(math.exp(-math.log(2 * math.pi) - MIN_LOG_SCALE))  # the floored initial bias
     assert torch.allclose(log_scale, torch.full_like(log_scale, start), atol=1e-5)
@@ -329,3 +336,27 @@ def test_default_stages_keep_the_residual_models_parameter_names():
     explicit = VAE(arch="resnet", width=8, latent_shape=(4, 8, 8), stage_channels=[8, 16, 16], stage_blocks=[1, 1, 1])
     assert list(plain.state_dict()) == list(explicit.state_dict())
     assert [v.shape for v in plain.state_dict().values()] == [v.shape for v in explicit.state_dict().values()]
+
+
+@pytest.mark.parametrize("name, mean_pixel", [("flowers32", 0.4990199716351829), ("flowers64", 0.4998464357078471)])
+def test_the_shipped_models_load_and_reconstruct_as_they_always_did(name, mean_pixel):
+    """The shipped checkpoints name their likelihood ("logistic") in their config; their reconstructions are the
+    logistic's means exactly as before its parameters became opaque: the sigmoid of the decoder's first half of
+    maps, in float32."""
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "pretrained" / f"{name}.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["config"]["likelihood"] == "logistic"
+    model = build_model(checkpoint["config"])
+    model.load_state_dict(checkpoint["ema_model" if "ema_model" in checkpoint else "model"])
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 3, *model.image_resolution), generator=generator).float() / 255
+    with torch.no_grad():
+        mean, _ = model.encode(x)
+        reconstruction = model.decode(mean)
+        before = torch.sigmoid(model.decoder(mean).float().chunk(2, dim=1)[0])
+    assert torch.equal(reconstruction, before)
+    # The value the code before the change gave on these images (to float32's digits on any CPU).
+    assert reconstruction.double().mean().item() == pytest.approx(mean_pixel, rel=1e-6)

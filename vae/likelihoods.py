@@ -1,20 +1,23 @@
 """The decoder's likelihoods p(x|z): one class each, registered under its --likelihood name.
 
-A likelihood owns everything that depends on it:
+A likelihood owns everything that depends on it, its parameters included:
 - output_channels(C): how many maps the decoder's last layer gives for C image channels, and initialize(layer),
   where that layer starts;
-- forward(maps) -> (image, log_scale): the parameters of p(x|z). image is in [0, 1] (a mean, or the Bernoulli's
-  probability); log_scale is a 0-dim log sigma (Gaussians), per-pixel log scales (logistic) or None;
-- loss(x, image, log_scale): the reconstruction term that is trained, per image (nats, up to a constant);
-- nll(x, image, log_scale): -log p(x|z) in nats per image, constants included;
-- log_likelihood_8bit(x, image, log_scale): log P(x|z) in nats per image of the 8-bit pixels, for bits/dim, or None
-  with the reason in `no_bits_per_dim`;
+- forward(maps) -> parameters: the parameters of p(x|z) made from the decoder's maps. They are opaque: only the
+  likelihood that made them reads them, so a likelihood may hold any parameters (a mean, a mean and a scale per
+  pixel, a mixture's weights, means and scales);
+- mean(parameters): the image in [0, 1] they describe (the mean, or the Bernoulli's probability);
+- loss(x, parameters): the reconstruction term that is trained, per image (nats, up to a constant);
+- nll(x, parameters): -log p(x|z) in nats per image, constants included;
+- log_likelihood_8bit(x, parameters): log P(x|z) in nats per image of the 8-bit pixels, for bits/dim, or None with
+  the reason in `no_bits_per_dim`;
 - any parameter it learns (an nn.Module parameter, saved with the model).
 
 Adding one is a subclass with a `name`, decorated with @register. Every value is per image (batch,).
 
 The four here:
-- "gaussian" (the tutorial's): N(x; x_hat, sigma^2 I) with fixed sigma. Its training loss is SSE / (2 sigma^2);
+- "gaussian" (the tutorial's): N(x; x_hat, sigma^2 I) with fixed sigma; its parameters are the mean x_hat itself, so
+  ELBOLoss(beta)(x, reconstruction, mean, log_var) is the tutorial's loss. Its training loss is SSE / (2 sigma^2);
   the constant D * log(sigma * sqrt(2 pi)), D = C*H*W, is dropped because it has no gradient. With the default
   sigma = 1/sqrt(2) the loss is exactly the per-image sum of squared error (SSE), and SSE + beta * KL is
   proportional to the beta = 1 ELBO with sigma^2 = beta / 2 (sigma ~ 0.22 for beta 0.1).
@@ -152,7 +155,12 @@ def discretized_logistic_nll(x, mean, log_scale):
 
 class Likelihood(nn.Module):
     """p(x|z) of the decoder. Subclasses set `name` (and `help`, the --likelihood help), override nll and, where
-    they differ from it, loss, log_likelihood_8bit and log_scale."""
+    they differ from it, forward and mean (the parameters and the image they describe), loss and
+    log_likelihood_8bit.
+
+    Here the parameters are the image in [0, 1] itself (the sigmoid of one map per channel), as for the Gaussians
+    and the Bernoulli, whose other parameters (sigma) are the likelihood's own.
+    """
 
     name = None
     help = ""
@@ -170,32 +178,33 @@ class Likelihood(nn.Module):
         """Start the decoder's last layer (a convolution giving forward's maps) where training should start."""
 
     def forward(self, maps):
-        """Decoder maps (batch, output_channels, H, W) -> (image, log_scale). In float32: under bf16 autocast a
-        bf16 sigmoid resolves [0.5, 1] in steps of 1/256, a whole pixel bin, which a sharp likelihood would pay for."""
-        image = torch.sigmoid(maps.float())
-        return image, self.log_scale(image)
+        """Decoder maps (batch, output_channels, H, W) -> the parameters of p(x|z), read only by this likelihood.
+        In float32: under bf16 autocast a bf16 sigmoid resolves [0.5, 1] in steps of 1/256, a whole pixel bin,
+        which a sharp likelihood would pay for."""
+        return torch.sigmoid(maps.float())
 
-    def log_scale(self, image):
-        """The log scale shared by every pixel as a 0-dim tensor on image's device, or None."""
-        return None
+    def mean(self, parameters):
+        """The image (batch, C, H, W) in [0, 1] that the parameters describe: what reconstructions and samples
+        show."""
+        return parameters
 
     def shared_sigma(self):
         """sigma shared by every pixel as a float (the Gaussians'), or None."""
         return None
 
-    def nll(self, x, image, log_scale):
+    def nll(self, x, parameters):
         raise NotImplementedError
 
-    def loss(self, x, image, log_scale):
-        return self.nll(x, image, log_scale)
+    def loss(self, x, parameters):
+        return self.nll(x, parameters)
 
-    def log_likelihood_8bit(self, x, image, log_scale):
+    def log_likelihood_8bit(self, x, parameters):
         return None
 
-    def log_likelihoods(self, x, image, log_scale, discretized=True):
+    def log_likelihoods(self, x, parameters, discretized=True):
         """(log p(x|z) under this likelihood, log P(x|z) of the 8-bit pixels or None), per image, in float64."""
-        eight_bit = self.log_likelihood_8bit(x, image, log_scale) if discretized else None
-        return -self.nll(x, image, log_scale).double(), eight_bit
+        eight_bit = self.log_likelihood_8bit(x, parameters) if discretized else None
+        return -self.nll(x, parameters).double(), eight_bit
 
 
 @register
@@ -211,24 +220,25 @@ class Gaussian(Likelihood):
             raise ValueError(f"--sigma (of the Gaussian likelihood) must be > 0, got {sigma}")
         self.sigma = sigma
 
-    def log_scale(self, image):
-        return torch.tensor(math.log(self.sigma), device=image.device)
+    def log_scale(self):
+        """log sigma, shared by every pixel, as a 0-dim tensor."""
+        return torch.tensor(math.log(self.sigma))
 
     def shared_sigma(self):
         return self.sigma
 
-    def nll(self, x, image, log_scale):
-        return gaussian_nll_from_sse(sum_squared_error(x, image), self._log_sigma(log_scale), x[0].numel())
+    def nll(self, x, parameters):
+        return gaussian_nll_from_sse(sum_squared_error(x, parameters), self._log_sigma(), x[0].numel())
 
-    def loss(self, x, image, log_scale):
-        log_sigma = torch.as_tensor(self._log_sigma(log_scale), dtype=x.dtype, device=x.device)
-        return sum_squared_error(x, image) * (0.5 * torch.exp(-2 * log_sigma))
+    def loss(self, x, parameters):
+        log_sigma = torch.as_tensor(self._log_sigma(), dtype=x.dtype, device=x.device)
+        return sum_squared_error(x, parameters) * (0.5 * torch.exp(-2 * log_sigma))
 
-    def log_likelihood_8bit(self, x, image, log_scale):
-        return discretized_gaussian_log_likelihood(x, image, self._log_sigma(log_scale))
+    def log_likelihood_8bit(self, x, parameters):
+        return discretized_gaussian_log_likelihood(x, parameters, self._log_sigma())
 
-    def _log_sigma(self, log_scale):
-        return math.log(self.sigma) if log_scale is None else log_scale
+    def _log_sigma(self):
+        return math.log(self.sigma)
 
 
 @register
@@ -247,17 +257,17 @@ class GaussianLearned(Gaussian):
         start = math.log(sigma) - MIN_LOG_SIGMA  # the inverse of the soft floor
         self.raw_log_sigma = nn.Parameter(torch.tensor(MIN_LOG_SIGMA + start + math.log(-math.expm1(-start))))
 
-    def log_scale(self, image=None):
+    def log_scale(self):
         return soft_floor(self.raw_log_sigma, MIN_LOG_SIGMA)
 
     def shared_sigma(self):
         return self.log_scale().exp().item()
 
-    def loss(self, x, image, log_scale):
-        return self.nll(x, image, log_scale)
+    def loss(self, x, parameters):
+        return self.nll(x, parameters)
 
-    def _log_sigma(self, log_scale):
-        return self.log_scale() if log_scale is None else log_scale
+    def _log_sigma(self):
+        return self.log_scale()
 
 
 @register
@@ -270,15 +280,17 @@ class Bernoulli(Likelihood):
     def __init__(self, sigma=None):
         super().__init__()
 
-    def nll(self, x, image, log_scale=None):
+    def nll(self, x, parameters):
         # binary_cross_entropy written out, with its clamp of each log at -100: F.binary_cross_entropy raises on a
         # NaN input, where a diverged run must get its one-line error from the NaN loss instead.
-        log_p, log_not_p = torch.log(image).clamp(min=-100), torch.log1p(-image).clamp(min=-100)
+        log_p, log_not_p = torch.log(parameters).clamp(min=-100), torch.log1p(-parameters).clamp(min=-100)
         return -(x * log_p + (1 - x) * log_not_p).flatten(1).sum(dim=1)
 
 
 @register
 class Logistic(Likelihood):
+    """Its parameters are the decoder's maps in float32: the logits of the C means, then the C raw log scales."""
+
     name = "logistic"
     help = "per-pixel mean and scale of a logistic discretized to 256 levels (PixelCNN++); the shipped models'"
     maps_per_channel = 2  # a mean and a log scale per pixel
@@ -293,20 +305,30 @@ class Logistic(Likelihood):
             layer.bias[layer.out_channels // 2:] = INITIAL_LOG_SCALE
 
     def forward(self, maps):
-        logits, log_scale = maps.float().chunk(2, dim=1)
+        return maps.float()
+
+    def mean_and_log_scale(self, parameters, x=None):
+        """(mean, log scale) of each pixel's logistic, each (batch, C, H, W); x, when given, is checked to be an
+        image these parameters describe."""
+        if x is not None and parameters.shape[1] != self.output_channels(x.shape[1]):
+            raise ValueError(f"the logistic likelihood needs the decoder's per-pixel log scale: pass its parameters "
+                             f"(model.decode_parameters(z), or model(x, return_parameters=True)[0]), "
+                             f"{self.output_channels(x.shape[1])} maps for {x.shape[1]} image channels, not "
+                             f"{parameters.shape[1]}")
+        logits, log_scale = parameters.chunk(2, dim=1)
         return torch.sigmoid(logits), soft_floor(log_scale, MIN_LOG_SCALE)
 
-    def nll(self, x, image, log_scale):
-        if log_scale is None:
-            raise ValueError("the logistic likelihood needs the decoder's per-pixel log scale: pass "
-                             "log_scale=model.decode_distribution(z)[1] (or model(x, return_log_scale=True)[3])")
-        return discretized_logistic_nll(x, image, log_scale)
+    def mean(self, parameters):
+        return torch.sigmoid(parameters.chunk(2, dim=1)[0])
 
-    def log_likelihood_8bit(self, x, image, log_scale):
-        x, image, log_scale = _float64(x, image, log_scale)
-        return discretized_logistic_log_probs(x, image, log_scale).flatten(1).sum(dim=1)
+    def nll(self, x, parameters):
+        return discretized_logistic_nll(x, *self.mean_and_log_scale(parameters, x))
 
-    def log_likelihoods(self, x, image, log_scale, discretized=True):
+    def log_likelihood_8bit(self, x, parameters):
+        x, mean, log_scale = _float64(x, *self.mean_and_log_scale(parameters, x))
+        return discretized_logistic_log_probs(x, mean, log_scale).flatten(1).sum(dim=1)
+
+    def log_likelihoods(self, x, parameters, discretized=True):
         # It is a distribution over 8-bit pixels already: computed once, in float64.
-        log_likelihood = self.log_likelihood_8bit(x, image, log_scale)
+        log_likelihood = self.log_likelihood_8bit(x, parameters)
         return log_likelihood, (log_likelihood if discretized else None)

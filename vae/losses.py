@@ -32,12 +32,13 @@ class ELBOLoss(nn.Module):
         self.likelihood = make_likelihood(likelihood)
         self.free_bits = free_bits
 
-    def forward(self, x, reconstruction, mean, log_var, log_scale=None):
-        """log_scale: the likelihood's scale from the decoder (decode_distribution's second value): log sigma of
-        a Gaussian (default: the likelihood's own), the logistic's per-pixel log scale (required)."""
+    def forward(self, x, parameters, mean, log_var):
+        """parameters: the likelihood's parameters of p(x|z) (model(x, return_parameters=True)[0], or
+        model.decode_parameters(z)); for the Gaussians and the Bernoulli they are the reconstruction itself, so
+        ELBOLoss(beta)(x, *model(x)) is the tutorial's loss."""
         kl_dims = kl_per_dimension(mean, log_var).mean(dim=0)
         kl = kl_dims.sum()
         kl_term = kl_dims.clamp(min=self.free_bits).sum() if self.free_bits > 0 else kl
-        reconstruction_term = self.likelihood.loss(x, reconstruction, log_scale).mean()
+        reconstruction_term = self.likelihood.loss(x, parameters).mean()
         total = self.beta * kl_term + reconstruction_term
         return self.beta, kl, reconstruction_term, total

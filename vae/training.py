@@ -167,9 +167,9 @@ def step_loss(model, x, loss_fn, amp=False):
     """One training step's forward pass and loss: (kl, reconstruction, total) of loss_fn. The model runs under bf16
     autocast with amp; the loss is always computed in float32."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        reconstruction, mean, log_var, log_scale = model(x, return_log_scale=True)
-    _, kl, reconstruction, total = loss_fn(x, reconstruction.float(), mean.float(), log_var.float(),
-                                           None if log_scale is None else log_scale.float())
+        parameters, mean, log_var = model(x, return_parameters=True)
+    # The likelihood makes its parameters in float32 itself (Likelihood.forward).
+    _, kl, reconstruction, total = loss_fn(x, parameters, mean.float(), log_var.float())
     return kl, reconstruction, total
 
 
@@ -338,17 +338,16 @@ def importance_samples(model, x, mean, log_var, iw_samples, generator=None, disc
         k = min(per_chunk, iw_samples - start)
         eps = torch.randn(k, *mean.shape, generator=generator).to(mean.device)
         z = mean + std * eps
-        decoded, log_scale = model.decode_distribution(z.flatten(0, 1))
+        parameters = model.decode_parameters(z.flatten(0, 1))
         targets = x.repeat(k, *[1] * (x.dim() - 1))
         # In float64 on the CPU: log-weights of thousands of nats keep their small differences, and MPS has none.
         log_prior = _log_normal(z).cpu().double()
         # log q(z|x) from the noise itself: z - mean would cancel digits when std is far below |mean|.
         log_posterior = (_log_normal(eps) - log_var.mul(0.5).flatten(1).sum(dim=1)).cpu().double()
-        log_likelihood, log_likelihood_8bit = model.likelihood.log_likelihoods(targets, decoded, log_scale,
-                                                                                discretized)
+        log_likelihood, log_likelihood_8bit = model.likelihood.log_likelihoods(targets, parameters, discretized)
         if start == 0:  # the trained term of the first draw only: all the training objective needs
-            first_scale = log_scale if log_scale is None or log_scale.dim() == 0 else log_scale[:len(x)]
-            trained_term = model.likelihood.loss(x, decoded[:len(x)], first_scale)
+            # Computed for the chunk's draws and cut after: only the likelihood may index its parameters.
+            trained_term = model.likelihood.loss(targets, parameters)[:len(x)]
         for suffix, values in [("", log_likelihood)] + ([("_8bit", log_likelihood_8bit)] if discretized else []):
             values = values.view(k, len(x)).cpu().double()
             results["log_likelihood" + suffix][start:start + k] = values

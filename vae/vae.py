@@ -21,7 +21,8 @@ class VAE(nn.Module):
     space_to_depth); with it, latent_shape (C, H, W) gives a spatial latent instead of the dense one of latent_size.
     Either way `latent_shape` is the shape of one image's z and `latent_size` its number of dimensions.
     likelihood: a name of vae.likelihoods.LIKELIHOODS (sigma is the Gaussians') or a Likelihood; it is the model's
-    `likelihood` module, learned parameters included.
+    `likelihood` module, learned parameters included, and it alone reads the parameters of p(x|z) that
+    decode_parameters(z) gives.
     """
 
     def __init__(self, image_resolution=(32, 32), latent_size=10, image_channels=3, channels=None,
@@ -54,7 +55,7 @@ class VAE(nn.Module):
         self.image_channels = image_channels
         self.latent_shape = latent_shape
         self.latent_size = math.prod(latent_shape)
-        # The decoder gives the likelihood's maps; the likelihood turns them into image and scale.
+        # The decoder gives the likelihood's maps; the likelihood turns them into its parameters.
         output = dict(output_channels=self.likelihood.output_channels(image_channels), head=nn.Identity())
         if arch == "resnet":
             stages = dict(space_to_depth=space_to_depth, stage_channels=stage_channels, stage_blocks=stage_blocks)
@@ -73,14 +74,15 @@ class VAE(nn.Module):
         self.sample_latent = SampleLatent(self.latent_size)
         self._register_load_state_dict_pre_hook(_rename_old_keys)
 
-    def forward(self, x, return_log_scale=False):
-        """(reconstruction, mean, log_var); with return_log_scale=True also the likelihood's log scale for the
-        same z (see decode_distribution), which the loss needs for the logistic likelihood."""
+    def forward(self, x, return_parameters=False):
+        """(reconstruction, mean, log_var) for one draw z ~ q(z|x); with return_parameters=True (parameters, mean,
+        log_var): the likelihood's parameters of p(x|z) in place of the image they describe, what ELBOLoss reads.
+        For the Gaussians and the Bernoulli the two are the same tensor."""
         mean, log_var = self.encoder(x)
-        reconstruction, log_scale = self.decode_distribution(self.sample_latent(mean, log_var))
-        if return_log_scale:
-            return reconstruction, mean, log_var, log_scale
-        return reconstruction, mean, log_var
+        parameters = self.decode_parameters(self.sample_latent(mean, log_var))
+        if return_parameters:
+            return parameters, mean, log_var
+        return self.likelihood.mean(parameters), mean, log_var
 
     def encode(self, x):
         """x (batch, C, H, W) in [0, 1] -> (mean, log_var) of q(z|x), each (batch, *latent_shape)."""
@@ -89,11 +91,11 @@ class VAE(nn.Module):
     def decode(self, z):
         """z (batch, *latent_shape) -> image (batch, C, H, W) in [0, 1]: the likelihood's mean (Gaussian,
         logistic) or probability (Bernoulli)."""
-        return self.decode_distribution(z)[0]
+        return self.likelihood.mean(self.decode_parameters(z))
 
-    def decode_distribution(self, z):
-        """z -> (image, log_scale), the parameters of p(x|z): log_scale is log sigma as a 0-dim tensor for the
-        Gaussians, the per-pixel log scale (batch, C, H, W) for the logistic, None for the Bernoulli."""
+    def decode_parameters(self, z):
+        """z -> the parameters of p(x|z), made by the likelihood from the decoder's maps and read only by it
+        (model.likelihood.loss, nll, log_likelihood_8bit, mean)."""
         return self.likelihood(self.decoder(z))
 
 
