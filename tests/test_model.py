@@ -241,9 +241,9 @@ def test_log_scale_floor_is_soft():
     assert raw.grad[0, 1, 0, 1] > 0.01  # 3 below the floor it still learns
 
 
-@pytest.mark.parametrize("arch, latent_shape", [("resnet", (4, 4, 4)), ("seed", None)])
-def test_decoder_output_is_float32_under_bf16_autocast(arch, latent_shape):
-    model = VAE(arch=arch, width=8, latent_shape=latent_shape, likelihood="logistic")
+@pytest.mark.parametrize("architecture", [dict(arch="resnet", width=8, latent_shape=(4, 4, 4)), dict(arch="seed")])
+def test_decoder_output_is_float32_under_bf16_autocast(architecture):
+    model = VAE(likelihood="logistic", **architecture)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         parameters, mean, _ = model(torch.rand(2, 3, 32, 32), return_parameters=True)
     assert mean.dtype == torch.bfloat16  # autocast is on ...

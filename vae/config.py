@@ -15,9 +15,10 @@ from datasets.decoding import RESIZES
 from vae.device import DEVICES
 from vae.errors import UserError
 from vae.fid import inception_path
+from vae.layers import ARCHITECTURES
 from vae.likelihoods import LIKELIHOODS, TUTORIAL_SIGMA
 from vae.schedules import SCHEDULES
-from vae.vae import ARCHITECTURES, build_model
+from vae.vae import build_model
 
 SPLITS = ("train", "val", "test")
 
@@ -68,8 +69,10 @@ class TrainConfig:
                              "(0 or 1: in this process)")
     hflip: bool = _flag(False, "flip each training image horizontally with probability 1/2 (seeded per epoch)")
     # Model
-    arch: str = _flag("seed", "seed: the tutorial's conv stack; resnet: residual blocks of --width channels",
-                      choices=ARCHITECTURES)
+    # The registries themselves, read when the parser is built, so an architecture or likelihood registered later is
+    # a choice too.
+    arch: str = _flag("seed", lambda: "encoder and decoder: " + "; ".join(
+        f"{name}: {architecture.help}" for name, architecture in ARCHITECTURES.items()), choices=ARCHITECTURES)
     width: int = _flag(64, "channels of the first resnet stage (doubled once, at the second stage)")
     latent_size: int = _flag(10, "dimensions of the dense latent code z")
     latent_shape: list = _flag(None, "a spatial latent of C x H x W instead of --latent-size (resnet only)",
@@ -84,7 +87,6 @@ class TrainConfig:
     stage_blocks: list = _flag(None, "resnet: residual blocks of each resolution stage, finest first (default: 1 "
                                "each)", nargs="+", type=int)
     # Objective and optimisation
-    # The registry itself, read when the parser is built, so a likelihood registered later is a choice too.
     likelihood: str = _flag("gaussian", lambda: "decoder likelihood p(x|z): " + "; ".join(
         f"{name}: {cls.help}" for name, cls in LIKELIHOODS.items()), choices=LIKELIHOODS)
     sigma: float = _flag(TUTORIAL_SIGMA, "sigma of the gaussian likelihood (initial sigma for gaussian-learned)")
@@ -216,7 +218,8 @@ def check_ranges(settings):
 
 def validate_config(config):
     """Reject impossible settings before any data is read, with the flag to change. The model's own settings
-    (shapes, sizes, sigma) are checked by building it, without allocating its weights."""
+    (shapes, sizes, sigma, and each architecture's options) are checked by building it, without allocating its
+    weights."""
     largest = torch.finfo(torch.float32).max  # training computes in float32: --lr 1e39 overflows in Adam's step
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -252,9 +255,6 @@ def validate_config(config):
                                     f"use 32 or 64"),
         (config.latent_size <= 65_536, f"--latent-size {config.latent_size} is too large; use at most 65536"),
         (config.grid_size <= 1024, f"--grid-size {config.grid_size} is too large; use at most 1024"),
-        (config.width <= 4096 and all(c <= 4096 for c in (config.channels or []) + (config.stage_channels or [])),
-         "--width, --channels and --stage-channels must be at most 4096"),
-        (all(n <= 64 for n in config.stage_blocks or []), "--stage-blocks must be at most 64 per stage"),
         (not config.latent_shape or 1 <= min(config.latent_shape) and max(config.latent_shape) <= 4096,
          f"--latent-shape sizes must be in [1, 4096], got {config.latent_shape}"),
         (all(part in SPLITS for part in config.split.split("+")),

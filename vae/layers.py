@@ -1,18 +1,25 @@
 """The VAE's building blocks: Encoder, SampleLatent and Decoder (the tutorial's architecture), ResNetEncoder and
-ResNetDecoder (the residual architecture). The decoders end in maps; the likelihood (vae/likelihoods.py) turns
-them into the parameters of p(x|z).
+ResNetDecoder (the residual architecture), and the architectures: one builder each, registered under its --arch name
+with @register_architecture, that checks its own options and makes an encoder and a decoder. The decoders end in
+maps; the likelihood (vae/likelihoods.py) turns them into the parameters of p(x|z).
 
 Every size is derived from the image resolution, the latent shape and the channels (or width), so the same
 code serves 32x32, 64x64 and other resolutions that fit; one that does not is a ValueError naming the fix.
 """
 
+import dataclasses
+import inspect
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 TUTORIAL_CHANNELS = (16, 32, 64)
+# Far beyond what these models are built for; larger values are typing errors.
+MAX_CHANNELS = 4096
+MAX_BLOCKS = 64
 
 
 def default_channels(resolution: int) -> list:
@@ -82,7 +89,8 @@ class Decoder(nn.Module):
 
     ReLU (after optional BatchNorm) sits between the transposed convolutions. output_channels (default
     image_channels) sets the maps of the last layer and head what is applied to them (default the tutorial's
-    sigmoid); the VAE passes its likelihood's number of maps and nn.Identity(), and its likelihood reads them.
+    sigmoid); its architecture builder passes the likelihood's number of maps and nn.Identity(), and the likelihood
+    reads them.
     """
 
     def __init__(self, image_resolution=(32, 32), image_channels=3, latent_size=10,
@@ -320,3 +328,103 @@ class ResNetDecoder(nn.Module):
             if self.space_to_depth > 1:
                 maps = F.pixel_shuffle(maps, self.space_to_depth)
             return self.head(maps)
+
+
+# ------------------------------------------------------------------------------ the architectures
+
+ARCHITECTURES = {}  # --arch name -> Architecture
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """An encoder/decoder pair, made by `build(image_resolution, image_channels, latent_shape, output_channels,
+    **options) -> (encoder, decoder)`.
+
+    The builder gets the image's (H, W) and channels, the shape of one image's z ((D,) dense or (C, H, W) spatial)
+    and the number of maps the likelihood reads; it checks its own options and what it cannot build (a ValueError
+    naming the flag to change). encoder(x) gives (mean, log_var), each (batch, *latent_shape); decoder(z) gives the
+    maps (batch, output_channels, H, W) and has `output_layer`, the layer whose bias the likelihood initialises.
+    options are the builder's keyword arguments: each is the TrainConfig field (and flag) of the same name, and its
+    default is the value a checkpoint saved before that setting existed was trained with.
+    """
+    name: str
+    build: Callable
+    help: str
+    channels_last: bool = False  # whether its convolutions run faster on channels_last inputs (CUDA, bf16)
+
+    @property
+    def options(self):
+        """{option name: default} of the builder's keyword arguments."""
+        return {name: parameter.default for name, parameter in inspect.signature(self.build).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+
+
+def register_architecture(name, help, channels_last=False):
+    """Function decorator: make a builder (see Architecture) available as --arch name."""
+    def register(build):
+        ARCHITECTURES[name] = Architecture(name, build, help, channels_last)
+        return build
+    return register
+
+
+def architecture(name):
+    """The Architecture registered as --arch name."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {name!r}; use one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def _flags(names):
+    flags = ["--" + name.replace("_", "-") for name in names]
+    return flags[0] if len(flags) == 1 else ", ".join(flags[:-1]) + " and " + flags[-1]
+
+
+def architecture_options(name, options):
+    """The options of --arch name among `options`. An option only other architectures read must be at its default
+    there (the value every config holds when the flag is not given); otherwise a ValueError names the flags that
+    belong to the other architecture."""
+    own = architecture(name).options
+    for option, value in options.items():
+        if option in own:
+            continue
+        owners = [other for other in ARCHITECTURES.values() if option in other.options]
+        if not owners:
+            raise TypeError(f"no architecture has an option {option!r}")
+        if all(value != owner.options[option] for owner in owners):
+            theirs = [other for other in owners[0].options if other not in own]
+            raise ValueError(f"{_flags(theirs)} belong to --arch {owners[0].name}; --arch {name} takes "
+                             f"{_flags(own) if own else 'none of them'}")
+    return {option: value for option, value in options.items() if option in own}
+
+
+@register_architecture("seed", help="the tutorial's conv stack")
+def seed_architecture(image_resolution, image_channels, latent_shape, output_channels, channels=None,
+                      batch_norm=False):
+    """Encoder and Decoder, one down-sampling stage per entry of channels (default: default_channels)."""
+    if len(latent_shape) != 1:
+        raise ValueError(f"a spatial latent shape {latent_shape} needs --arch resnet; the tutorial's "
+                         f"architecture has a dense latent (--latent-size)")
+    channels = list(channels) if channels else default_channels(min(image_resolution))
+    if min(channels) < 1:
+        raise ValueError(f"--channels must be positive, got {channels}")
+    if max(channels) > MAX_CHANNELS:
+        raise ValueError(f"--channels must be at most {MAX_CHANNELS}")
+    (latent_size,) = latent_shape
+    return (Encoder(image_resolution, image_channels, latent_size, channels, batch_norm),
+            Decoder(image_resolution, image_channels, latent_size, channels, batch_norm,
+                    output_channels=output_channels, head=nn.Identity()))
+
+
+@register_architecture("resnet", help="residual blocks of --width channels", channels_last=True)
+def resnet_architecture(image_resolution, image_channels, latent_shape, output_channels, width=64,
+                        space_to_depth=False, stage_channels=None, stage_blocks=None):
+    """ResNetEncoder and ResNetDecoder (see ResNetShape for the options)."""
+    # Checked before any layer is made: thousands of stages would take long even on the meta device.
+    if width > MAX_CHANNELS or max(stage_channels or [0]) > MAX_CHANNELS:
+        raise ValueError(f"--width and --stage-channels must be at most {MAX_CHANNELS}")
+    if max(stage_blocks or [0]) > MAX_BLOCKS:
+        raise ValueError(f"--stage-blocks must be at most {MAX_BLOCKS} per stage")
+    stages = dict(space_to_depth=space_to_depth, stage_channels=stage_channels, stage_blocks=stage_blocks)
+    return (ResNetEncoder(image_resolution, image_channels, latent_shape, width, **stages),
+            ResNetDecoder(image_resolution, image_channels, latent_shape, width, output_channels=output_channels,
+                          head=nn.Identity(), **stages))

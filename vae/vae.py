@@ -1,36 +1,34 @@
 """VAE: the model the scripts import."""
 
 import contextlib
+import inspect
 import math
 
 import torch
 from torch import nn
 
-from vae.layers import Decoder, Encoder, ResNetDecoder, ResNetEncoder, SampleLatent, default_channels
+from vae.layers import ARCHITECTURES, SampleLatent, architecture, architecture_options
 from vae.likelihoods import TUTORIAL_SIGMA, make_likelihood
-
-ARCHITECTURES = ("seed", "resnet")
 
 
 class VAE(nn.Module):
     """Encoder -> SampleLatent -> Decoder -> likelihood. forward(x) returns (reconstruction, mean, log_var).
 
-    With the defaults (32x32 RGB, latent 10, channels 16/32/64) this is the tutorial's model, 65,831 parameters.
-    arch="resnet" swaps in ResNetEncoder/ResNetDecoder of base `width` channels (or stage_channels, with
-    stage_blocks residual blocks per stage, and a space-to-depth stem and pixel-shuffle output with
-    space_to_depth); with it, latent_shape (C, H, W) gives a spatial latent instead of the dense one of latent_size.
-    Either way `latent_shape` is the shape of one image's z and `latent_size` its number of dimensions.
+    With the defaults (32x32 RGB, latent 10, arch "seed" with channels 16/32/64) this is the tutorial's model,
+    65,831 parameters. arch names the encoder and decoder, a builder registered in vae.layers.ARCHITECTURES, and
+    **options are that builder's options (seed: channels, batch_norm; resnet: width, space_to_depth, stage_channels,
+    stage_blocks), which it checks; another architecture's options are refused unless at their defaults.
+    latent_shape (C, H, W) gives a spatial latent, where the architecture has one, instead of the dense one of
+    latent_size. Either way `latent_shape` is the shape of one image's z and `latent_size` its number of dimensions.
     likelihood: a name of vae.likelihoods.LIKELIHOODS (sigma is the Gaussians') or a Likelihood; it is the model's
     `likelihood` module, learned parameters included, and it alone reads the parameters of p(x|z) that
     decode_parameters(z) gives.
     """
 
-    def __init__(self, image_resolution=(32, 32), latent_size=10, image_channels=3, channels=None,
-                 batch_norm=False, likelihood="gaussian", sigma=TUTORIAL_SIGMA, arch="seed", width=64,
-                 latent_shape=None, space_to_depth=False, stage_channels=None, stage_blocks=None):
+    def __init__(self, image_resolution=(32, 32), latent_size=10, image_channels=3, likelihood="gaussian",
+                 sigma=TUTORIAL_SIGMA, arch="seed", latent_shape=None, **options):
         super().__init__()
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown arch {arch!r}; use one of {', '.join(ARCHITECTURES)}")
+        options = architecture_options(arch, options)
         if latent_shape:
             latent_shape = tuple(latent_shape)
             if len(latent_shape) != 3 or min(latent_shape) < 1:
@@ -39,14 +37,6 @@ class VAE(nn.Module):
             raise ValueError(f"--latent-size must be at least 1, got {latent_size}")
         else:
             latent_shape = (latent_size,)
-        if arch == "seed" and len(latent_shape) == 3:
-            raise ValueError(f"a spatial latent shape {latent_shape} needs --arch resnet; the tutorial's "
-                             f"architecture has a dense latent (--latent-size)")
-        if arch == "resnet" and (channels or batch_norm):
-            raise ValueError("--channels and --batch-norm belong to --arch seed; the resnet's channels come from "
-                             "--width (or --stage-channels), and it has no normalisation layers")
-        if arch == "seed" and (space_to_depth or stage_channels or stage_blocks):
-            raise ValueError("--space-to-depth, --stage-channels and --stage-blocks belong to --arch resnet")
         self.likelihood = make_likelihood(likelihood, sigma)
         self.arch = arch
         if isinstance(image_resolution, int):  # VAE(32) means 32x32
@@ -56,20 +46,9 @@ class VAE(nn.Module):
         self.latent_shape = latent_shape
         self.latent_size = math.prod(latent_shape)
         # The decoder gives the likelihood's maps; the likelihood turns them into its parameters.
-        output = dict(output_channels=self.likelihood.output_channels(image_channels), head=nn.Identity())
-        if arch == "resnet":
-            stages = dict(space_to_depth=space_to_depth, stage_channels=stage_channels, stage_blocks=stage_blocks)
-            self.encoder = ResNetEncoder(self.image_resolution, image_channels, latent_shape, width, **stages)
-            self.decoder = ResNetDecoder(self.image_resolution, image_channels, latent_shape, width, **output,
-                                         **stages)
-        else:
-            channels = list(channels) if channels else default_channels(min(self.image_resolution))
-            for size in channels:
-                if size < 1:
-                    raise ValueError(f"--channels must be positive, got {channels}")
-            self.encoder = Encoder(self.image_resolution, image_channels, latent_size, channels, batch_norm)
-            self.decoder = Decoder(self.image_resolution, image_channels, latent_size, channels, batch_norm,
-                                   **output)
+        self.encoder, self.decoder = architecture(arch).build(
+            self.image_resolution, image_channels, latent_shape, self.likelihood.output_channels(image_channels),
+            **options)
         self.likelihood.initialize(self.decoder.output_layer)
         self.sample_latent = SampleLatent(self.latent_size)
         self._register_load_state_dict_pre_hook(_rename_old_keys)
@@ -145,14 +124,11 @@ def posterior_means(model, images_uint8, batch_size=256):
 
 
 def build_model(config) -> VAE:
-    """The VAE a TrainConfig (or its saved dict) describes. Settings newer than a checkpoint take the tutorial's
-    values, so old checkpoints build the model they were trained with."""
-    def get(name, default):
-        return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
-
-    resolution = get("resolution", 32)
-    return VAE((resolution, resolution), latent_size=get("latent_size", 10), channels=get("channels", None),
-               batch_norm=get("batch_norm", False), likelihood=get("likelihood", "gaussian"),
-               sigma=get("sigma", TUTORIAL_SIGMA), arch=get("arch", "seed"), width=get("width", 64),
-               latent_shape=get("latent_shape", None), space_to_depth=get("space_to_depth", False),
-               stage_channels=get("stage_channels", None), stage_blocks=get("stage_blocks", None))
+    """The VAE a TrainConfig (or its saved dict) describes: each of its settings that VAE or an architecture takes,
+    by name. Settings newer than a checkpoint take the tutorial's values (VAE's and the builders' defaults), so old
+    checkpoints build the model they were trained with."""
+    names = [name for name in inspect.signature(VAE).parameters if name not in ("image_resolution", "options")]
+    names += sorted({option for registered in ARCHITECTURES.values() for option in registered.options} - set(names))
+    saved = config if isinstance(config, dict) else vars(config)
+    resolution = saved.get("resolution", 32)
+    return VAE((resolution, resolution), **{name: saved[name] for name in names if name in saved})
