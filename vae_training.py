@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -135,10 +136,35 @@ def check_same_data(checkpoint, data, config, path):
                 f"a new run")
 
 
+@dataclasses.dataclass
+class Run:
+    """One training's pieces, made by setup_run and shared by the epoch loop and the end of the run. The lock and
+    the writer are the main process's (None on the others)."""
+    config: TrainConfig
+    process: distributed.Process
+    say: Callable  # print on the main process and silent on the others, so that each message appears once
+    run_dir: Path
+    lock: Any
+    writer: Any
+    started: float  # time.perf_counter() when the run began, for the closing line
+    train_images: torch.Tensor
+    eval_images: torch.Tensor | None
+    eval_classes: list
+    batches: ImageBatches
+    eval_batches: ImageBatches | None
+    fixed_images: torch.Tensor  # the grids' test batch and prior noise: the same every epoch, so frames compare
+    fixed_noise: torch.Tensor
+    model: torch.nn.Module  # the one that trains, under DDP and torch.compile when they are on
+    eval_model: torch.nn.Module  # the one evaluated, drawn and kept in best.pt: the EMA copy when there is one
+    optimization: Optimization
+    loss_fn: ELBOLoss
+    state: TrainState
+    checkpoints: Checkpoints
+
+
 def train(config, resume="", explicit=()):
     """The whole run; returns the exit code: 0, or 130/143 when stopped by SIGINT/SIGTERM. Under torchrun every
     process runs this; only process 0 writes files and prints."""
-    # Setup: the process, the run folder, the data, the model, and the checkpoint's state over them.
     checkpoint, checkpoint_path, config = checkpoint_to_resume(resume, config, explicit)
     validate_config(config)
     check_log_dir_outside_the_images(config)
@@ -146,21 +172,40 @@ def train(config, resume="", explicit=()):
         print(f"{checkpoint_path} is a finished run: {checkpoint['epoch']} of {config.epochs} epochs, samplers fitted; "
               f"nothing to do (pass a larger --epochs to train on)")
         return 0
+    run = setup_run(config, checkpoint, checkpoint_path, restart_unsaved=resume == "auto")
+    try:
+        with StopRequest(config.max_steps) as stop:
+            stopped = run_epochs(run, stop)
+            # A session that --max-steps ended short of --epochs is not the end of the run: a resume trains on.
+            if stopped is None and run.process.is_main and run.state.epoch >= config.epochs:
+                stopped = end_of_run(run, stop)
+    except TrainingDiverged as error:
+        kept = (f"{run.run_dir / 'checkpoint.pt'} keeps the last good state"
+                if (run.run_dir / "checkpoint.pt").exists() else "no checkpoint had been saved yet")
+        raise EveryProcessError(f"{error}; training stopped and {kept}. Lower --lr or --beta, or check the data") \
+            from None
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+        if run.lock is not None:
+            run.lock.close()
+    if stopped is not None:
+        return stopped
+    if run.process.distributed:
+        in_sync = distributed.replicas_in_sync(unwrap(run.model), run.process.device)
+        run.say(f"parameters {'identical' if in_sync else 'DIFFER'} on all {run.process.world_size} processes")
+    return 0
+
+
+def setup_run(config, checkpoint, checkpoint_path, restart_unsaved):
+    """The process, the run folder, the data, the model and the checkpoint's state over them, and the writer."""
     process = distributed.setup(config.device)
     device = process.device
     say = print if process.is_main else (lambda *args, **kwargs: None)
     if config.amp and process.is_main:
         check_amp(device)
-    lock, restarted = None, None
     new_folder = not config.run_name or not (Path(config.log_dir) / config.run_name).exists()
-    with distributed.errors_of_the_main_process(process):
-        if process.is_main:
-            run_dir, lock = claim(config.log_dir, config.run_name or None, resumed_from=checkpoint_path,
-                                  restart_unsaved=resume == "auto")
-            restarted = -1 if checkpoint is None and resume == "auto" and holds_unsaved_run(run_dir) else None
-            config.run_name = run_dir.name
-    config.run_name = distributed.broadcast_object(config.run_name)
-    run_dir = Path(config.log_dir) / config.run_name  # on every process, for its messages
+    run_dir, lock, restarted = claim_run_folder(config, process, checkpoint, checkpoint_path, restart_unsaved)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
 
@@ -178,120 +223,176 @@ def train(config, resume="", explicit=()):
                            seed=config.seed, rank=process.rank, world_size=process.world_size, hflip=config.hflip)
     eval_batches = None if eval_images is None else ImageBatches(
         eval_images, EVAL_BATCH_SIZE, device, shuffle=False, rank=process.rank, world_size=process.world_size)
-    grid_source = eval_images if eval_images is not None else train_images
-    fixed_images = to_float(grid_source[random_subset(len(grid_source), config.grid_size, config.seed)].to(device))
 
     model = build_model(config).to(device, memory_format=memory_format(config, device))
     if device.type == "cpu":
         choose_cpu_threads(config, model, batches, process, say)
     optimization = Optimization(model, config, steps_per_epoch=len(batches))
     loss_fn = ELBOLoss(config.beta, model.likelihood, config.free_bits)
-    fixed_noise = torch.randn(config.grid_size, *model.latent_shape,
-                              generator=torch.Generator().manual_seed(config.seed)).to(device)
+    fixed_images, fixed_noise = grid_inputs(config, model, train_images, eval_images, device)
     state = TrainState()
     if checkpoint is not None:
-        restore_model(model, checkpoint, checkpoint_path)
-        optimization.load_state_dict(checkpoint, checkpoint_path, restore_model)
-        state = TrainState(**{key: checkpoint.get(key, value) for key, value in state.as_dict().items()})
-        set_rng_state(checkpoint["rng"], device, checkpoint_path)
+        state = resumed_state(checkpoint, checkpoint_path, model, optimization, device)
         say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
     if process.rank > 0:  # every process draws its own reparameterisation noise
         torch.manual_seed(config.seed + 7919 * process.rank + state.step)
-    eval_model = optimization.ema.module if optimization.ema is not None else model  # grids, best.pt, evaluation
-    checkpoints = Checkpoints(run_dir, config, model, optimization, state, device, enabled=process.is_main,
-                              data=data)
-    if process.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        model = torch.compile(model)
+    eval_model = optimization.ema.module if optimization.ema is not None else model
+    checkpoints = Checkpoints(run_dir, config, model, optimization, state, device, enabled=process.is_main, data=data)
+    model = parallel(model, config, process)
     say(f"training on {len(train_images)} images ({device}"
         f"{f' x {process.world_size} processes' if process.distributed else ''}), evaluating on "
         f"{0 if eval_images is None else len(eval_images)}; "
         f"{sum(p.numel() for p in unwrap(model).parameters()):,} parameters; run folder {run_dir}")
     writer = None
     if process.is_main:
-        write_manifest(run_dir, config, resumed_from=checkpoint_path)
         # A resumed run drops what a killed session logged after its checkpoint; a restarted one all of it.
-        writer = open_writer(run_dir, resumed_step=state.step if checkpoint is not None else restarted)
-        log_settings(writer, config)
+        writer = open_run_writer(config, run_dir, checkpoint_path, state.step if checkpoint is not None else restarted)
+    return Run(config=config, process=process, say=say, run_dir=run_dir, lock=lock, writer=writer, started=started,
+               train_images=train_images, eval_images=eval_images, eval_classes=eval_classes, batches=batches,
+               eval_batches=eval_batches, fixed_images=fixed_images, fixed_noise=fixed_noise, model=model,
+               eval_model=eval_model, optimization=optimization, loss_fn=loss_fn, state=state,
+               checkpoints=checkpoints)
 
-    try:
-        # The epoch loop: train, evaluate, log, save.
-        with StopRequest(config.max_steps) as stop:
-            save_when_due = every(config.checkpoint_every, checkpoints.save)  # also within an epoch
-            session_start = state.step
-            while state.epoch < config.epochs:
-                if stop.at_max_steps(state.step):
-                    if state.step == session_start:
-                        say(f"already at --max-steps {config.max_steps}; pass a larger --max-steps (or 0) to go on")
-                    break
-                epoch, first_step, epoch_start = state.epoch, state.step, time.perf_counter()
-                losses = train_one_epoch(model, batches, loss_fn, optimization, state, writer, stop,
-                                         after_step=save_when_due, progress=process.is_main)
-                images_per_s = (state.step - first_step) * config.batch_size / (time.perf_counter() - epoch_start)
-                # A finite last loss can still have stepped into non-finite weights: stop before they are logged.
-                check_finite(unwrap(model).state_dict(), state.step)
-                # Every process takes part in the reduction, so a signal that reached only one still stops all.
-                if distributed.any_process(stop.requested, device):
-                    checkpoints.save()
-                    say(f"\nstopped at step {state.step}; checkpoint saved. Resume with: "
-                        f"{resume_command(run_dir / 'checkpoint.pt')}", file=sys.stderr)
-                    return stop.exit_code if stop.requested else 143
-                if state.batch >= len(batches):
-                    state.epoch, state.batch = epoch + 1, 0
-                line = (f"epoch {epoch + 1}/{config.epochs} step {state.step}: reconstruction "
-                        f"{losses.get('Reconstruction Loss', math.nan):.2f}  KL {losses.get('KL Loss', math.nan):.3f}  "
-                        f"total {losses.get('Total Loss', math.nan):.2f}")
-                # Every process draws the grids: weights that are finite but too large for finite images stop all.
-                grids = fixed_grids(eval_model, fixed_images, fixed_noise)
-                check_finite(grids, state.step, "image grid of")
-                if eval_batches is not None:
-                    # A fixed generator: the same noise every epoch, and the training RNG stream is not touched.
-                    state.eval = evaluate(eval_model, eval_batches, config.beta,
-                                          generator=torch.Generator().manual_seed(config.seed))
-                    if not math.isfinite(state.eval["neg_elbo_nats"]):
-                        raise TrainingDiverged(f"the held-out -ELBO became {state.eval['neg_elbo_nats']} at step "
-                                               f"{state.step}")
-                    line += (f" | eval -ELBO {state.eval['neg_elbo_nats']:.1f} nats, "
-                             f"{state.eval['active_units']}/{state.eval['latent_size']} active units")
-                    if process.is_main:
-                        log_scalars(writer, state.step, "eval", state.eval)
-                    if state.eval["neg_elbo_nats"] < state.best_eval:
-                        state.best_eval = state.eval["neg_elbo_nats"]
-                        checkpoints.save("best.pt")
-                if process.is_main:
-                    log_epoch(writer, state.step, epoch, losses, images_per_s, loss_fn, optimization, model, grids)
-                checkpoints.save()
-                say(line + f"  ({images_per_s:.0f} img/s)")
 
-            # The end of the run: samplers of the latent, sample quality, HPARAMS and the projector.
-            if process.is_main and state.epoch >= config.epochs:
-                try:
-                    with stop.raising():
-                        samplers = finish_run(config, unwrap(eval_model), train_images, eval_images, state, device)
-                except Stopped:  # the epochs are saved; a resume does the end of the run again
-                    say(f"\nstopped at the end of the run (fitting the samplers, or measuring FID); its {state.epoch} "
-                        f"epochs are saved. Finish it with: {resume_command(run_dir / 'checkpoint.pt')}",
-                        file=sys.stderr)
-                    return stop.exit_code
-                checkpoints.save(samplers=samplers)
-                log_run_summary(writer, config, state.eval, eval_model, eval_images, eval_classes, state.step)
-                say(run_summary(run_dir, state, time.perf_counter() - started, config))
-    except TrainingDiverged as error:
-        kept = (f"{run_dir / 'checkpoint.pt'} keeps the last good state" if (run_dir / "checkpoint.pt").exists()
-                else "no checkpoint had been saved yet")
-        raise EveryProcessError(f"{error}; training stopped and {kept}. Lower --lr or --beta, or check the data") \
-            from None
-    finally:
-        if writer is not None:
-            writer.close()
-        if lock is not None:
-            lock.close()
+def claim_run_folder(config, process, checkpoint, checkpoint_path, restart_unsaved):
+    """(run folder, its lock, restarted). The main process claims the folder and holds its lock (None on the
+    others, which learn the folder's name from it). restarted is -1 when --resume auto starts again in a folder
+    whose run was killed before its first checkpoint, else None."""
+    lock, restarted = None, None
+    with distributed.errors_of_the_main_process(process):
+        if process.is_main:
+            run_dir, lock = claim(config.log_dir, config.run_name or None, resumed_from=checkpoint_path,
+                                  restart_unsaved=restart_unsaved)
+            restarted = -1 if checkpoint is None and restart_unsaved and holds_unsaved_run(run_dir) else None
+            config.run_name = run_dir.name
+    config.run_name = distributed.broadcast_object(config.run_name)
+    return Path(config.log_dir) / config.run_name, lock, restarted  # on every process, for its messages
+
+
+def grid_inputs(config, model, train_images, eval_images, device):
+    """(test batch, prior noise) of the image grids: a seeded draw of --grid-size held-out images (training images
+    without them) and seeded noise."""
+    images = eval_images if eval_images is not None else train_images
+    fixed_images = to_float(images[random_subset(len(images), config.grid_size, config.seed)].to(device))
+    fixed_noise = torch.randn(config.grid_size, *model.latent_shape,
+                              generator=torch.Generator().manual_seed(config.seed)).to(device)
+    return fixed_images, fixed_noise
+
+
+def resumed_state(checkpoint, path, model, optimization, device):
+    """The checkpoint's TrainState, after its weights, optimization state and RNG states are restored in place."""
+    restore_model(model, checkpoint, path)
+    optimization.load_state_dict(checkpoint, path, restore_model)
+    state = TrainState(**{key: checkpoint.get(key, value) for key, value in TrainState().as_dict().items()})
+    set_rng_state(checkpoint["rng"], device, path)
+    return state
+
+
+def parallel(model, config, process):
+    """The model as it trains: under DistributedDataParallel with torchrun, compiled with --compile."""
     if process.distributed:
-        in_sync = distributed.replicas_in_sync(unwrap(model), device)
-        say(f"parameters {'identical' if in_sync else 'DIFFER'} on all {process.world_size} processes")
-    return 0
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[process.device.index] if process.device.type == "cuda" else None)
+    if config.compile:
+        model = torch.compile(model)
+    return model
+
+
+def open_run_writer(config, run_dir, checkpoint_path, resumed_step):
+    """The run's TensorBoard writer, with its settings logged, after the run's manifest is written."""
+    write_manifest(run_dir, config, resumed_from=checkpoint_path)
+    writer = open_writer(run_dir, resumed_step=resumed_step)
+    log_settings(writer, config)
+    return writer
+
+
+def run_epochs(run, stop):
+    """Train, evaluate, log and save each epoch up to --epochs (or --max-steps). Returns the exit code when a stop
+    request ended the run, else None."""
+    state, config = run.state, run.config
+    save_when_due = every(config.checkpoint_every, run.checkpoints.save)  # also within an epoch
+    session_start = state.step
+    while state.epoch < config.epochs:
+        if stop.at_max_steps(state.step):
+            if state.step == session_start:
+                run.say(f"already at --max-steps {config.max_steps}; pass a larger --max-steps (or 0) to go on")
+            break
+        epoch, first_step, epoch_start = state.epoch, state.step, time.perf_counter()
+        losses = train_one_epoch(run.model, run.batches, run.loss_fn, run.optimization, state, run.writer, stop,
+                                 after_step=save_when_due, progress=run.process.is_main)
+        images_per_s = (state.step - first_step) * config.batch_size / (time.perf_counter() - epoch_start)
+        # A finite last loss can still have stepped into non-finite weights: stop before they are logged.
+        check_finite(unwrap(run.model).state_dict(), state.step)
+        # Every process takes part in the reduction, so a signal that reached only one still stops all.
+        if distributed.any_process(stop.requested, run.process.device):
+            return save_and_stop(run, stop)
+        if state.batch >= len(run.batches):
+            state.epoch, state.batch = epoch + 1, 0
+        # Every process draws the grids: weights that are finite but too large for finite images stop all.
+        grids = fixed_grids(run.eval_model, run.fixed_images, run.fixed_noise)
+        check_finite(grids, state.step, "image grid of")
+        evaluation = None if run.eval_batches is None else evaluate_epoch(run)
+        if run.process.is_main:
+            log_epoch(run.writer, state.step, epoch, losses, images_per_s, run.loss_fn, run.optimization, run.model,
+                      grids)
+        run.checkpoints.save()
+        run.say(epoch_line(config, epoch, state.step, losses, evaluation, images_per_s))
+    return None
+
+
+def save_and_stop(run, stop):
+    """Saves the checkpoint and says how to resume; returns the exit code: the signal's, or SIGTERM's on a process
+    that another one's signal stopped."""
+    run.checkpoints.save()
+    run.say(f"\nstopped at step {run.state.step}; checkpoint saved. Resume with: "
+            f"{resume_command(run.run_dir / 'checkpoint.pt')}", file=sys.stderr)
+    return stop.exit_code if stop.requested else 143
+
+
+def evaluate_epoch(run):
+    """The held-out evaluation, into state.eval and TensorBoard; a new best -ELBO saves best.pt. Returns it."""
+    state, config = run.state, run.config
+    # A fixed generator: the same noise every epoch, and the training RNG stream is not touched.
+    state.eval = evaluate(run.eval_model, run.eval_batches, config.beta,
+                          generator=torch.Generator().manual_seed(config.seed))
+    if not math.isfinite(state.eval["neg_elbo_nats"]):
+        raise TrainingDiverged(f"the held-out -ELBO became {state.eval['neg_elbo_nats']} at step {state.step}")
+    if run.process.is_main:
+        log_scalars(run.writer, state.step, "eval", state.eval)
+    if state.eval["neg_elbo_nats"] < state.best_eval:
+        state.best_eval = state.eval["neg_elbo_nats"]
+        run.checkpoints.save("best.pt")
+    return state.eval
+
+
+def epoch_line(config, epoch, step, losses, evaluation, images_per_s):
+    """The line printed after each epoch: its last step's losses, the held-out numbers (None without) and the
+    speed."""
+    line = (f"epoch {epoch + 1}/{config.epochs} step {step}: reconstruction "
+            f"{losses.get('Reconstruction Loss', math.nan):.2f}  KL {losses.get('KL Loss', math.nan):.3f}  "
+            f"total {losses.get('Total Loss', math.nan):.2f}")
+    if evaluation is not None:
+        line += (f" | eval -ELBO {evaluation['neg_elbo_nats']:.1f} nats, "
+                 f"{evaluation['active_units']}/{evaluation['latent_size']} active units")
+    return line + f"  ({images_per_s:.0f} img/s)"
+
+
+def end_of_run(run, stop):
+    """On the main process after the last epoch: samplers of the latent, sample quality, HPARAMS and the projector,
+    and the closing lines. Returns the exit code when a stop request interrupted it, else None."""
+    try:
+        with stop.raising():
+            samplers = finish_run(run.config, unwrap(run.eval_model), run.train_images, run.eval_images, run.state,
+                                  run.process.device)
+    except Stopped:  # the epochs are saved; a resume does the end of the run again
+        run.say(f"\nstopped at the end of the run (fitting the samplers, or measuring FID); its {run.state.epoch} "
+                f"epochs are saved. Finish it with: {resume_command(run.run_dir / 'checkpoint.pt')}", file=sys.stderr)
+        return stop.exit_code
+    run.checkpoints.save(samplers=samplers)
+    log_run_summary(run.writer, run.config, run.state.eval, run.eval_model, run.eval_images, run.eval_classes,
+                    run.state.step)
+    run.say(run_summary(run.run_dir, run.state, time.perf_counter() - run.started, run.config))
+    return None
 
 
 def choose_cpu_threads(config, model, batches, process, say):
