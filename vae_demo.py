@@ -22,12 +22,14 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
 from vae import inference
-from vae.config import RANGES, check_range, saved_config
+from vae.config import RANGES, check_range
 from vae.device import DEVICES, model_device, pick_device
 from vae.errors import UserError
+from vae.trained import load_model
 
 REPO = Path(__file__).resolve().parent
-PRETRAINED = inference.PRETRAINED
+# The shipped model (recipes/flowers32.json), as for vae_inference.py.
+PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "flowers32.pt"
 # Photos of Flowers102 that pretrained/flowers32.pt was not trained on (its held-out images).
 EXAMPLES = sorted((REPO / "pretrained" / "examples").glob("*.jpg"))
 HOST = "127.0.0.1"
@@ -111,12 +113,13 @@ class Demo:
     a problem with the input empties the outputs and says what to do instead."""
 
     def __init__(self, checkpoint_path, device, scale=4):
-        self.model, self.checkpoint = inference.load_model(checkpoint_path, device)
-        self.resize = saved_config(self.checkpoint["config"], checkpoint_path).resize  # how training squared photos
-        self.samplers = ["prior", *(self.checkpoint.get("samplers") or {})]
+        self.trained = load_model(checkpoint_path, device)
+        self.model = self.trained.model
+        self.resize = self.trained.config.resize  # how training squared photos
+        self.samplers = list(self.trained.samplers)  # the prior, then those fitted, in the order they were
         # The variation modes this checkpoint can run, best first: the first is the page's default.
-        self.modes = [mode for mode in inference.VARIATION_MODES
-                      if mode == "posterior" or mode in (self.checkpoint.get("samplers") or {})]
+        self.mode_descriptions = inference.variation_modes(self.trained.samplers)
+        self.modes = list(self.mode_descriptions)
         self.scale = scale
 
     def pictures(self, images):
@@ -134,7 +137,8 @@ class Demo:
             count = int(check_range("the number of variations", count, COUNT))
             strength = check_range("the strength", strength, STRENGTH)
             generator = torch.Generator().manual_seed(seed)
-            images, _, mean = inference.variations(self.model, x, count, strength, generator, mode, self.checkpoint)
+            images, _, mean = inference.variations(self.model, x, count, strength, generator, mode,
+                                                   self.trained.samplers)
             with torch.no_grad():
                 seen, reconstruction = self.pictures(torch.cat([x, self.model.decode(mean)]))
             return seen, reconstruction, self.pictures(images), message(notes), seed
@@ -160,8 +164,7 @@ class Demo:
                 raise UserError(f"this checkpoint has no {sampler} sampler; pick one of {', '.join(self.samplers)}")
             count = int(check_range("the number of samples", count, COUNT))
             temperature = check_range("the temperature", temperature, TEMPERATURE)
-            state = inference.sampler_state(self.model, self.checkpoint, sampler, "the checkpoint")
-            images = inference.sample_images(self.model, state, count, temperature,
+            images = inference.sample_images(self.model, self.trained.samplers[sampler], count, temperature,
                                              torch.Generator().manual_seed(seed))[0]
             return self.pictures(images), message(), seed
         except UserError as error:
@@ -209,7 +212,7 @@ def build_page(demo, checkpoint_name):
                     "is decoded from the posterior mean. **Strength** says how far the variations go: near 0 they "
                     "are the photo, around 0.3 another flower of the same kind and colours, posed and shaped "
                     "anew, at 1 any flower. "
-                    f"Modes: {'; '.join(f'**{m}**: {inference.VARIATION_MODES[m]}' for m in demo.modes)}.")
+                    f"Modes: {'; '.join(f'**{m}**: {demo.mode_descriptions[m]}' for m in demo.modes)}.")
         with gr.Row():
             photo = gr.Image(label="Your photo", elem_id="photo", **inputs)
             seen = gr.Image(label="What the model sees", format="png", interactive=False, height=260, elem_id="seen")
@@ -249,7 +252,7 @@ def build_page(demo, checkpoint_name):
         gr.Markdown("## New flowers\nDecoded draws of a sampler: the prior N(0, I), or one fitted to the training "
                     "images' posteriors and stored in the checkpoint (diffusion: a learned diffusion prior).")
         with gr.Row():
-            sampler = gr.Radio(demo.samplers, value=inference.best_sampler(demo.checkpoint), label="Sampler",
+            sampler = gr.Radio(demo.samplers, value=demo.trained.best_sampler(), label="Sampler",
                                elem_id="sampler")
             sample_count = gr.Slider(*COUNT, value=16, step=1, label="Samples")
             sample_temperature = gr.Slider(*TEMPERATURE, value=1.0, step=0.05, label="Temperature")

@@ -19,23 +19,21 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets.batches import ImageBatches, random_subset, to_float
-from datasets.folders import flower_classes, images_folder, inside_images_folder, is_image_folder
-from datasets.preprocessing import dataset_images
-from vae import inference
+from datasets.folders import flower_classes, images_folder, inside_images_folder
+from vae import evaluation, inference
 from vae.checkpoint import export_for_inference
-from vae.config import TrainConfig, check_fid_sizes, check_ranges, saved_config
+from vae.config import check_fid_sizes, check_ranges
 from vae.device import DEVICES, model_device, pick_device
-from vae.errors import UserError
+from vae.diffusion_prior import DEFAULT_STEPS as DIFFUSION_STEPS
+from vae.errors import MissingSampler, UserError
 from vae.logs import log_projector
 from vae.metrics import psnr_db
-from vae.samplers import SAMPLER_KINDS
+from vae.samplers import SAMPLERS, fit_samplers, ranked
 from vae.threads import choose_threads, describe
+from vae.trained import load_model
 
-FITTED_SAMPLERS = ("gmm", "two-stage", "diffusion")
-from vae.training import evaluate
-
-
-PRETRAINED = inference.PRETRAINED
+# The shipped model (recipes/flowers32.json): the default --checkpoint of the scripts and the page.
+PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "flowers32.pt"
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -66,20 +64,28 @@ def add_data(parser, split_default, what):
                         "not writable (empty: the training run's --cache-dir)")
 
 
+def fitted_samplers():
+    """The registered samplers that are fitted to a run's images, best first."""
+    return [name for name in ranked(SAMPLERS) if SAMPLERS[name].needs_fitting]
+
+
 def add_sampler(parser):
-    parser.add_argument("--sampler", default="auto", choices=("auto", *SAMPLER_KINDS),
-                        help="where z comes from: prior N(0, I), or a sampler fitted to the training images' "
-                             "posteriors and stored in the checkpoint (gmm, two-stage, diffusion: a learned "
-                             "diffusion prior); auto: the first of diffusion, gmm, two-stage, prior it has")
+    names = ranked(SAMPLERS)
+    described = "; ".join(f"{name}: {SAMPLERS[name].description}" for name in names)
+    parser.add_argument("--sampler", default="auto", choices=("auto", *names),
+                        help=f"where z comes from: the prior, or a sampler fitted to the training images' posteriors "
+                             f"and stored in the checkpoint. auto: the first of {', '.join(names)} it has; "
+                             f"{described}")
     parser.add_argument("--temperature", type=float, default=1.0, help="spread of the draws: z ~ N(0, T^2 I) for "
                         "the prior; below 1 trades variety for typical images")
 
 
 def add_variation_mode(parser):
-    modes = "; ".join(f"{name}: {text}" for name, text in inference.VARIATION_MODES.items())
-    parser.add_argument("--mode", default="auto", choices=("auto", *inference.VARIATION_MODES),
-                        help=f"how variations are made. auto: the first of diffusion, gmm, posterior the checkpoint "
-                             f"can run; {modes}")
+    modes = inference.variation_modes()
+    described = "; ".join(f"{name}: {text}" for name, text in modes.items())
+    parser.add_argument("--mode", default="auto", choices=("auto", *modes),
+                        help=f"how variations are made. auto: the first of {', '.join(modes)} the checkpoint "
+                             f"can run; {described}")
     parser.add_argument("--strength", type=float, default=inference.DEFAULT_STRENGTH,
                         help="how far variations go from the photo, from 0 (its reconstruction) through about 0.3 "
                              "(another flower of the same kind and colours, posed and shaped anew) to 1 (any flower)")
@@ -188,12 +194,12 @@ def build_parser():
                                  formatter_class=defaults)
     add_common(export, makes_images=False)
     export.add_argument("--out", required=True, help="where the exported checkpoint goes (e.g. pretrained/mine.pt)")
-    export.add_argument("--fit-samplers", nargs="*", default=None, choices=FITTED_SAMPLERS, metavar="KIND",
+    export.add_argument("--fit-samplers", nargs="*", default=None, choices=fitted_samplers(), metavar="KIND",
                         help=f"fit latent samplers to the posteriors of the images the run trained on (needs the "
-                             f"data: --data-dir) and store them; with no KIND all of {', '.join(FITTED_SAMPLERS)}")
-    export.add_argument("--diffusion-steps", type=int, default=inference.DIFFUSION_STEPS,
-                        help="training steps of the diffusion prior (about 20 minutes for 6000 on two CPU cores "
-                             "for the 8x8x8 latent of flowers32)")
+                             f"data: --data-dir) and store them; with no KIND all of {', '.join(fitted_samplers())}")
+    export.add_argument("--diffusion-steps", type=int, default=DIFFUSION_STEPS,
+                        help="training steps of the diffusion prior (docs/results.md has its curve of sample FID "
+                             "against fitting minutes)")
     add_data(export, None, "training images")
     return parser
 
@@ -201,14 +207,14 @@ def build_parser():
 # --------------------------------------------------------------------------------------------- helpers
 
 # The range of every numeric flag: beyond it a command would fail deep inside, or run out of memory or time.
-def load_photos(paths, args, model, checkpoint):
+def load_photos(paths, trained):
     """Image files preprocessed as the checkpoint's training images were (its --resize), on the model's device."""
-    resize = saved_config(checkpoint["config"], args.checkpoint).resize
-    return inference.load_images(paths, model, model_device(model), resize)
+    return inference.load_images(paths, trained.model, model_device(trained.model), trained.config.resize)
 
 
-def holdout_settings(args, config):
+def holdout_settings(args, trained):
     """(fraction, seed) of the held-out set asked for; fraction 0 means the whole split."""
+    config = trained.config
     if args.holdout_from_checkpoint:
         if not config.holdout:
             raise UserError(f"{args.checkpoint} was trained without --holdout, so it has no held-out images; "
@@ -217,48 +223,21 @@ def holdout_settings(args, config):
     return args.holdout, config.seed if args.holdout_seed is None else args.holdout_seed
 
 
-def cache_settings(args, config):
-    """The training run's image-cache settings, so inference reads the cache that training wrote; the decoding
-    processes are this machine's default."""
-    return {"cache_dir": args.cache_dir or config.cache_dir, "num_workers": TrainConfig.num_workers,
-            "skip_bad_images": config.skip_bad_images, "resize": config.resize}
-
-
-def data_dir_of(args, config):
-    """--data-dir, or the training run's own."""
-    return args.data_dir or config.data_dir
-
-
-def describe_split(data_dir, split):
-    """How messages name the images: a folder of images is one set, whatever the split."""
-    return str(data_dir) if is_image_folder(data_dir) else f"{data_dir} split {split}"
-
-
-def split_images(args, checkpoint, subset):
+def split_images(args, trained):
     """(uint8 images, names, description) of --data-dir/--split, restricted to the hold-out when asked."""
-    config = saved_config(checkpoint["config"], args.checkpoint)
-    data_dir = data_dir_of(args, config)
-    holdout, seed = holdout_settings(args, config)
-    split = args.split or (config.split if holdout > 0 else "test")
-    images, names = dataset_images(data_dir, split, config.resolution, subset=subset, holdout=holdout,
-                                   holdout_seed=seed, **cache_settings(args, config))
-    described = describe_split(data_dir, split)
-    if holdout > 0:
-        described += f", the {len(images)} images held out by --holdout {holdout} --seed {seed}"
-    return images, names, described
+    holdout, seed = holdout_settings(args, trained)
+    return trained.data.evaluation_images(args.data_dir, args.split, holdout, seed, args.cache_dir,
+                                          holdout_wording=f"held out by --holdout {holdout} --seed {seed}")
 
 
-def training_images(args, checkpoint):
-    """(uint8 images, names, description) of the images the checkpoint's run trained on: --split (default the
-    run's) of --data-dir, its hold-out left out when it is the run's own split."""
-    config = saved_config(checkpoint["config"], args.checkpoint)
-    data_dir = data_dir_of(args, config)
-    split = args.split or config.split
-    holdout = config.holdout if split == config.split else 0.0
-    images, names = dataset_images(data_dir, split, config.resolution, subset="train", holdout=holdout,
-                                   holdout_seed=config.seed, **cache_settings(args, config))
-    kept_aside = f" (its {holdout:g} hold-out excluded, as in training)" if holdout else ""
-    return images, names, f"{len(images)} training images of {describe_split(data_dir, split)}{kept_aside}"
+def training_images(args, trained):
+    """(uint8 images, names, description) of the images the checkpoint's run trained on."""
+    return trained.data.training_images(args.data_dir, args.split, args.cache_dir)
+
+
+def data_dir_of(args, trained):
+    """--data-dir, or the training run's own."""
+    return args.data_dir or trained.config.data_dir
 
 
 def generator_for(args):
@@ -271,10 +250,15 @@ def report_grid(path, count, nrow, what):
 
 # ------------------------------------------------------------------------------------------- commands
 
-def run_sample(args, model, checkpoint):
-    args.sampler = inference.best_sampler(checkpoint) if args.sampler == "auto" else args.sampler
-    state = inference.sampler_state(model, checkpoint, args.sampler, args.checkpoint)
-    images, _ = inference.sample_images(model, state, args.num, args.temperature, generator_for(args))
+def chosen_sampler(args, trained):
+    """The name of the --sampler asked for (auto: the best one the checkpoint holds)."""
+    args.sampler = trained.best_sampler() if args.sampler == "auto" else args.sampler
+    return args.sampler
+
+
+def run_sample(args, trained):
+    sampler = trained.sampler(chosen_sampler(args, trained))
+    images, _ = inference.sample_images(trained.model, sampler, args.num, args.temperature, generator_for(args))
     path = inference.save_grid(images, args.out, args.nrow, args.scale)
     report_grid(path, args.num, args.nrow, f"{args.sampler} samples at temperature {args.temperature}")
     if args.out_dir:
@@ -283,12 +267,13 @@ def run_sample(args, model, checkpoint):
         print(f"wrote {args.num} single images to {args.out_dir}")
 
 
-def run_reconstruct(args, model, checkpoint):
+def run_reconstruct(args, trained):
+    model = trained.model
     if args.images:
-        x = load_photos(args.images, args, model, checkpoint)
+        x = load_photos(args.images, trained)
         source = f"{len(args.images)} image file(s)"
     else:
-        images, _, source = split_images(args, checkpoint, subset="held-out")
+        images, _, source = split_images(args, trained)
         x = to_float(images[random_subset(len(images), args.num, args.seed)]).to(model_device(model))
     reconstructions = inference.reconstruct(model, x)
     nrow = min(args.nrow, len(x))
@@ -299,15 +284,17 @@ def run_reconstruct(args, model, checkpoint):
                 f"PSNR {psnr_db(mse):.2f} dB")
 
 
-def run_variations(args, model, checkpoint):
-    mode = inference.variation_mode(checkpoint, args.mode)
+def run_variations(args, trained):
+    model = trained.model
+    mode = inference.variation_mode(trained.samplers, args.mode, args.checkpoint)
     stems = [Path(path).stem for path in args.images]
     if args.out_dir and len(set(stems)) < len(stems):
         twice = next(stem for stem in stems if stems.count(stem) > 1)
         raise UserError(f"two of --images are named {twice}, so their variations would overwrite each other in "
                         f"{args.out_dir}; rename one, or pass --out for one grid")
-    x = load_photos(args.images, args, model, checkpoint)
-    images, _, means = inference.variations(model, x, args.num, args.strength, generator_for(args), mode, checkpoint)
+    x = load_photos(args.images, trained)
+    images, _, means = inference.variations(model, x, args.num, args.strength, generator_for(args), mode,
+                                            trained.samplers)
     with torch.no_grad():  # decoded from the posterior means the variations started from
         reconstructions = model.decode(means)
     what = f"{args.num} {mode} variations at strength {args.strength:g}"
@@ -324,24 +311,24 @@ def run_variations(args, model, checkpoint):
         report_grid(path, len(x) * (args.num + 2), args.num + 2, f"a row per photo: the photo, its reconstruction, "
                     f"then {what}")
     if args.data_dir:
-        print_nearest_training_images(args, checkpoint, x, reconstructions, images)
+        print_nearest_training_images(args, trained, x, reconstructions, images)
 
 
-def print_nearest_training_images(args, checkpoint, x, reconstructions, variations):
+def print_nearest_training_images(args, trained, x, reconstructions, variations):
     """How far each image is from the closest image the model trained on (RMSE, 0-255 scale)."""
-    training, names, described = training_images(args, checkpoint)
+    training, names, described = training_images(args, trained)
     print(f"distance to the nearest of the {described}: RMSE per pixel, 0-255 scale")
     for path, photo, reconstruction, varied in zip(args.images, x, reconstructions, variations.split(args.num)):
         rows = [(Path(path).name, photo[None]), ("reconstruction", reconstruction[None])] + \
                [(f"variation {i + 1}", image[None]) for i, image in enumerate(varied)]
         for label, image in rows:
-            distance, index = inference.nearest_distances(image, training)
+            distance, index = evaluation.nearest_distances(image, training)
             print(f"  {label:<16} {distance.item():7.2f}   nearest: {names[index.item()]}")
 
 
-def run_interpolate(args, model, checkpoint):
-    x = load_photos(args.images, args, model, checkpoint)
-    path_images = inference.interpolate(model, x[:1], x[1:], args.steps, spherical=args.slerp)
+def run_interpolate(args, trained):
+    x = load_photos(args.images, trained)
+    path_images = inference.interpolate(trained.model, x[:1], x[1:], args.steps, spherical=args.slerp)
     grid = torch.cat([x[:1], path_images, x[1:]])
     path = inference.save_grid(grid, args.out, len(grid), args.scale)
     kind = "spherical" if args.slerp else "linear"
@@ -349,16 +336,17 @@ def run_interpolate(args, model, checkpoint):
                 f"the posterior means, image B")
 
 
-def run_traverse(args, model, checkpoint):
+def run_traverse(args, trained):
+    model = trained.model
     device = model_device(model)
     if args.image:
-        x = load_photos([args.image], args, model, checkpoint)
-        center = inference.posterior(model, x)[0][0]
+        x = load_photos([args.image], trained)
+        center = inference.posterior_mean_std(model, x)[0][0]
         around = f"the posterior mean of {args.image}"
     else:
         center = torch.zeros(model.latent_shape, device=device)
         around = "z = 0"
-    dims, which = inference.most_active_dims(checkpoint, model.latent_size, args.dims)
+    dims, which = inference.most_active_dims(trained.checkpoint, model.latent_size, args.dims)
     images = inference.traverse(model, center, args.range, args.steps, dims)
     path = inference.save_grid(images, args.out, args.steps, args.scale)
     report_grid(path, len(images), args.steps, f"a row per latent dimension, {which}: dimension "
@@ -366,30 +354,31 @@ def run_traverse(args, model, checkpoint):
                 f"+{args.range:g} around {around}")
 
 
-def run_evaluate(args, model, checkpoint):
+def run_evaluate(args, trained):
+    model, checkpoint = trained.model, trained.checkpoint
     if args.variations == 1:
         raise UserError("--variations 1 cannot show how variations differ from each other; pass 2 or more (or 0)")
     check_fid_sizes(args.fid_samples)
-    images, names, described = split_images(args, checkpoint, subset="held-out")
+    images, names, described = split_images(args, trained)
     check_fid_sizes(args.fid_samples, len(images))
     print(f"evaluating {args.checkpoint} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('step')}) on "
           f"{len(images)} images: {described}")
     batches = ImageBatches(images, args.batch_size, model_device(model), shuffle=False)
-    results = evaluate(model, batches, iw_samples=args.iw_samples, generator=generator_for(args), progress=True)
+    results = evaluation.evaluate(model, batches, iw_samples=args.iw_samples, generator=generator_for(args),
+                                  progress=True)
     results = {"checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
                "data": described, "seed": args.seed, **results}
     if args.variations:
-        training, training_names, _ = training_images(args, checkpoint)
-        data_dir = data_dir_of(args, saved_config(checkpoint["config"], args.checkpoint))
-        judge = inference.VariationJudge(model, images, flower_classes(data_dir, names), training,
-                                         flower_classes(data_dir, training_names))
-        results.update(judge.judge(checkpoint, args.variations, args.strength,
-                                   inference.variation_mode(checkpoint, args.mode), generator_for(args)))
+        mode = inference.variation_mode(trained.samplers, args.mode, args.checkpoint)
+        training, training_names, _ = training_images(args, trained)
+        data_dir = data_dir_of(args, trained)
+        judge = evaluation.VariationJudge(model, images, flower_classes(data_dir, names), training,
+                                          flower_classes(data_dir, training_names))
+        results.update(judge.judge(trained.samplers, args.variations, args.strength, mode, generator_for(args)))
     if args.fid_samples:
-        args.sampler = inference.best_sampler(checkpoint) if args.sampler == "auto" else args.sampler
-        state = inference.sampler_state(model, checkpoint, args.sampler, args.checkpoint)
-        results.update(sampler=args.sampler, temperature=args.temperature, **inference.sample_quality(
-            model, state, images, args.fid_samples, args.temperature, generator_for(args), model_device(model)))
+        sampler = trained.sampler(chosen_sampler(args, trained))
+        results.update(sampler=args.sampler, temperature=args.temperature, **evaluation.sample_quality(
+            model, sampler, images, args.fid_samples, args.temperature, generator_for(args), model_device(model)))
     print(format_table(results))
     if args.json:
         try:
@@ -449,9 +438,10 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def run_projector(args, model, checkpoint):
-    images, names, described = split_images(args, checkpoint, subset="held-out")
-    classes = flower_classes(data_dir_of(args, saved_config(checkpoint["config"], args.checkpoint)), names)
+def run_projector(args, trained):
+    model, checkpoint = trained.model, trained.checkpoint
+    images, names, described = split_images(args, trained)
+    classes = flower_classes(data_dir_of(args, trained), names)
     try:
         with SummaryWriter(args.log_dir) as writer:
             log_projector(writer, model, images, classes, checkpoint.get("step") or 0)
@@ -461,15 +451,15 @@ def run_projector(args, model, checkpoint):
           f"{args.log_dir}; see them with: tensorboard --logdir {args.log_dir} (PROJECTOR tab)")
 
 
-def run_export(args, model, checkpoint):
+def run_export(args, trained):
+    checkpoint = trained.checkpoint
     if args.fit_samplers is not None:
-        kinds = args.fit_samplers or FITTED_SAMPLERS
-        images, _, described = training_images(args, checkpoint)
+        kinds = args.fit_samplers or fitted_samplers()
+        images, _, described = training_images(args, trained)
         print(f"fitting the {', '.join(kinds)} sampler(s) to the posteriors of the {described}")
         started = time.perf_counter()
-        fitted = inference.fit_samplers(model, images, kinds=kinds, seed=args.seed,
-                                        hflip=saved_config(checkpoint["config"], args.checkpoint).hflip,
-                                        diffusion_steps=args.diffusion_steps, progress=True)
+        fitted = fit_samplers(trained.model, images, kinds, seed=args.seed, hflip=trained.config.hflip,
+                              steps={"diffusion": args.diffusion_steps}, progress=True)
         print(f"fitted in {(time.perf_counter() - started) / 60:.1f} minutes")
         checkpoint = {**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), **fitted}}
         if "diffusion" in kinds:  # what the recipe's --diffusion-prior-steps does at the end of training
@@ -534,6 +524,15 @@ def choose_cpu_threads(requested, model):
     print(describe(count, timings, unit_count=len(z), unit="decoded images"))
 
 
+def how_to_fix(error, args):
+    """What the script adds to a library error: the command that fixes it."""
+    if isinstance(error, MissingSampler):
+        fallback = ", or pick --mode posterior" if error.name in inference.variation_modes() else ""
+        return (f"; fit it with python vae_inference.py export --checkpoint {args.checkpoint} --fit-samplers "
+                f"{error.name} --data-dir DIR --out NEW.pt{fallback}")
+    return ""
+
+
 COMMANDS = {"sample": run_sample, "reconstruct": run_reconstruct, "variations": run_variations,
             "interpolate": run_interpolate, "traverse": run_traverse, "evaluate": run_evaluate,
             "projector": run_projector, "export": run_export}
@@ -545,17 +544,17 @@ def main(argv=None):
         check_ranges(args)
         check_outputs(args)
         device = pick_device(args.device)
-        model, checkpoint = inference.load_model(args.checkpoint, device)
+        trained = load_model(args.checkpoint, device)
         if device.type == "cpu":
-            choose_cpu_threads(args.threads, model)
+            choose_cpu_threads(args.threads, trained.model)
         if getattr(args, "scale", 0) is None:
-            args.scale = inference.readable_scale(model.image_resolution)
-        COMMANDS[args.command](args, model, checkpoint)
+            args.scale = inference.readable_scale(trained.model.image_resolution)
+        COMMANDS[args.command](args, trained)
         return 0
     except UserError as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}{how_to_fix(error, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written after the last message", file=sys.stderr)

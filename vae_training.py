@@ -27,14 +27,15 @@ from vae.checkpoint import check_finite, checkpoint_to_resume, finished, restore
 from vae.config import (TrainConfig, build_parser, check_fid_sizes, config_file_arguments, config_from_args,
                         validate_config)
 from vae.errors import EveryProcessError, Stopped, TrainingDiverged, UserError
-from vae.inference import fit_samplers, sample_quality
+from vae.evaluation import evaluate, sample_quality
+from vae.samplers import fit_samplers, fitted_after_training, load_sampler
 from vae.logs import fixed_grids, log_run_summary, log_scalars, log_settings, open_writer
 from vae.likelihoods import LIKELIHOODS
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
 from vae.run_folder import claim, holds_unsaved_run, release_if_empty, resume_command, write_manifest
 from vae.threads import available_cores, choose_threads, describe
-from vae.training import (Optimization, StopRequest, TrainState, check_amp, evaluate, every, memory_format,
+from vae.training import (Optimization, StopRequest, TrainState, check_amp, every, memory_format,
                           train_one_epoch, training_step_probe)
 from vae.vae import build_model
 
@@ -425,14 +426,16 @@ def log_epoch(writer, step, epoch, losses, images_per_s, loss_fn, optimization, 
 
 
 def finish_run(config, model, train_images, eval_images, state, device):
-    """Samplers of the training images' posteriors (a GMM, and the diffusion prior when asked), so that sampling
-    and variations need no data; with --fid-samples, their sample quality joins state.eval. Returns the samplers.
-    A stop request raises Stopped (see StopRequest.raising)."""
-    kinds = ("gmm", "diffusion") if config.diffusion_prior_steps else ("gmm",)
-    samplers = fit_samplers(model, train_images, kinds, seed=config.seed, hflip=config.hflip,
-                            diffusion_steps=config.diffusion_prior_steps, progress=True)
+    """Samplers of the training images' posteriors (those whose class says so for this config: the GMM, and the
+    diffusion prior with --diffusion-prior-steps), so that sampling and variations need no data; with
+    --fid-samples, the best one's sample quality joins state.eval. Returns {name: state}. A stop request raises
+    Stopped (see StopRequest.raising)."""
+    options = fitted_after_training(config)
+    samplers = fit_samplers(model, train_images, options, seed=config.seed, hflip=config.hflip,
+                            steps={name: option.get("steps") for name, option in options.items()}, progress=True)
     if config.fid_samples and eval_images is not None:
-        quality = sample_quality(model, samplers[kinds[-1]], eval_images, config.fid_samples, 1.0,
+        best = load_sampler(samplers[next(iter(options))])
+        quality = sample_quality(model, best, eval_images, config.fid_samples, 1.0,
                                  torch.Generator().manual_seed(config.seed), device)
         state.eval = {**(state.eval or {}), **quality}
     return samplers

@@ -26,7 +26,7 @@ def measure(iw_samples):
 
     sys.path.insert(0, str(REPO))
     from datasets.batches import ImageBatches
-    from vae.training import evaluate
+    from vae.evaluation import evaluate
     from vae.vae import VAE
 
     torch.set_num_threads(1)

@@ -18,9 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets.batches import random_subset, to_float  # noqa: E402
 from datasets.preprocessing import dataset_images  # noqa: E402
-from vae.config import saved_config  # noqa: E402
 from vae.fid import fid_kid, inception_features, load_inception  # noqa: E402
-from vae.inference import load_model  # noqa: E402
+from vae.trained import load_model  # noqa: E402
 
 
 def main(argv=None):
@@ -31,8 +30,7 @@ def main(argv=None):
     parser.add_argument("--num", type=int, default=102, help="training images drawn at random")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    _, checkpoint = load_model(args.checkpoint, "cpu")
-    config = saved_config(checkpoint["config"], args.checkpoint)
+    config = load_model(args.checkpoint, "cpu").config
     kwargs = dict(holdout=config.holdout, holdout_seed=config.seed, resize=config.resize)
     held_out, _ = dataset_images(args.data_dir, config.split, config.resolution, subset="held-out", **kwargs)
     training, _ = dataset_images(args.data_dir, config.split, config.resolution, subset="train", **kwargs)

@@ -21,18 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datasets.batches import random_subset, to_float  # noqa: E402
 from datasets.folders import flower_classes  # noqa: E402
 from datasets.preprocessing import dataset_images  # noqa: E402
-from vae import inference  # noqa: E402
-from vae.config import saved_config  # noqa: E402
+from vae import evaluation, inference  # noqa: E402
 from vae.device import pick_device  # noqa: E402
 from vae.errors import UserError  # noqa: E402
+from vae.trained import load_model  # noqa: E402
+from vae_inference import PRETRAINED  # noqa: E402
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(inference.PRETRAINED), help="a checkpoint trained with --holdout")
+    parser.add_argument("--checkpoint", default=str(PRETRAINED), help="a checkpoint trained with --holdout")
     parser.add_argument("--data-dir", required=True, help="the Flowers102 root the checkpoint was trained on")
     parser.add_argument("--modes", nargs="+", default=["diffusion", "gmm", "posterior"],
-                        choices=list(inference.VARIATION_MODES), help="variation modes to sweep")
+                        choices=list(inference.variation_modes()), help="variation modes to sweep")
     parser.add_argument("--strengths", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.7],
                         help="strengths of the diffusion and gmm modes")
     parser.add_argument("--posterior-strengths", nargs="+", type=float, default=[0.5, 0.75, 0.857],
@@ -86,24 +87,24 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         device = pick_device(args.device)
-        model, checkpoint = inference.load_model(args.checkpoint, device)
-        config = saved_config(checkpoint["config"], args.checkpoint)
+        trained = load_model(args.checkpoint, device)
+        model, config = trained.model, trained.config
         if not config.holdout:
             raise UserError(f"{args.checkpoint} was trained without --holdout: it has no held-out photos to sweep on")
         common = dict(holdout=config.holdout, holdout_seed=config.seed, resize=config.resize)
         photos, names = dataset_images(args.data_dir, config.split, config.resolution, "held-out", **common)
         training, training_names = dataset_images(args.data_dir, config.split, config.resolution, "train",
                                                             **common)
-        judge = inference.VariationJudge(model, photos, flower_classes(args.data_dir, names), training,
-                                         flower_classes(args.data_dir, training_names))
+        judge = evaluation.VariationJudge(model, photos, flower_classes(args.data_dir, names), training,
+                                          flower_classes(args.data_dir, training_names))
         if args.plot and (judge.predict is None or not judge.real_spread):
             raise UserError("the plot needs species kept and diversity: photos with Flowers102 labels, two of them "
                             "of one species among the held-out photos")
         points = []
         for mode in args.modes:
-            inference.variation_mode(checkpoint, mode)  # the checkpoint can run it, or a one-line error now
+            inference.variation_mode(trained.samplers, mode, args.checkpoint)  # or a one-line error now
             for strength in args.posterior_strengths if mode == "posterior" else args.strengths:
-                result = judge.judge(checkpoint, args.variations, strength, mode,
+                result = judge.judge(trained.samplers, args.variations, strength, mode,
                                      torch.Generator().manual_seed(args.seed))
                 points.append(result)
                 print(json.dumps(result), flush=True)
@@ -118,7 +119,7 @@ def main(argv=None):
                 for strength in args.grid_strengths:
                     row.append(inference.variations(model, photo[None], per_strength, strength,
                                                     torch.Generator().manual_seed(args.seed), args.modes[0],
-                                                    checkpoint)[0])
+                                                    trained.samplers)[0])
                 rows.append(torch.cat(row))
             nrow = 1 + per_strength * len(args.grid_strengths)
             inference.save_grid(torch.cat(rows), args.grid, nrow, inference.readable_scale(model.image_resolution))

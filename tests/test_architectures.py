@@ -13,7 +13,8 @@ from vae.config import TrainConfig, build_parser, validate_config
 from vae.errors import UserError
 from vae.layers import ARCHITECTURES, register_architecture
 from vae.losses import ELBOLoss
-from vae.training import Optimization, TrainState, evaluate, memory_format, train_one_epoch
+from vae.evaluation import evaluate
+from vae.training import Optimization, TrainState, memory_format, train_one_epoch
 from vae.vae import VAE, build_model
 
 NAME = "mlp-test"

@@ -94,7 +94,7 @@ def test_strength_zero_gives_the_reconstruction_in_every_mode(demo, photo):
         x, _ = vae_demo.read_upload(photo, demo.model, resize=demo.resize)
         with torch.no_grad():
             _, z, mean = vae_demo.inference.variations(demo.model, x, 2, 0.0, torch.Generator().manual_seed(0), mode,
-                                                       demo.checkpoint)
+                                                       demo.trained.samplers)
         assert torch.equal(z, mean.repeat_interleave(2, dim=0)), mode
 
 

@@ -9,7 +9,8 @@ import torch
 
 from vae import diffusion_prior
 from vae.metrics import mean_pairwise_rmse, same_class_pairwise_rmse
-from vae.samplers import fit_gmm, gmm_vary, sample_latents
+from vae.diffusion_prior import DiffusionPrior
+from vae.samplers import GaussianMixture, fit_gmm, sample_latents
 from vae.species import fit_species_classifier
 
 LATENT = (2, 2, 2)
@@ -66,11 +67,11 @@ def test_the_fitted_state_is_plain_data_and_reproducible(fitted, two_clusters, t
 def test_sdedit_keeps_a_code_at_strength_zero_and_its_kind_at_low_strength(fitted):
     generator = torch.Generator().manual_seed(2)
     code = torch.full((64, 8), 2.0)  # the + kind
-    assert torch.equal(diffusion_prior.vary(fitted, code, 0.0, generator), code)
-    low = diffusion_prior.vary(fitted, code, 0.3, generator)
+    assert torch.equal(DiffusionPrior(fitted).vary(code, 0.0, generator), code)
+    low = DiffusionPrior(fitted).vary(code, 0.3, generator)
     assert (low.mean(dim=1) > 1.0).float().mean() > 0.95, "a little noise, denoised, stays in the photo's cluster"
     assert torch.pdist(low).min() > 0, "and the variations differ"
-    free = diffusion_prior.vary(fitted, code, 1.0, generator).mean(dim=1)
+    free = DiffusionPrior(fitted).vary(code, 1.0, generator).mean(dim=1)
     assert (free < -1.2).any() and (free > 1.2).any(), "at strength 1 the photo is forgotten: both kinds appear"
 
 
@@ -88,15 +89,15 @@ def test_the_gmm_step_leaves_its_component_unchanged():
     scale_tril = torch.tensor([[1.0, 0.0], [0.8, 0.5]])
     state = {"kind": "gmm", "weights": torch.ones(1), "means": mean[None], "scale_tril": scale_tril[None]}
     draws = mean + torch.randn(20000, 2, generator=generator) @ scale_tril.T
-    assert torch.equal(gmm_vary(state, draws[:5], 0.0, generator), draws[:5])
-    moved = gmm_vary(state, draws, 0.5, generator)
+    assert torch.equal(GaussianMixture(state).vary(draws[:5], 0.0, generator), draws[:5])
+    moved = GaussianMixture(state).vary(draws, 0.5, generator)
     # The step is a Markov kernel whose stationary law is the component: the moments stay those of N(mean, LL^T).
     torch.testing.assert_close(moved.mean(0), mean, atol=0.05, rtol=0)
     torch.testing.assert_close(torch.cov(moved.T), scale_tril @ scale_tril.T, atol=0.06, rtol=0)
     rho = diffusion_prior.signal_level(0.5).sqrt().item()
     correlation = torch.corrcoef(torch.stack([draws[:, 0], moved[:, 0]]))[0, 1].item()
     assert correlation == pytest.approx(rho, abs=0.03)  # and it keeps the share rho of the code
-    free = gmm_vary(state, draws, 1.0, generator)
+    free = GaussianMixture(state).vary(draws, 1.0, generator)
     assert abs(torch.corrcoef(torch.stack([draws[:, 0], free[:, 0]]))[0, 1].item()) < 0.03
 
 
@@ -104,7 +105,7 @@ def test_the_gmm_step_picks_the_component_a_code_belongs_to():
     generator = torch.Generator().manual_seed(0)
     latents = torch.cat([torch.randn(300, 3, generator=generator) - 5, torch.randn(300, 3, generator=generator) + 5])
     state = fit_gmm(latents, num_components=2, seed=0)
-    near_minus = gmm_vary(state, torch.full((200, 3), -5.0), 0.7, generator)
+    near_minus = GaussianMixture(state).vary(torch.full((200, 3), -5.0), 0.7, generator)
     assert (near_minus.mean(dim=1) < 0).all()
 
 

@@ -16,15 +16,16 @@ from conftest import error_line, run_script
 from datasets.batches import ImageBatches, holdout_split, to_float
 from datasets.cache import cached_images
 from datasets.preprocessing import dataset_images
-from vae import inference, training
+from vae import evaluation, inference
 from vae.errors import UserError
 from vae.likelihoods import discretized_gaussian_log_likelihood
 from vae.losses import ELBOLoss
 from vae.metrics import active_units, bits_per_dim, iwae_log_likelihood
-from vae.samplers import prior_state
-from vae.training import evaluate, importance_samples
+from vae.samplers import Prior
+from vae.trained import load_model
+from vae.evaluation import evaluate, importance_samples
 from vae.vae import VAE
-from vae_inference import build_parser as vae_inference_parser, main
+from vae_inference import PRETRAINED, build_parser as vae_inference_parser, main
 
 
 def log_weights(model, x, k, generator):
@@ -185,7 +186,7 @@ def test_variations_differ_and_stay_closer_to_their_input_than_prior_samples(sma
     latent_ratio, pixel_ratio = [], []
     for x in images[:16].split(1):
         varied, z, mean = inference.variations(model, x, 8, 0.5, generator, mode="posterior")  # T = 1
-        prior, z_prior = inference.sample_images(model, prior_state(model.latent_size), 8, 1.0, generator)
+        prior, z_prior = inference.sample_images(model, Prior.of_size(model.latent_size), 8, 1.0, generator)
         assert torch.pdist(varied.flatten(1)).min() > 0, "variations must differ from each other"
         latent_ratio.append((z - mean).norm(dim=1).mean() / (z_prior - mean).norm(dim=1).mean())
         pixel_ratio.append((varied - x).pow(2).mean() / (prior - x).pow(2).mean())
@@ -199,7 +200,7 @@ def test_interpolate_endpoints_are_the_reconstructions(checkpoint, flower_files,
         assert main(["interpolate", "--checkpoint", str(checkpoint), "--images", str(flower_files[0]),
                      str(flower_files[1]), "--steps", "5", "--out", str(out), *extra]) == 0
         assert png_size(out) == expected_grid(7, 7)  # A, 5 points, B in one row
-    model, _ = inference.load_model(checkpoint, "cpu")
+    model = load_model(checkpoint, "cpu").model
     x = inference.load_images(flower_files[:2], model, "cpu")
     for spherical in (False, True):
         path = inference.interpolate(model, x[:1], x[1:], 4, spherical)
@@ -220,7 +221,7 @@ def test_traverse_one_row_per_latent_dimension(checkpoint, flower_files, tmp_pat
     assert main(["traverse", "--checkpoint", str(checkpoint), "--image", str(flower_files[0]), "--steps", "3",
                  "--range", "2", "--out", str(out)]) == 0
     assert png_size(out) == expected_grid(10 * 3, 3)
-    model, _ = inference.load_model(checkpoint, "cpu")
+    model = load_model(checkpoint, "cpu").model
     center = torch.randn(model.latent_size)
     images = inference.traverse(model, center, 3.0, 3).view(model.latent_size, 3, 3, 32, 32)
     # The middle of every row is the center itself.
@@ -285,14 +286,14 @@ def test_bernoulli_model_has_no_bits_per_dim():
 
 
 def test_a_measurement_added_in_one_place_is_reported_as_its_mean_over_images(monkeypatch):
-    """evaluate() reports the mean of each entry of training.image_measures under its name, and the
+    """evaluate() reports the mean of each entry of evaluation.image_measures under its name, and the
     standard error and variance machinery works for any of them."""
-    original = training.image_measures
+    original = evaluation.image_measures
 
     def with_brightness(model, x, *args):
         return {**original(model, x, *args), "brightness": x.flatten(1).mean(dim=1)}
 
-    monkeypatch.setattr(training, "image_measures", with_brightness)
+    monkeypatch.setattr(evaluation, "image_measures", with_brightness)
     model = VAE((8, 8), latent_size=1, channels=[4]).eval()  # one latent dimension: its lists stay lists
     images = torch.randint(0, 256, (7, 3, 8, 8), dtype=torch.uint8)
     results = evaluate(model, ImageBatches(images, 3, "cpu", shuffle=False), iw_samples=2)
@@ -308,7 +309,7 @@ def test_importance_sampling_decodes_in_chunks_with_the_same_noise_as_one_draw(m
     x = torch.rand(4, 3, 8, 8)
     whole = log_weights(model, x, 10, torch.Generator().manual_seed(3))
     decoded = []
-    monkeypatch.setattr(training, "DECODE_CHUNK_IMAGES", 8)  # two draws of 4 images per chunk
+    monkeypatch.setattr(evaluation, "DECODE_CHUNK_IMAGES", 8)  # two draws of 4 images per chunk
     original = model.decode_parameters
     monkeypatch.setattr(model, "decode_parameters", lambda z: decoded.append(len(z)) or original(z))
     chunked = log_weights(model, x, 10, torch.Generator().manual_seed(3))
@@ -496,9 +497,10 @@ def test_the_diffusion_prior_samples_and_makes_the_default_variations(with_diffu
                  "--num", "3", "--out", str(tmp_path / "v.png")]) == 0
     assert "3 diffusion variations at strength" in capsys.readouterr().out
     # The API beside the CLI has the same defaults: the best mode the checkpoint has, the default strength.
-    model, loaded = inference.load_model(with_diffusion_prior, "cpu")
+    trained = load_model(with_diffusion_prior, "cpu")
+    model, loaded = trained.model, trained.samplers
     x = inference.load_images([flower_files[0]], model, "cpu")
-    by_default = inference.variations(model, x, 2, generator=torch.Generator().manual_seed(5), checkpoint=loaded)[0]
+    by_default = inference.variations(model, x, 2, generator=torch.Generator().manual_seed(5), samplers=loaded)[0]
     spelled_out = inference.variations(model, x, 2, inference.DEFAULT_STRENGTH, torch.Generator().manual_seed(5),
                                        "diffusion", loaded)[0]
     assert torch.equal(by_default, spelled_out)
@@ -572,7 +574,7 @@ def test_projector_writes_any_checkpoints_posterior_means_with_classes(checkpoin
 
 @pytest.mark.parametrize("name", ["flowers32", "flowers64"])
 def test_each_shipped_model_is_a_plain_checkpoint_of_its_recipe(name):
-    from vae_inference import PRETRAINED
+
 
     path = PRETRAINED.parent / f"{name}.pt"
     shipped = torch.load(path, weights_only=True)
@@ -586,7 +588,7 @@ def test_each_shipped_model_is_a_plain_checkpoint_of_its_recipe(name):
     # No folder of the machine that trained it: inference falls back to the defaults a user has.
     assert (shipped["config"]["data_dir"], shipped["config"]["cache_dir"]) == ("datasets", "")
     assert shipped["eval"]["psnr_db"] > 24  # its held-out evaluation at the end of training
-    model, _ = inference.load_model(path, "cpu")
+    model = load_model(path, "cpu").model
     assert model.image_resolution == (shipped["config"]["resolution"],) * 2
 
 
@@ -716,7 +718,7 @@ def test_traverse_on_a_large_latent_shows_its_most_active_dimensions(tmp_path, c
     assert main(["traverse", "--steps", "3", "--scale", "1", "--out", str(out)]) == 0
     assert png_size(out) == expected_grid(10 * 3, 3, scale=1)
     assert "the 10 dimensions of largest held-out KL" in capsys.readouterr().out
-    shipped = torch.load(inference.PRETRAINED, weights_only=True)
+    shipped = torch.load(PRETRAINED, weights_only=True)
     dims, _ = inference.most_active_dims(shipped, 512, 4)
     kl = shipped["eval"]["kl_per_dim"]
     assert sorted(kl, reverse=True)[:4] == [kl[d] for d in dims]

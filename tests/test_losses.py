@@ -209,7 +209,7 @@ def test_adding_a_likelihood_is_one_class_and_its_registration(tmp_path):
     """A Laplace likelihood with a fixed scale: registered, it trains, evaluates and has a --likelihood flag."""
     from datasets.batches import ImageBatches
     from vae.config import TrainConfig, build_parser
-    from vae.training import evaluate
+    from vae.evaluation import evaluate
     from vae.vae import VAE
 
     @register

@@ -13,7 +13,8 @@ from datasets.preprocessing import ImageBatches
 from vae.likelihoods import (INITIAL_LOG_SCALE, LIKELIHOODS, MIN_LOG_SCALE, Likelihood, discretized_logistic_log_probs,
                              register, soft_floor)
 from vae.losses import ELBOLoss
-from vae.training import evaluate, step_loss
+from vae.evaluation import evaluate
+from vae.training import step_loss
 from vae.vae import VAE
 
 COMPONENTS = 2

@@ -273,7 +273,7 @@ def test_resnet_with_the_logistic_likelihood_learns_a_small_batch():
 
 def test_a_checkpoint_from_before_likelihood_modules_loads_its_learned_sigma(tmp_path):
     """Such checkpoints kept the learned log sigma as `raw_log_sigma` at the model's top level."""
-    from vae.inference import load_model
+    from vae.trained import load_model
 
     model = VAE(likelihood="gaussian-learned", sigma=0.3)
     with torch.no_grad():
@@ -282,7 +282,7 @@ def test_a_checkpoint_from_before_likelihood_modules_loads_its_learned_sigma(tmp
     weights["raw_log_sigma"] = weights.pop("likelihood.raw_log_sigma")
     path = tmp_path / "old.pt"
     torch.save({"model": weights, "model_type": "vae", "config": {"likelihood": "gaussian-learned", "sigma": 0.3}}, path)
-    loaded, _ = load_model(path, "cpu")
+    loaded = load_model(path, "cpu").model
     assert loaded.likelihood.raw_log_sigma.item() == -1.5
     assert loaded.likelihood.shared_sigma() == pytest.approx(model.likelihood.shared_sigma())
 

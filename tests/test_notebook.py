@@ -37,7 +37,7 @@ def test_notebook_executes_on_flowers102(flowers_root, tmp_path):
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # data, the grids, the shipped model's
     text = text_of(outputs)
     assert "65,831 parameters" in text and "epoch 5:" in text and "drawn flowers" not in text
-    assert "samplers: gmm, diffusion" in text and "bits/dim" in text  # the shipped model's section
+    assert "samplers: prior, gmm, diffusion" in text and "bits/dim" in text  # the shipped model's section
 
 
 @pytest.mark.slow

@@ -11,8 +11,11 @@ from conftest import TINY, train
 from datasets.batches import ImageBatches
 from vae import inference
 from vae.config import TrainConfig
-from vae.training import Optimization, TrainState, evaluate, make_ema, make_lr_schedule, train_one_epoch
+from vae.evaluation import evaluate
+from vae.fitting import make_ema
+from vae.training import Optimization, TrainState, make_lr_schedule, train_one_epoch
 from vae.losses import ELBOLoss
+from vae.trained import load_model
 from vae.vae import VAE
 
 RESNET = ["--arch", "resnet", "--width", "8", "--latent-shape", "4", "4", "4", "--likelihood", "logistic",
@@ -50,7 +53,7 @@ def test_ema_weights_differ_from_the_trained_ones_and_inference_uses_them(recipe
     assert not torch.equal(checkpoint["model"][weight], checkpoint["ema_model"][weight])
     path = tmp_path / "c.pt"
     torch.save(checkpoint, path)
-    model, _ = inference.load_model(path, "cpu")
+    model = load_model(path, "cpu").model
     assert torch.equal(model.state_dict()["decoder.output.weight"], checkpoint["ema_model"]["decoder.output.weight"])
 
 
@@ -63,9 +66,10 @@ def test_a_finished_run_stores_a_gmm_and_the_diffusion_prior_of_its_training_pos
     assert prior["kind"] == "diffusion" and prior["latent_shape"] == [4, 4, 4] and prior["steps"] == 20
     path = tmp_path / "c.pt"
     torch.save(recipe_runs["straight"], path)
-    model, checkpoint = inference.load_model(path, "cpu")
-    assert inference.best_sampler(checkpoint) == "diffusion" and inference.variation_mode(checkpoint) == "diffusion"
-    images, z = inference.sample_images(model, prior, 3, 1.0, torch.Generator().manual_seed(0))
+    trained = load_model(path, "cpu")
+    assert trained.best_sampler() == "diffusion" and inference.variation_mode(trained.samplers) == "diffusion"
+    generator = torch.Generator().manual_seed(0)
+    images, z = inference.sample_images(trained.model, trained.samplers["diffusion"], 3, 1.0, generator)
     assert images.shape == (3, 3, 32, 32) and z.shape == (3, 4, 4, 4)
 
 

@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from vae.samplers import fit_gmm, fit_two_stage, prior_state, sample_latents
+from vae.samplers import Prior, fit_gmm, fit_two_stage, sample_latents
 
 MEANS = torch.tensor([[-4.0, 0.0, 1.0], [4.0, 1.0, -1.0], [0.0, 5.0, 3.0]])
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2])
@@ -66,7 +66,7 @@ def test_every_covariance_type_becomes_a_cholesky_factor(covariance):
 
 
 def test_prior_sampler_has_the_temperature_as_its_scale():
-    samples = sample_latents(prior_state(8), 20000, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    samples = sample_latents(Prior.of_size(8).state, 20000, temperature=0.5, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (20000, 8)
     assert samples.std().item() == pytest.approx(0.5, rel=0.02)
 
@@ -91,7 +91,7 @@ def two_stage():
 def test_two_stage_sampler_matches_the_latent_distribution_far_better_than_the_prior(two_stage):
     data, centre, direction = _two_clusters_in_8d(4000, seed=1)
     samples = sample_latents(two_stage, 4000, generator=torch.Generator().manual_seed(0))
-    prior = sample_latents(prior_state(8), 4000, generator=torch.Generator().manual_seed(0))
+    prior = sample_latents(Prior.of_size(8).state, 4000, generator=torch.Generator().manual_seed(0))
 
     def moment_errors(x):
         return (x.mean(0) - data.mean(0)).norm().item(), (torch.cov(x.T) - torch.cov(data.T)).norm().item()

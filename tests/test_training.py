@@ -11,7 +11,8 @@ from datasets.batches import ImageBatches
 from vae.losses import ELBOLoss, kl_per_dimension
 from vae.metrics import active_units
 from vae.config import TrainConfig
-from vae.training import Optimization, TrainState, evaluate, train_one_epoch
+from vae.evaluation import evaluate
+from vae.training import Optimization, TrainState, train_one_epoch
 from vae.vae import VAE
 from vae_inference import main as inference_main
 

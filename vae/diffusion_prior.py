@@ -14,20 +14,24 @@ eps-prediction network's errors would be multiplied by near t = 1. A latent of s
 (C, H, W) is modelled as a C-channel map with 3x3 convolutions; a dense latent (D,) as a (D, 1, 1) map.
 
 The fitted model is a plain dict of tensors, ints and floats (see fit_diffusion_prior), so it is stored in a
-checkpoint under "samplers" and loads with torch.load(weights_only=True); sampling needs no data.
+checkpoint under "samplers" and loads with torch.load(weights_only=True); sampling needs no data. DiffusionPrior
+is its sampler, registered as "diffusion" (vae/samplers.py).
 """
 
 import math
-from collections import deque
 
 import torch
 from torch import nn
-from tqdm import tqdm
+
+from vae.fitting import fit_network
+from vae.samplers import Sampler, register
 
 
 SCHEDULE_OFFSET = 0.008  # s of the cosine schedule: keeps a(0) just below 1 so eps is defined at t = 0
 MAX_T = 0.999  # a(1) = 0 exactly would make sqrt(a) / sqrt(1 - a) degenerate; the last step starts just short
 SAMPLING_STEPS = 50  # reverse steps for a full sample; a variation at strength s takes about s times as many
+DEFAULT_STEPS = 6000  # training steps; recipes set their own (--diffusion-prior-steps), docs/results.md the curve
+EMA_DECAY = 0.999
 
 
 def signal_level(t):
@@ -117,19 +121,20 @@ def _unstandardise(u, state):
     return u * state["scale"].to(u.device) + state["shift"].to(u.device)
 
 
-def fit_diffusion_prior(means, stds, latent_shape, steps=6000, batch_size=128, lr=2e-3, width=128, num_blocks=4,
-                        seed=0, device="cpu", progress=False):
+def fit_diffusion_prior(means, stds, latent_shape, steps=DEFAULT_STEPS, batch_size=128, lr=2e-3, width=128,
+                        num_blocks=4, seed=0, device="cpu", progress=False):
     """Fit the diffusion prior to the aggregate posterior of the training images.
 
     means, stds: (N, *latent_shape) posterior means and standard deviations of the training images (include
     their mirror images when the VAE trained with --hflip). Each step draws a batch of fresh z ~ q(z|x) =
     N(mean, std^2), so the model learns the aggregate posterior, the distribution the decoder was trained on,
-    not N points it could memorise. Latents are standardised per dimension (shift and scale stored). Adam, its
-    learning rate warmed up over the first 5% of `steps` and then cosine-annealed to 0, and an exponential
-    moving average of the weights (decay 0.999), which is what is stored. The caller's RNG streams are untouched.
+    not N points it could memorise. Latents are standardised per dimension (shift and scale stored). Fitted by
+    vae.fitting.fit_network: Adam, its learning rate warmed up over the first 5% of `steps` and then
+    cosine-annealed to 0, and a moving average of the weights (decay 0.999), which is what is stored. The
+    caller's RNG streams are untouched.
 
     Returns {"kind": "diffusion", "latent_shape", "latent_dim", "width", "num_blocks", "network": the averaged
-    weights, "shift", "scale", "steps", "loss": mean v-prediction MSE over the last 200 steps}.
+    weights, "shift", "scale", "steps", "loss": mean v-prediction MSE over the last steps}.
     """
     device = torch.device(device)
     means = means.detach().float().reshape(len(means), *map_shape(latent_shape))
@@ -140,42 +145,31 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=6000, batch_size=128, l
     state = {"shift": shift, "scale": scale}
     means_u, stds_u = _standardise(means, state).to(device), (stds / scale).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        network = Denoiser(means.shape[1], width, num_blocks, _kernel_size(latent_shape)).to(device)
-        average = torch.optim.swa_utils.AveragedModel(
-            network, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999))
-        optimizer = torch.optim.Adam(network.parameters(), lr=lr)
-        warmup = max(1, steps // 20)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
-            1 + math.cos(math.pi * step / steps)))
-        recent = deque(maxlen=200)
-        for _ in tqdm(range(steps), desc="diffusion prior", unit="step", disable=not progress):
-            index = torch.randint(len(means_u), (min(batch_size, len(means_u)),), generator=generator, device=device)
-            u0 = means_u[index] + stds_u[index] * torch.randn(means_u[index].shape, generator=generator,
-                                                              device=device)
-            t = torch.rand(len(u0), generator=generator, device=device) * MAX_T
-            eps = torch.randn(u0.shape, generator=generator, device=device)
-            a = signal_level(t).to(device)[:, None, None, None]
-            v = a.sqrt() * eps - (1 - a).sqrt() * u0
-            loss = (network(a.sqrt() * u0 + (1 - a).sqrt() * eps, t) - v).pow(2).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            average.update_parameters(network)
-            recent.append(loss.item())
+
+    def loss(network):
+        index = torch.randint(len(means_u), (min(batch_size, len(means_u)),), generator=generator, device=device)
+        u0 = means_u[index] + stds_u[index] * torch.randn(means_u[index].shape, generator=generator, device=device)
+        t = torch.rand(len(u0), generator=generator, device=device) * MAX_T
+        eps = torch.randn(u0.shape, generator=generator, device=device)
+        a = signal_level(t).to(device)[:, None, None, None]
+        v = a.sqrt() * eps - (1 - a).sqrt() * u0
+        return (network(a.sqrt() * u0 + (1 - a).sqrt() * eps, t) - v).pow(2).mean()
+
+    network, final_loss = fit_network(
+        lambda: Denoiser(means.shape[1], width, num_blocks, _kernel_size(latent_shape)), loss, steps, lr, seed=seed,
+        device=device, warmup_steps=max(1, steps // 20), ema_decay=EMA_DECAY, description="diffusion prior",
+        progress=progress)
     return {
         "kind": "diffusion",
         "latent_shape": [int(size) for size in latent_shape],
         "latent_dim": int(math.prod(latent_shape)),
         "width": int(width),
         "num_blocks": int(num_blocks),
-        "network": {name: value.detach().cpu().clone() for name, value in average.module.state_dict().items()},
+        "network": {name: value.detach().cpu().clone() for name, value in network.state_dict().items()},
         "shift": shift.cpu(),
         "scale": scale.cpu(),
         "steps": int(steps),
-        "loss": float(sum(recent) / max(1, len(recent))),
+        "loss": final_loss,
     }
 
 
@@ -193,14 +187,14 @@ def load_denoiser(state, device):
 
 
 @torch.no_grad()
-def denoise(state, u, t_start, generator=None, temperature=1.0, steps=SAMPLING_STEPS, network=None):
-    """Run the reverse process on standardised latents u (B, C, H, W) at time t_start down to t = 0.
+def denoise(network, u, t_start, generator=None, temperature=1.0, steps=SAMPLING_STEPS):
+    """Run the reverse process with the denoiser `network` on standardised latents u (B, C, H, W) from t_start
+    down to t = 0.
 
     DDPM's ancestral steps (Ho et al. 2020) on an even grid of max(1, round(steps * t_start)) steps, each a
     draw from the posterior q(u_s | u_t, u_0 = predicted) of the forward process; `temperature` scales the
     noise of every step (1: the model's own distribution). Returns u_0 (B, C, H, W).
     """
-    network = network if network is not None else load_denoiser(state, u.device)
     num_steps = max(1, round(steps * t_start))
     times = torch.linspace(t_start, 0.0, num_steps + 1).tolist()
     for t, s in zip(times[:-1], times[1:]):
@@ -217,21 +211,48 @@ def denoise(state, u, t_start, generator=None, temperature=1.0, steps=SAMPLING_S
     return u
 
 
-@torch.no_grad()
-def sample(state, num, temperature=1.0, generator=None, device="cpu"):
-    """num latents (num, latent_dim) drawn from the prior: pure noise at t = MAX_T, denoised."""
-    u = temperature * _noise((num, *map_shape(state["latent_shape"])), generator, device)
-    return _unstandardise(denoise(state, u, MAX_T, generator, temperature), state).flatten(1)
+@register
+class DiffusionPrior(Sampler):
+    name = "diffusion"
+    description = "noise the photo's code part of the way and denoise it with the learned diffusion prior " \
+                  "(SDEdit): new flowers of the photo's kind"
+    rank = 10
 
+    def __init__(self, state):
+        super().__init__(state)
+        self._networks = {}  # the denoiser, built once per device
 
-@torch.no_grad()
-def vary(state, latents, strength, generator=None):
-    """SDEdit: each latent (B, latent_dim) noised to time t = strength (0: unchanged; 1: all noise, a new sample)
-    and denoised by the prior. Returns (B, latent_dim)."""
-    if strength <= 0:
-        return latents.clone()
-    t = min(float(strength), MAX_T)
-    u = _standardise(latents.reshape(len(latents), *map_shape(state["latent_shape"])), state)
-    a = float(signal_level(t))
-    u = math.sqrt(a) * u + math.sqrt(1 - a) * _noise(u.shape, generator, u.device)
-    return _unstandardise(denoise(state, u, t, generator), state).flatten(1)
+    @classmethod
+    def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
+        means, stds = posteriors.all()
+        return cls(fit_diffusion_prior(means, stds, posteriors.latent_shape, steps=steps or DEFAULT_STEPS,
+                                       seed=seed, device=device, progress=progress))
+
+    @classmethod
+    def after_training(cls, config):
+        return {"steps": config.diffusion_prior_steps} if config.diffusion_prior_steps else None
+
+    def network(self, device):
+        device = torch.device(device)
+        if device not in self._networks:
+            self._networks[device] = load_denoiser(self.state, device)
+        return self._networks[device]
+
+    @torch.no_grad()
+    def sample(self, num, temperature=1.0, generator=None):
+        """Pure noise at t = MAX_T, scaled by the temperature (as is every step's noise), denoised."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        u = temperature * _noise((num, *map_shape(self.state["latent_shape"])), generator, device)
+        return _unstandardise(denoise(self.network(device), u, MAX_T, generator, temperature), self.state).flatten(1)
+
+    @torch.no_grad()
+    def vary(self, latents, strength, generator=None):
+        """SDEdit: each latent (B, latent_dim) noised to time t = strength (0: unchanged; 1: all noise, a new
+        sample) and denoised by the prior, on the latents' device."""
+        if strength <= 0:
+            return latents.clone()
+        t = min(float(strength), MAX_T)
+        u = _standardise(latents.reshape(len(latents), *map_shape(self.state["latent_shape"])), self.state)
+        a = float(signal_level(t))
+        u = math.sqrt(a) * u + math.sqrt(1 - a) * _noise(u.shape, generator, u.device)
+        return _unstandardise(denoise(self.network(u.device), u, t, generator), self.state).flatten(1)

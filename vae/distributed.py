@@ -76,11 +76,6 @@ def any_process(flag, device):
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 @contextlib.contextmanager
 def main_process_first(process):
     """Run the block on the main process first (it builds the image cache), then on the others (they load it). A

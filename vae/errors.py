@@ -17,3 +17,11 @@ class EveryProcessError(UserError):
 class Stopped(Exception):
     """A long step (fitting the diffusion prior at the end of a run) saw a stop request (SIGINT/SIGTERM) and ended
     early; the caller saves what it has and exits as the signal asks."""
+
+
+class MissingSampler(UserError):
+    """A command needs a sampler the checkpoint does not hold; the scripts add how to fit it."""
+
+    def __init__(self, message, name, path):
+        super().__init__(message)
+        self.name, self.path = name, path

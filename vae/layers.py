@@ -75,9 +75,8 @@ class SampleLatent(nn.Module):
     any latent shape works.
     """
 
-    def __init__(self, latent_size=10):
+    def __init__(self, latent_size=10):  # the tutorial's signature; the noise takes its shape from `mean`
         super().__init__()
-        self.latent_size = latent_size
 
     def forward(self, mean, log_var):
         eps = torch.randn_like(mean)

@@ -1,56 +1,189 @@
-"""Samplers of the latent space for generation: where to draw z from before decoding.
+"""Samplers of the latent space: where z comes from before decoding, and how a photo's z is moved to make
+variations of it. One class each, registered by its --sampler name:
+
+    "prior"      N(0, T^2 I), the VAE's own prior                  Prior
+    "gmm"        a Gaussian mixture (Ghosh et al. 2020)             GaussianMixture
+    "two-stage"  a second, small VAE on the latents (Dai & Wipf)   TwoStage
+    "diffusion"  a diffusion model on the latents (LSGM's prior)    vae.diffusion_prior.DiffusionPrior
 
 A VAE's aggregate posterior q(z) = E_x q(z|x) rarely matches its prior N(0, I): there are holes where the
 prior puts mass but no image's posterior does, and decoding from them gives the blurry or odd samples that
 make prior samples look worse than reconstructions. An "ex-post" density fitted to the training images'
-latents fixes much of this (Ghosh et al. 2020 fit a GMM; Dai & Wipf 2019 fit a second VAE).
+latents fixes much of this.
 
-Every sampler works on flattened latents (N, D): a spatial latent (C, H, W) is flattened by the caller, and
-samples are reshaped back. A sampler's state is a plain dict of tensors, ints, floats and strings, so it
-saves inside a checkpoint that loads with torch.load(weights_only=True), and sampling needs no data and
-no scikit-learn:
-
-    "prior"      N(0, T^2 I), the VAE's own prior                   prior_state(latent_dim)
-    "gmm"        a Gaussian mixture (Ghosh et al. 2020)              fit_gmm(latents, ...)
-    "two-stage"  a second, small VAE on the latents (Dai & Wipf)    fit_two_stage(latents, ...)
-    "diffusion"  a diffusion model on the latents (LSGM's prior)     vae.diffusion_prior.fit_diffusion_prior
-
-sample_latents(state, num, temperature) draws (num, D) latents from any of them.
+A sampler is fitted to the training images' posteriors (Sampler.fit), draws latents (sample) and, where it can,
+moves a photo's latent to a new one of the same kind (vary). Its `state` is a plain dict of tensors, ints,
+floats and strings, so it saves inside a checkpoint that loads with torch.load(weights_only=True), and sampling
+needs no data and no scikit-learn. Every sampler works on flattened latents (N, D): a spatial latent (C, H, W)
+is flattened by the caller, and samples are reshaped back. To add one: subclass Sampler, decorate it with
+@register, and it is a --sampler choice, a --mode of variations when it has vary, an export --fit-samplers
+kind, and a choice on the page (docs/inference.md#adding-a-sampler).
 """
 
-from collections import deque
+import dataclasses
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from vae import diffusion_prior
 from vae.errors import UserError
+from vae.fitting import fit_network
 from vae.likelihoods import gaussian_nll_from_sse, sum_squared_error
 from vae.losses import kl_divergence
+from vae.vae import posterior_moments
 
-SAMPLER_KINDS = ("prior", "gmm", "two-stage", "diffusion")
-# Best first, by the FID of their samples on Flowers102 (README): what `sample` uses when none is named.
-SAMPLER_PREFERENCE = ("diffusion", "gmm", "two-stage", "prior")
-COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
-# The paper's second latent equals the first (64 for CelebA); on 256-d synthetic latents with an 8-d structure,
-# a 64-d second latent sampled far better than a 256-d one (latent-space Frechet distance 2.8 against 14).
-SECOND_LATENT_SIZE = 64
+SAMPLERS = {}  # --sampler name -> class
 
 
-def prior_state(latent_dim):
-    """The state of the VAE's prior N(0, I) over D = latent_dim dimensions."""
-    return {"kind": "prior", "latent_dim": int(latent_dim)}
+def register(cls):
+    """Class decorator: make a Sampler subclass available under cls.name."""
+    SAMPLERS[cls.name] = cls
+    return cls
 
 
-def _as_latents(latents):
+@dataclasses.dataclass
+class Posteriors:
+    """What a sampler is fitted to: the posteriors q(z|x) = N(means, stds^2) of the training images, each
+    flattened to (N, D) on the CPU, and of their mirror images when the VAE trained on them (--hflip)."""
+
+    means: torch.Tensor
+    stds: torch.Tensor
+    latent_shape: tuple
+    mirrored: tuple = None  # (means, stds) of the mirror images, or None
+
+    @classmethod
+    def of(cls, model, images_uint8, hflip=False):
+        means, stds = posterior_moments(model, images_uint8)
+        mirrored = posterior_moments(model, images_uint8.flip(-1)) if hflip else None
+        return cls(means, stds, tuple(model.latent_shape), mirrored)
+
+    def all(self):
+        """(means, stds) of every image the VAE trained on: the photos, then their mirror images if any."""
+        if self.mirrored is None:
+            return self.means, self.stds
+        return torch.cat([self.means, self.mirrored[0]]), torch.cat([self.stds, self.mirrored[1]])
+
+
+class Sampler:
+    """A distribution over flattened latents (N, D), built from its state (a plain dict whose "kind" is the name).
+
+    Subclasses set `name`, `description` (for --help and the page) and `rank` (`auto` picks the lowest rank a
+    checkpoint holds), and implement fit and sample; vary where the sampler can make variations of a photo.
+    after_training(config) says whether a training run fits it at its end, and with which options of fit.
+    """
+
+    name = ""
+    description = ""
+    rank = 50
+    needs_fitting = True  # False for a sampler that needs no data (the prior)
+
+    def __init__(self, state):
+        self.state = state
+
+    @classmethod
+    def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
+        """A sampler fitted to `posteriors` (a Posteriors); steps: training steps of one that trains a network
+        (None: its default)."""
+        raise NotImplementedError
+
+    @classmethod
+    def after_training(cls, config):
+        """None when a training run with this config does not fit it at its end, else the keyword arguments of
+        fit it then takes (e.g. {"steps": 3000})."""
+        return None
+
+    def sample(self, num, temperature=1.0, generator=None):
+        """num latents (num, D), float32, on the generator's device (CPU without one); T scales the spread."""
+        raise NotImplementedError
+
+    def vary(self, latents, strength, generator=None):
+        """Latents (B, D) moved by `strength` in [0, 1]: 0 keeps them, 1 is a fresh draw of the sampler."""
+        raise NotImplementedError
+
+    @classmethod
+    def can_vary(cls):
+        return cls.vary is not Sampler.vary
+
+
+def ranked(names):
+    """Names of registered samplers, best (lowest rank) first."""
+    return sorted(names, key=lambda name: SAMPLERS[name].rank)
+
+
+def load_sampler(state):
+    """The Sampler a stored state describes."""
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind not in SAMPLERS:
+        raise UserError(f"unknown sampler {kind!r}; the registered ones are {', '.join(SAMPLERS)}")
+    return SAMPLERS[kind](state)
+
+
+def fit_samplers(model, images_uint8, names, seed=0, hflip=False, steps=None, progress=False):
+    """{name: state} of the samplers `names`, fitted to the posteriors of the training images (and their mirror
+    images with hflip, for the samplers that use them). steps: {name: training steps} for those that train a
+    network; the others take their defaults."""
+    posteriors = Posteriors.of(model, images_uint8, hflip)
+    device = next(model.parameters()).device
+    return {name: SAMPLERS[name].fit(posteriors, seed=seed, steps=(steps or {}).get(name), device=device,
+                                     progress=progress).state for name in names}
+
+
+def fitted_after_training(config):
+    """{name: fit options} of the samplers a training run with this config fits at its end, best first."""
+    options = {name: SAMPLERS[name].after_training(config) for name in ranked(SAMPLERS)}
+    return {name: option for name, option in options.items() if option is not None}
+
+
+@torch.no_grad()
+def sample_latents(state, num, temperature=1.0, generator=None):
+    """Draw num latents (num, D) from a stored sampler state; the same generator state gives the same latents."""
+    return load_sampler(state).sample(num, temperature, generator)
+
+
+def _device(generator):
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _flat(latents):
     latents = torch.as_tensor(latents).detach().cpu()
     if latents.ndim != 2:
         raise ValueError(f"expected flattened latents of shape (N, D), got {tuple(latents.shape)}")
     return latents
 
 
+def keep_rate(strength):
+    """rho in [0, 1]: the share of a latent kept at `strength` by the autoregressive moves below, the diffusion
+    prior's signal level sqrt(a(t)) at t = strength, so that a strength keeps as much of a photo in every mode."""
+    from vae.diffusion_prior import signal_level
+
+    return float(signal_level(min(float(strength), 1.0))) ** 0.5
+
+
+# ------------------------------------------------------------------------------ the VAE's prior
+
+@register
+class Prior(Sampler):
+    name = "prior"
+    description = "the VAE's own prior N(0, I)"
+    rank = 90
+    needs_fitting = False
+
+    @classmethod
+    def of_size(cls, latent_dim):
+        return cls({"kind": cls.name, "latent_dim": int(latent_dim)})
+
+    @classmethod
+    def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
+        return cls.of_size(posteriors.means.shape[1])
+
+    def sample(self, num, temperature=1.0, generator=None):
+        return temperature * torch.randn(num, self.state["latent_dim"], generator=generator, device=_device(generator))
+
+
 # ------------------------------------------------------------------------------ Gaussian mixture
+
+COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
+GMM_COMPONENTS = 4
+
 
 def fit_gmm(latents, num_components, seed=0, covariance="full", reg_covar=1e-4, max_iter=200):
     """Fit a Gaussian mixture to latents (N, D) (posterior means or samples of the training images).
@@ -63,16 +196,16 @@ def fit_gmm(latents, num_components, seed=0, covariance="full", reg_covar=1e-4, 
     "num_components": K, "latent_dim": D, "log_likelihood": mean log-density of the latents (nats per latent)}.
     """
     try:
-        from sklearn.mixture import GaussianMixture
+        from sklearn.mixture import GaussianMixture as SklearnMixture
     except ImportError:
         raise UserError("fitting the GMM sampler needs scikit-learn: pip install -r requirements.txt") from None
     if covariance not in COVARIANCE_TYPES:
         raise ValueError(f"covariance must be one of {COVARIANCE_TYPES}, got {covariance!r}")
-    data = _as_latents(latents).double().numpy()
+    data = _flat(latents).double().numpy()
     if len(data) < num_components:
         raise ValueError(f"{num_components} mixture components need at least as many latents, got {len(data)}")
-    gmm = GaussianMixture(num_components, covariance_type=covariance, reg_covar=reg_covar, max_iter=max_iter,
-                          random_state=seed).fit(data)
+    gmm = SklearnMixture(num_components, covariance_type=covariance, reg_covar=reg_covar, max_iter=max_iter,
+                         random_state=seed).fit(data)
     num_components, latent_dim = gmm.means_.shape
     covariances = torch.from_numpy(gmm.covariances_)
     if covariance == "full":
@@ -95,7 +228,65 @@ def fit_gmm(latents, num_components, seed=0, covariance="full", reg_covar=1e-4, 
     }
 
 
+@register
+class GaussianMixture(Sampler):
+    name = "gmm"
+    description = "a Gaussian mixture fitted to the training images' posterior means; variations move the " \
+                  "photo's code within its component"
+    rank = 20
+
+    @classmethod
+    def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
+        return cls(fit_gmm(posteriors.means, num_components=min(GMM_COMPONENTS, len(posteriors.means)), seed=seed))
+
+    @classmethod
+    def after_training(cls, config):
+        return {}
+
+    def _tensors(self, device):
+        return (self.state["weights"].to(device), self.state["means"].to(device),
+                self.state["scale_tril"].to(device))
+
+    def sample(self, num, temperature=1.0, generator=None):
+        """means_k + T * scale_tril_k @ eps for a component k drawn by its weight (T = 0: the component means)."""
+        weights, means, scale_tril = self._tensors(_device(generator))
+        component = torch.multinomial(weights, num, replacement=True, generator=generator)
+        eps = torch.randn(num, means.shape[1], generator=generator, device=means.device)
+        # One component at a time: gathering a (D, D) factor per sample would take num * D^2 memory.
+        noise = torch.zeros_like(eps)
+        for k in component.unique().tolist():
+            chosen = component == k
+            noise[chosen] = eps[chosen] @ scale_tril[k].T
+        return means[component] + temperature * noise
+
+    def vary(self, latents, strength, generator=None):
+        """Each latent moves within a mixture component, chosen with the probability that the component produced
+        it, by the autoregressive step
+
+            z' = mu_k + rho (z - mu_k) + sqrt(1 - rho^2) L_k eps,   rho = keep_rate(strength),
+
+        which leaves the component N(mu_k, L_k L_k^T) unchanged: strength 0 keeps z, 1 is a fresh draw of it."""
+        device = _device(generator)
+        out_device, latents = latents.device, latents.to(device)
+        if strength <= 0:
+            return latents.clone().to(out_device)
+        weights, means, scale_tril = self._tensors(device)
+        mixture = torch.distributions.MultivariateNormal(means, scale_tril=scale_tril)
+        log_joint = mixture.log_prob(latents[:, None, :]) + weights.log()
+        component = torch.multinomial(torch.softmax(log_joint, dim=1), 1, generator=generator)[:, 0]
+        rho = keep_rate(strength)
+        eps = torch.randn(latents.shape, generator=generator, device=device)
+        noise = torch.einsum("bij,bj->bi", scale_tril[component], eps)
+        center = means[component]
+        return (center + rho * (latents - center) + (1 - rho ** 2) ** 0.5 * noise).to(out_device)
+
+
 # ------------------------------------------------------------------------------ two-stage VAE
+
+# The paper's second latent equals the first (64 for CelebA); on 256-d synthetic latents with an 8-d structure,
+# a 64-d second latent sampled far better than a 256-d one (latent-space Frechet distance 2.8 against 14).
+SECOND_LATENT_SIZE = 64
+
 
 def _mlp(in_size, hidden_size, out_size, num_layers):
     """num_layers hidden ReLU layers of hidden_size, then a linear output."""
@@ -132,17 +323,16 @@ def fit_two_stage(latents, second_latent_size=None, hidden_size=256, num_layers=
 
     A small dense VAE learns the first-stage latents' distribution; sampling draws its prior N(0, I) and maps
     the draw through its decoder (mean) back to the first latent space. Latents are standardised per dimension
-    first (the affine map is stored and undone when sampling). Trained with Adam for `steps` steps of
-    `batch_size` latents, the learning rate cosine-annealed from `lr` to 0; the decoder variance gamma is kept
-    above exp(min_log_gamma) (in standardised units) so the loss stays finite. The second latent size defaults
-    to min(D, 64) (the paper uses D, which was 64 there). Sampling decodes the decoder's mean, as in the paper.
-    Training on 2,000 x 256 latents with the defaults takes about 30 s on one CPU thread.
+    first (the affine map is stored and undone when sampling). Trained by vae.fitting.fit_network for `steps`
+    steps of `batch_size` latents, the learning rate cosine-annealed from `lr` to 0; the decoder variance gamma
+    is kept above exp(min_log_gamma) (in standardised units) so the loss stays finite. The second latent size
+    defaults to min(D, 64) (the paper uses D, which was 64 there).
 
     Returns {"kind": "two-stage", "latent_dim": D, "second_latent_size", "hidden_size", "num_layers",
     "decoder": state_dict of the decoder MLP, "shift": (D,), "scale": (D,), "gamma": decoder variance,
-    "loss": final negative ELBO (nats per standardised latent, a running mean over the last 100 steps)}.
+    "loss": final negative ELBO (nats per standardised latent, a running mean over the last steps)}.
     """
-    data = _as_latents(latents).float()
+    data = _flat(latents).float()
     latent_dim = data.shape[1]
     second_latent_size = int(second_latent_size or min(latent_dim, SECOND_LATENT_SIZE))
     shift = data.mean(0)
@@ -150,96 +340,49 @@ def fit_two_stage(latents, second_latent_size=None, hidden_size=256, num_layers=
     device = torch.device(device)
     data = ((data - shift) / scale).to(device)
     generator = torch.Generator().manual_seed(seed)
-    # Seed locally: the caller's RNG streams (a training run's, say) continue as if nothing had been drawn.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)  # the initialisation and the reparameterisation noise
-        model = _SecondStage(latent_dim, second_latent_size, hidden_size, num_layers).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-        recent = deque(maxlen=100)
-        for _ in tqdm(range(steps), desc="two-stage sampler", unit="step", disable=not progress):
-            batch = data[torch.randint(len(data), (min(batch_size, len(data)),), generator=generator).to(device)]
-            loss = model.loss(batch, min_log_gamma)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            recent.append(loss.item())
+
+    def loss(network):
+        batch = data[torch.randint(len(data), (min(batch_size, len(data)),), generator=generator).to(device)]
+        return network.loss(batch, min_log_gamma)
+
+    network, final_loss = fit_network(
+        lambda: _SecondStage(latent_dim, second_latent_size, hidden_size, num_layers), loss, steps, lr, seed=seed,
+        device=device, description="two-stage sampler", progress=progress)
     return {
         "kind": "two-stage",
         "latent_dim": int(latent_dim),
         "second_latent_size": second_latent_size,
         "hidden_size": int(hidden_size),
         "num_layers": int(num_layers),
-        "decoder": {name: value.detach().cpu().clone() for name, value in model.decoder.state_dict().items()},
+        "decoder": {name: value.detach().cpu().clone() for name, value in network.decoder.state_dict().items()},
         "shift": shift,
         "scale": scale,
-        "gamma": float(model.log_gamma.detach().clamp(min=min_log_gamma).exp()),
-        "loss": float(sum(recent) / max(1, len(recent))),
+        "gamma": float(network.log_gamma.detach().clamp(min=min_log_gamma).exp()),
+        "loss": final_loss,
     }
 
 
-def _two_stage_decoder(state, device):
-    decoder = _mlp(state["second_latent_size"], state["hidden_size"], state["latent_dim"], state["num_layers"])
-    decoder.load_state_dict(state["decoder"])
-    return decoder.to(device).eval()
+@register
+class TwoStage(Sampler):
+    name = "two-stage"
+    description = "a second, small VAE fitted to the training images' posterior means (Dai & Wipf 2019)"
+    rank = 30
+
+    @classmethod
+    def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
+        return cls(fit_two_stage(posteriors.means, seed=seed, progress=progress,
+                                 **({"steps": steps} if steps else {})))
+
+    def sample(self, num, temperature=1.0, generator=None):
+        """Its own prior drawn at N(0, T^2 I), decoded (the decoder's mean) and the standardisation undone."""
+        state, device = self.state, _device(generator)
+        decoder = _mlp(state["second_latent_size"], state["hidden_size"], state["latent_dim"], state["num_layers"])
+        decoder.load_state_dict(state["decoder"])
+        u = temperature * torch.randn(num, state["second_latent_size"], generator=generator, device=device)
+        with torch.no_grad():
+            z = decoder.to(device).eval()(u)
+        return z * state["scale"].to(device) + state["shift"].to(device)
 
 
-# ------------------------------------------------------------------------------ sampling
-
-@torch.no_grad()
-def sample_latents(sampler_state, num, temperature=1.0, generator=None):
-    """Draw num latents (num, D), float32, from a sampler state, with torch only.
-
-    Draws on the generator's device (CPU without one); the same generator state gives the same latents.
-    temperature T scales the spread: the prior is N(0, T^2 I); a GMM component k gives
-    means_k + T * scale_tril_k @ eps (T = 0: the component means); the two-stage sampler draws its own prior
-    at N(0, T^2 I) and decodes the draw; the diffusion prior scales its starting noise and every step's noise.
-    """
-    kind = sampler_state["kind"]
-    device = generator.device if generator is not None else torch.device("cpu")
-    if kind == "prior":
-        return temperature * torch.randn(num, sampler_state["latent_dim"], generator=generator, device=device)
-    if kind == "gmm":
-        weights = sampler_state["weights"].to(device)
-        means, scale_tril = sampler_state["means"].to(device), sampler_state["scale_tril"].to(device)
-        component = torch.multinomial(weights, num, replacement=True, generator=generator)
-        eps = torch.randn(num, means.shape[1], generator=generator, device=device)
-        # One component at a time: gathering a (D, D) factor per sample would take num * D^2 memory.
-        noise = torch.zeros_like(eps)
-        for k in component.unique().tolist():
-            chosen = component == k
-            noise[chosen] = eps[chosen] @ scale_tril[k].T
-        return means[component] + temperature * noise
-    if kind == "two-stage":
-        u = temperature * torch.randn(num, sampler_state["second_latent_size"], generator=generator, device=device)
-        z = _two_stage_decoder(sampler_state, device)(u)
-        return z * sampler_state["scale"].to(device) + sampler_state["shift"].to(device)
-    if kind == "diffusion":
-        return diffusion_prior.sample(sampler_state, num, temperature, generator, device)
-    raise UserError(f"unknown sampler {kind!r}; choose one of {', '.join(SAMPLER_KINDS)}")
-
-
-@torch.no_grad()
-def gmm_vary(sampler_state, latents, strength, generator=None):
-    """Variations of latents (B, D) under a fitted GMM: each latent moves within a mixture component, chosen with
-    the probability that the component produced it, by the autoregressive step
-
-        z' = mu_k + rho (z - mu_k) + sqrt(1 - rho^2) L_k eps,   rho = sqrt(signal_level(strength)),
-
-    which leaves the component N(mu_k, L_k L_k^T) unchanged: strength 0 keeps z, strength 1 is a fresh draw of
-    the component. rho is the diffusion prior's signal level at t = strength, so a strength means the same share
-    of the photo's code kept in both modes."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    latents = latents.to(device)
-    if strength <= 0:
-        return latents.clone()
-    means, scale_tril = sampler_state["means"].to(device), sampler_state["scale_tril"].to(device)
-    mixture = torch.distributions.MultivariateNormal(means, scale_tril=scale_tril)
-    log_joint = mixture.log_prob(latents[:, None, :]) + sampler_state["weights"].to(device).log()
-    component = torch.multinomial(torch.softmax(log_joint, dim=1), 1, generator=generator)[:, 0]
-    rho = float(diffusion_prior.signal_level(min(float(strength), 1.0))) ** 0.5
-    eps = torch.randn(latents.shape, generator=generator, device=device)
-    noise = torch.einsum("bij,bj->bi", scale_tril[component], eps)
-    center = means[component]
-    return center + rho * (latents - center) + (1 - rho ** 2) ** 0.5 * noise
+# The diffusion prior registers itself; importing it here makes every built-in sampler known to the registry.
+from vae import diffusion_prior  # noqa: E402, F401

@@ -34,10 +34,3 @@ class KLSchedule:
         period = self.total_steps / self.cycles
         position = (step % period) / period
         return self.beta * min(1.0, position / self.ratio) if self.ratio > 0 else self.beta
-
-    def state_dict(self):
-        return {"kind": self.kind, "beta": self.beta, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "cycles": self.cycles, "ratio": self.ratio}
-
-    def load_state_dict(self, state):
-        self.__init__(**state)

@@ -1,10 +1,9 @@
-"""The training core: the optimizer and schedules, one training epoch, and the one evaluation that both
-`vae_training.py` (every epoch) and `vae_inference.py evaluate` run.
+"""The training core: the optimizer and schedules, the training step and one training epoch. (The evaluation that
+training runs every epoch, and inference on demand, is vae/evaluation.py.)
 
     optimization = Optimization(model, config, steps_per_epoch=len(batches))
     state = TrainState()
     losses = train_one_epoch(model, batches, loss_fn, optimization, state)
-    metrics = evaluate(model, eval_batches, beta=config.beta)
 """
 
 import contextlib
@@ -19,17 +18,12 @@ from tqdm import tqdm
 
 from vae import distributed
 from vae.checkpoint import unwrap
-from vae.device import model_device, sum_dtype
+from vae.device import model_device
 from vae.errors import Stopped, TrainingDiverged, UserError
+from vae.fitting import learning_rate_schedule, make_ema  # noqa: F401 (make_ema: part of this API)
 from vae.layers import architecture
-from vae.losses import ELBOLoss, kl_per_dimension
-from vae.metrics import active_units, bits_per_dim, iwae_log_likelihood, psnr_db
+from vae.losses import ELBOLoss
 from vae.schedules import KLSchedule
-from vae.vae import eval_mode
-
-# Decoded images held in memory at once while importance sampling: bounds memory for any K and resolution
-# (4096 images of 64x64 are 200 MB in float32, about 1 GB with the float64 likelihood terms).
-DECODE_CHUNK_IMAGES = 1024
 
 
 # -------------------------------------------------------------------------------- optimizer and schedules
@@ -51,37 +45,10 @@ def make_kl_schedule(config, steps_per_epoch):
 
 
 def make_lr_schedule(config, optimizer, steps_per_epoch):
-    """The learning rate as a factor of --lr per step: a linear warm-up over --lr-warmup-epochs, then constant
-    or a cosine decay that reaches 0 at the last step of --epochs (Loshchilov & Hutter 2017)."""
-    warmup = round(config.lr_warmup_epochs * steps_per_epoch)
-    total = config.epochs * steps_per_epoch
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if config.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-        return 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def make_ema(model, decay):
-    """An exponential moving average of the weights (and buffers), or None for decay 0: after update n,
-    avg = d * avg + (1 - d) * weights with d = min(decay, (1 + n) / (10 + n)). The warm-up of d (as TensorFlow's
-    ExponentialMovingAverage does with num_updates) keeps the random initial weights from lingering in the
-    average: with a fixed 0.999 they would still weigh 4.5% after 3,100 steps. Its .module is a plain model."""
-    if not decay:
-        return None
-
-    def update(averaged, weights, num_averaged):
-        # A tensor on the model's device: reading the count as a Python number would wait for the GPU.
-        rate = 1 - ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay)
-        for average, weight in zip(averaged, weights):
-            if average.is_floating_point():
-                average.lerp_(weight, rate.to(average.dtype))
-            else:  # counters, such as BatchNorm's num_batches_tracked, are copied: an average of counts is none
-                average.copy_(weight)
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    """The learning rate as a factor of --lr per step (vae.fitting.learning_rate_schedule): a linear warm-up over
+    --lr-warmup-epochs, then constant or a cosine decay that reaches 0 at the last step of --epochs."""
+    return learning_rate_schedule(optimizer, round(config.lr_warmup_epochs * steps_per_epoch),
+                                  config.epochs * steps_per_epoch, cosine=config.lr_schedule == "cosine")
 
 
 class Optimization:
@@ -135,8 +102,8 @@ class Optimization:
 
 def memory_format(config, device):
     """channels_last for an architecture that asks for it (the residual model) on CUDA and under bf16 autocast,
-    where its 3x3 convolutions run faster in it; float32 on a CPU ran at the same speed either way (119 and 117
-    img/s), and the tutorial's small model stays contiguous."""
+    where its 3x3 convolutions run faster in it; float32 on a CPU ran at the same speed either way
+    (docs/throughput.md), and the tutorial's small model stays contiguous."""
     faster = architecture(config.arch).channels_last and (device.type == "cuda" or amp_in_effect(config, device))
     return torch.channels_last if faster else torch.contiguous_format
 
@@ -314,162 +281,3 @@ def train_one_epoch(model, batches, loss_fn, optimization, state, writer=None, s
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-
-def _log_normal(z):
-    """log N(z; 0, I) summed over every dimension but the first two (K, B) (nats)."""
-    return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(2).sum(dim=2)
-
-
-def importance_samples(model, x, mean, log_var, iw_samples, generator=None, discretized=False):
-    """K = iw_samples draws z_k = mean + std * noise_k per image: a dict of tensors in nats: "trained_term" (B,)
-    the reconstruction term training minimises, for the first draw only, and (K, B) in float64
-    "log_likelihood" log p(x|z_k) under the model's likelihood (a density for the Gaussians),
-    "log_weight" log p(x|z_k) + log p(z_k) - log q(z_k|x), and with discretized=True the same two under the
-    likelihood of the 8-bit pixels ("log_likelihood_8bit", "log_weight_8bit"), from the same decoded images.
-    The noise is drawn from `generator` and decoded DECODE_CHUNK_IMAGES images at a time, so the memory needed
-    does not grow with K, at any resolution.
-    """
-    std = log_var.mul(0.5).exp()
-    names = ["log_likelihood", "log_weight"] + (["log_likelihood_8bit", "log_weight_8bit"] if discretized else [])
-    # Filled chunk by chunk: allocated once, before the decoded images, so that no small result stays between the
-    # large freed blocks of each chunk (glibc's heap would keep them, and grow by gigabytes over many chunks).
-    results = {name: torch.empty(iw_samples, len(x), dtype=torch.float64) for name in names}
-    per_chunk = max(1, DECODE_CHUNK_IMAGES // len(x))
-    for start in range(0, iw_samples, per_chunk):
-        k = min(per_chunk, iw_samples - start)
-        eps = torch.randn(k, *mean.shape, generator=generator).to(mean.device)
-        z = mean + std * eps
-        parameters = model.decode_parameters(z.flatten(0, 1))
-        targets = x.repeat(k, *[1] * (x.dim() - 1))
-        # In float64 on the CPU: log-weights of thousands of nats keep their small differences, and MPS has none.
-        log_prior = _log_normal(z).cpu().double()
-        # log q(z|x) from the noise itself: z - mean would cancel digits when std is far below |mean|.
-        log_posterior = (_log_normal(eps) - log_var.mul(0.5).flatten(1).sum(dim=1)).cpu().double()
-        log_likelihood, log_likelihood_8bit = model.likelihood.log_likelihoods(targets, parameters, discretized)
-        if start == 0:  # the trained term of the first draw only: all the training objective needs
-            # Computed for the chunk's draws and cut after: only the likelihood may index its parameters.
-            trained_term = model.likelihood.loss(targets, parameters)[:len(x)]
-        for suffix, values in [("", log_likelihood)] + ([("_8bit", log_likelihood_8bit)] if discretized else []):
-            values = values.view(k, len(x)).cpu().double()
-            results["log_likelihood" + suffix][start:start + k] = values
-            results["log_weight" + suffix][start:start + k] = values + log_prior - log_posterior
-    return {"trained_term": trained_term, **results}
-
-
-def image_measures(model, x, iw_samples, generator, beta, discretized):
-    """What evaluate() measures on each image: a dict of per-image values, (B,) or (B, latent size), in nats
-    unless a name says otherwise. evaluate() reports the mean of each over the evaluation images under the same
-    name, and keeps the sums of squares for standard errors and variances: a new measurement is one entry here.
-    """
-    mean, log_var = model.encode(x)
-    samples = importance_samples(model, x, mean, log_var, iw_samples, generator, discretized)
-    kl = kl_per_dimension(mean, log_var).flatten(1)
-    measures = {
-        "kl_nats": kl.sum(dim=1),
-        # -log p(x|z) under the model's likelihood, averaged over the K draws z ~ q(z|x).
-        "reconstruction_nats": -samples["log_likelihood"].mean(dim=0),
-        "iwae_nll_nats": -iwae_log_likelihood(samples["log_weight"]),
-        # Of the reconstruction decoded from the posterior mean, for the PSNR.
-        "mean_squared_error": (model.decode(mean) - x).pow(2).flatten(1).mean(dim=1),
-        "posterior_std": log_var.mul(0.5).exp().flatten(1).mean(dim=1),
-        "kl_per_dim": kl,
-        "posterior_mean": mean.flatten(1),  # per dimension; its variance over images counts the active units
-    }
-    if beta is not None:  # the training objective on these images (the trained term of the first draw, no free bits)
-        measures["loss"] = beta * measures["kl_nats"] + samples["trained_term"]
-    if discretized:
-        measures["reconstruction_8bit_nats"] = -samples["log_likelihood_8bit"].mean(dim=0)
-        measures["iwae_nll_8bit_nats"] = -iwae_log_likelihood(samples["log_weight_8bit"])
-    return measures
-
-
-class Sums:
-    """Per-measure sums and sums of squares over images, kept on the device (in `dtype`) and reduced across
-    processes."""
-
-    def __init__(self, dtype, device):
-        self.dtype, self.device = dtype, device
-        self.count, self.sums, self.squares = 0, {}, {}
-
-    def add(self, measures):
-        for name, values in measures.items():
-            values = values.to(device=self.device, dtype=self.dtype)
-            self.sums[name] = self.sums.get(name, 0) + values.sum(dim=0)
-            self.squares[name] = self.squares.get(name, 0) + values.pow(2).sum(dim=0)
-        self.count += len(next(iter(measures.values())))
-
-    def reduce(self):
-        """Every process's sums added up (in one call, the names in a fixed order): (count, means, standard errors
-        of the mean, sample variances), each a dict of float64 CPU tensors by measure name."""
-        names = sorted(self.sums)
-        tensors = [self.sums[name] for name in names] + [self.squares[name] for name in names]
-        flat = torch.cat([torch.tensor([float(self.count)], dtype=self.dtype, device=self.device),
-                          *(tensor.reshape(-1) for tensor in tensors)])
-        flat = distributed.all_reduce_sum(flat).double().cpu()
-        count = int(flat[0])
-        parts = [part.view(tensor.shape) for part, tensor in zip(flat[1:].split([t.numel() for t in tensors]), tensors)]
-        totals, squares = dict(zip(names, parts[:len(names)])), dict(zip(names, parts[len(names):]))
-        if count == 0:
-            return 0, {}, {}, {}
-        means = {name: total / count for name, total in totals.items()}
-        variances = {name: (squares[name] - totals[name].pow(2) / count).clamp(min=0) / max(count - 1, 1)
-                     for name in names}
-        errors = {name: (variance / count).sqrt() if count > 1 else torch.zeros_like(variance)
-                  for name, variance in variances.items()}
-        return count, means, errors, variances
-
-
-@torch.no_grad()
-def evaluate(model, batches, beta=None, iw_samples=1, generator=None, progress=False):
-    """Held-out measurements under model.eval() and no_grad, per image; nats unless a name says otherwise.
-
-    batches: an ImageBatches over the evaluation images (in order, not shuffled). beta = 1 throughout:
-    neg_elbo_nats = kl_nats + reconstruction_nats (-log p(x|z) under the model's likelihood, averaged over the
-    iw_samples draws z ~ q(z|x)); iwae_nll_nats is the importance-weighted bound with K = iw_samples (the
-    single-sample ELBO for K = 1); bits_per_dim scores the 8-bit pixels (discretized likelihood, IWAE bound).
-    psnr_db compares reconstructions decoded from the posterior mean; active_units, kl_per_dim and
-    posterior_std diagnose posterior collapse. With beta, loss = beta * KL + the trained reconstruction term
-    (no free bits), the training objective on these images. Noise comes from `generator` (a fixed seed makes
-    the numbers reproducible; None: torch's global generator). Under torchrun each process evaluates its
-    shard and the sums are reduced. The per-image measurements are `image_measures`.
-    """
-    model = unwrap(model)
-    device = model_device(model)
-    likelihood = model.likelihood
-    discretized = likelihood.no_bits_per_dim is None
-    sums = Sums(sum_dtype(device), device)
-    with eval_mode(model):
-        for x in tqdm(batches.epoch(0), total=len(batches), desc=f"evaluating (K={iw_samples})", unit="batch",
-                      leave=False, disable=not progress):
-            sums.add(image_measures(model, x, iw_samples, generator, beta, discretized))
-    count, mean, error, variance = sums.reduce()
-    if count == 0:
-        raise UserError("the evaluation set is empty; use a larger --holdout or --eval-size, or --eval-split none")
-    num_dims = batches.images[0].numel()
-    scalar = {name: value.item() for name, value in mean.items() if value.dim() == 0}
-    metrics = {
-        "num_images": count, "likelihood": likelihood.name, "decoder_sigma": likelihood.shared_sigma(),
-        "iw_samples": iw_samples, "latent_size": model.latent_size,
-        # Every measurement's mean, under its own name: per-dimension ones as lists.
-        **{name: scalar[name] if name in scalar else value.tolist() for name, value in mean.items()},
-        "neg_elbo_nats": scalar["kl_nats"] + scalar["reconstruction_nats"],
-        "iwae_nll_stderr": error["iwae_nll_nats"].item(),
-        "psnr_db": psnr_db(scalar["mean_squared_error"]),
-        "active_units": active_units(variance["posterior_mean"]),
-        "posterior_mean_variance": variance["posterior_mean"].tolist(),
-    }
-    if discretized:
-        metrics.update({
-            "bits_per_dim": bits_per_dim(scalar["iwae_nll_8bit_nats"], num_dims),
-            "bits_per_dim_stderr": bits_per_dim(error["iwae_nll_8bit_nats"].item(), num_dims),
-            "neg_elbo_bits_per_dim": bits_per_dim(scalar["kl_nats"] + scalar["reconstruction_8bit_nats"], num_dims),
-            "bits_per_dim_note": f"IWAE bound with K={iw_samples} under the decoder's "
-                                 f"{likelihood.discretized} discretized to 256 "
-                                 f"levels (bins of width 1/255, end bins to +-inf); D = {num_dims}; "
-                                 f"neg_elbo_bits_per_dim is the ELBO under the same discretized likelihood",
-        })
-    else:
-        metrics.update({
-            "bits_per_dim": None, "bits_per_dim_stderr": None, "neg_elbo_bits_per_dim": None,
-            "bits_per_dim_note": likelihood.no_bits_per_dim.format(name=likelihood.name)})
-    return metrics

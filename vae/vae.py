@@ -98,8 +98,9 @@ def eval_mode(model):
 
 
 @torch.no_grad()
-def posterior(model, x):
-    """(mean, std) of q(z|x), each (N, latent)."""
+def posterior_mean_std(model, x):
+    """(mean, standard deviation) of q(z|x), each (N, *latent_shape): the standard deviation, where encode gives
+    the log-variance."""
     mean, log_var = model.encode(x)
     return mean, log_var.mul(0.5).exp()
 
@@ -112,7 +113,8 @@ def posterior_moments(model, images_uint8, batch_size=256):
     means, stds = [], []
     with eval_mode(model):
         for start in range(0, len(images_uint8), batch_size):
-            mean, std = posterior(model, images_uint8[start:start + batch_size].to(device).float().div_(255))
+            x = images_uint8[start:start + batch_size].to(device).float().div_(255)
+            mean, std = posterior_mean_std(model, x)
             means.append(mean.flatten(1).cpu())
             stds.append(std.flatten(1).cpu())
     return torch.cat(means), torch.cat(stds)
