@@ -26,14 +26,14 @@ from vae import distributed
 from vae.checkpoint import check_finite, checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
 from vae.config import (TrainConfig, build_parser, check_fid_sizes, config_file_arguments, config_from_args,
                         validate_config)
-from vae.errors import EveryProcessError, Stopped, TrainingDiverged, UserError
+from vae.errors import EveryProcessError, ResumableError, Stopped, TrainingDiverged, UserError
 from vae.evaluation import evaluate, sample_quality
 from vae.samplers import fit_samplers, fitted_after_training, load_sampler
 from vae.logs import fixed_grids, log_run_summary, log_scalars, log_settings, open_writer
 from vae.likelihoods import LIKELIHOODS
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
-from vae.run_folder import claim, holds_unsaved_run, release_if_empty, resume_command, write_manifest
+from vae.run_folder import claim, holds_unsaved_run, release_if_empty, write_manifest
 from vae.threads import available_cores, choose_threads, describe
 from vae.training import (Optimization, StopRequest, TrainState, check_amp, every, memory_format,
                           train_one_epoch, training_step_probe)
@@ -461,6 +461,18 @@ def run_summary(run_dir, state, seconds, config):
     return "\n".join(lines)
 
 
+def resume_command(checkpoint_path):
+    """The command that continues a run, its path quoted for the shell."""
+    return f"python vae_training.py --resume {shlex.quote(str(checkpoint_path))}"
+
+
+def how_to_fix(error):
+    """What the script adds to a library error: the command that resumes a run whose checkpoint was kept."""
+    if isinstance(error, ResumableError) and error.checkpoint is not None:
+        return f": {resume_command(error.checkpoint)}"
+    return ""
+
+
 def main(argv=None):
     config, args, explicit = parse_args(argv)
     try:
@@ -468,7 +480,7 @@ def main(argv=None):
     except UserError as error:
         if args.debug:
             raise
-        line = f"error: {error}"
+        line = f"error: {error}{how_to_fix(error)}"
         # One write with its newline: print() writes the two apart, and under torchrun another process's line
         # could then land between them, gluing two lines into one.
         sys.stderr.write(line + "\n")

@@ -7,7 +7,6 @@ previous checkpoint intact.
 import contextlib
 import os
 import pickle
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from datasets.folders import is_image_folder
 from vae.config import TrainConfig, resumed_config
-from vae.errors import TrainingDiverged, UserError
+from vae.errors import ResumableError, TrainingDiverged, UserError
 
 # 2: the learned log sigma is likelihood.raw_log_sigma (it was raw_log_sigma), and `schedule` holds the
 # learning-rate schedule (it held the KL schedule, which is a function of the step, beside lr_schedule).
@@ -92,10 +91,13 @@ def save_checkpoint(path, **contents):
     except (OSError, RuntimeError) as error:  # a full disk reaches torch.save's zip writer as a RuntimeError
         temporary.unlink(missing_ok=True)
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-        last_good = path.with_name("checkpoint.pt")
-        raise UserError(f"cannot write checkpoint {path} ({reason}); the last good checkpoint is kept. Free some "
-                        f"disk space, then resume with: python vae_training.py --resume "
-                        f"{shlex.quote(str(last_good))}") from None
+        last_good = next((kept for kept in (path.with_name("checkpoint.pt"), path.with_name("best.pt"))
+                          if kept.is_file()), None)
+        if last_good is None:
+            raise ResumableError(f"cannot write checkpoint {path} ({reason}); no checkpoint of this run was saved "
+                                 f"yet. Free some disk space, then start the run again", None) from None
+        raise ResumableError(f"cannot write checkpoint {path} ({reason}); the last good checkpoint, {last_good}, "
+                             f"is kept. Free some disk space, then resume it", last_good) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -121,13 +123,13 @@ def load_checkpoint(path, map_location="cpu"):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise UserError(f"refusing to load {path}: it holds more than tensors and plain types "
-                        f"({str(error).splitlines()[0]}); only checkpoints written by vae_training.py load") from None
+                        f"({str(error).splitlines()[0]}); only checkpoints written by this project's training load") from None
     except Exception as error:
         raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: {error}); "
                         f"it is damaged or not a PyTorch file") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("model_type") != MODEL_TYPE or "config" not in checkpoint:
         raise UserError(f"{path} is not a checkpoint of this project's VAE (no model_type 'vae' and config); "
-                        f"pass a checkpoint.pt written by vae_training.py")
+                        f"pass a checkpoint.pt written by this project's training")
     if checkpoint.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {checkpoint['format_version']}, newer than this code "
                         f"({FORMAT_VERSION}); update the repository")
@@ -138,7 +140,7 @@ def restore_model(model, checkpoint, path, key="model"):
     """Load the checkpoint's weights (checkpoint[key]: "model", or "ema_model" for the moving average) into the
     model its config built; a mismatch is the user's to fix."""
     if key not in checkpoint:
-        raise UserError(f"{path} has no {key} weights; pass a checkpoint written by vae_training.py")
+        raise UserError(f"{path} has no {key} weights; pass a checkpoint written by this project's training")
     try:
         model.load_state_dict(checkpoint[key])
     except RuntimeError as error:
@@ -174,10 +176,9 @@ def checkpoint_to_resume(resume, config, explicit):
     if in_own_folder and path.name != "checkpoint.pt" and latest.exists():
         # best.pt (or a copy) is an earlier state of the run whose checkpoint.pt is beside it: going on in that
         # folder would write the earlier state over checkpoint.pt and its later steps.
-        raise UserError(f"{path} is an earlier state (step {checkpoint['step']}) of the run in {path.parent}; "
-                        f"resuming it there would rewind {latest}. Continue the run with: "
-                        f"python vae_training.py --resume {shlex.quote(str(latest))}, or start a new run from "
-                        f"{path.name} with --run-name NEW")
+        raise ResumableError(f"{path} is an earlier state (step {checkpoint['step']}) of the run in {path.parent}; "
+                             f"resuming it there would rewind {latest}. Start a new run from {path.name} with "
+                             f"--run-name NEW, or continue the run", latest)
     if config.epochs < checkpoint["epoch"]:
         raise UserError(f"{path} has trained {checkpoint['epoch']} epochs already; --epochs {config.epochs} is "
                         f"fewer: pass --epochs {checkpoint['epoch']} or more (the total, not the epochs to add)")

@@ -25,3 +25,12 @@ class MissingSampler(UserError):
     def __init__(self, message, name, path):
         super().__init__(message)
         self.name, self.path = name, path
+
+
+class ResumableError(UserError):
+    """The run stopped with its last good checkpoint kept at `checkpoint` (None: nothing was saved yet); the
+    training script adds the command that resumes it."""
+
+    def __init__(self, message, checkpoint):
+        super().__init__(message)
+        self.checkpoint = checkpoint

@@ -104,11 +104,6 @@ def claim(log_dir, run_name, resumed_from=None, restart_unsaved=False):
     return run_dir, lock
 
 
-def resume_command(checkpoint_path):
-    """The command that continues a run, its path quoted for the shell."""
-    return f"python vae_training.py --resume {shlex.quote(str(checkpoint_path))}"
-
-
 def write_manifest(run_dir, config, resumed_from=None):
     """run.json: the settings, library versions, git commit, command line and start time. A resumed run keeps
     the original and writes run-resumed-<time>.json beside it."""
