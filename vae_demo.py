@@ -14,13 +14,12 @@ import ctypes
 import os
 import secrets
 import sys
-import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
+from datasets.decoding import ImageTooLarge, opened
 from vae import inference
 from vae.config import RANGES, check_range
 from vae.device import DEVICES, model_device, pick_device
@@ -34,8 +33,8 @@ PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "flowers32.pt"
 EXAMPLES = sorted((REPO / "pretrained" / "examples").glob("*.jpg"))
 HOST = "127.0.0.1"
 MAX_UPLOAD_MB = 25
-# Above this an upload is refused before decoding: a small file can hold a huge image (a "decompression bomb").
-MAX_MEGAPIXELS = 50
+# An upload of more pixels than datasets.decoding.MAX_MEGAPIXELS is refused before decoding: a small file can hold
+# a huge image (a "decompression bomb").
 CACHE_MINUTES = 15  # how long the page keeps the files of an upload or of the pictures it showed
 CONCURRENT_REQUESTS = 1  # requests computed at once; the others wait in Gradio's queue, so memory stays bounded
 # Bounds of the controls, checked again on the server: the page's API can be called without the page.
@@ -59,19 +58,12 @@ def upload_path(upload):
 def check_upload(path, name):
     """Reads only an upload's header and refuses what the model cannot take; returns notes worth showing."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_MEGAPIXELS * 1e6:
-                    raise UserError(f"{name} is {width} x {height} pixels ({width * height / 1e6:.0f} "
-                                    f"megapixels); upload a photo of at most {MAX_MEGAPIXELS} megapixels")
-                # An alpha channel alone says nothing: many PNGs carry one that is opaque everywhere.
-                transparent = (image.has_transparency_data
-                               and image.convert("RGBA").getchannel("A").getextrema()[0] < 255)
-    except Image.DecompressionBombError:
-        raise UserError(f"{name} has too many pixels to open safely; upload a photo of at most "
-                        f"{MAX_MEGAPIXELS} megapixels") from None
+        with opened(path) as image:
+            # An alpha channel alone says nothing: many PNGs carry one that is opaque everywhere.
+            transparent = (image.has_transparency_data
+                           and image.convert("RGBA").getchannel("A").getextrema()[0] < 255)
+    except ImageTooLarge as error:
+        raise UserError(f"{name}: {error}, and upload that") from None
     except (OSError, ValueError, SyntaxError):
         raise UserError(f"{name} is not an image this page can read; upload a JPEG, PNG or WebP photo") from None
     return [f"{name} has transparent parts: the model sees them as white."] if transparent else []

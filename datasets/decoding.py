@@ -20,6 +20,7 @@ import multiprocessing
 import signal
 import struct
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -43,7 +44,41 @@ WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 EXIF_ORIENTATION = 0x0112  # the tag's number in the EXIF standard
 # What Pillow raises for a file it cannot decode: not an image, truncated, damaged (OSError covers
 # UnidentifiedImageError, a missing file and a directory), a mode it cannot convert (ValueError), or too many pixels.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+# The largest photo decoded, for the command line and the page alike: a phone's 200-megapixel mode. A JPEG that
+# large decodes in draft mode at 1/8 scale (3 megapixels); other formats decode whole (600 MB for 200 MP of RGB).
+MAX_MEGAPIXELS = 200
+# Pillow refuses, inside Image.open, images of over twice its MAX_IMAGE_PIXELS (179 megapixels by default): raised
+# to this limit (never lowered), so that opened() can refuse by this project's rule and in its words.
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, int(MAX_MEGAPIXELS * 1e6))
+
+
+class ImageTooLarge(Exception):
+    """An image with more pixels than MAX_MEGAPIXELS."""
+
+
+def check_size(image):
+    """Raises ImageTooLarge for an opened image (only its header read) of more than MAX_MEGAPIXELS."""
+    width, height = image.size
+    if width * height > MAX_MEGAPIXELS * 1e6:
+        raise ImageTooLarge(f"it is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels), more than the "
+                        f"{MAX_MEGAPIXELS} megapixels this project decodes; save a smaller copy of it")
+
+
+@contextlib.contextmanager
+def opened(path):
+    """Image.open with this project's one size limit in place of Pillow's: Pillow warns about "decompression
+    bombs" above 89 megapixels and refuses above 179, in its own words; here a photo of up to MAX_MEGAPIXELS
+    opens quietly and a larger one is refused, naming its size, before any pixel is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                check_size(image)
+                yield image
+        except Image.DecompressionBombError:  # over twice Pillow's own limit, refused before the size is known
+            raise ImageTooLarge(f"it has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, more than the "
+                            f"{MAX_MEGAPIXELS} megapixels this project decodes; save a smaller copy of it") from None
 
 
 class _UnsupportedMode(Exception):
@@ -82,7 +117,7 @@ def decode_rgb(path, resolution, exif_orientation=False, resize="squash"):
     """
     height, width = height_width(resolution)
     try:
-        with Image.open(path) as image:
+        with opened(path) as image:
             turned = exif_orientation and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
             # JPEG only (a no-op otherwise): let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below twice the
             # target, so the antialiased resize still sees enough pixels and the result stays within about
@@ -96,7 +131,7 @@ def decode_rgb(path, resolution, exif_orientation=False, resize="squash"):
             # PIL's bilinear resize widens its kernel when shrinking (antialiasing), as torchvision's Resize does.
             image = _as_rgb(image).resize((width, height), Image.BILINEAR)
             return np.array(image)  # a writable copy, which torch.from_numpy expects
-    except _UnsupportedMode as error:
+    except (_UnsupportedMode, ImageTooLarge) as error:
         raise UserError(f"cannot read image {path}: {error}") from None
     except DECODE_ERRORS as error:
         # An OSError's strerror ("Is a directory") is shorter than its str(), which repeats the path.

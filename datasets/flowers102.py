@@ -16,7 +16,12 @@ DOWNLOAD_TIMEOUT_S = 60
 
 
 def flowers_folder(data_dir):
-    return Path(data_dir) / "flowers-102"
+    """DATA_DIR/flowers-102, or DATA_DIR itself when it is that folder (it holds setid.mat and jpg/): a root given
+    one level too deep is still read as Flowers102, with its splits and labels, not as a folder of images."""
+    root = Path(data_dir)
+    if (root / "setid.mat").is_file() and (root / "jpg").is_dir():
+        return root
+    return root / "flowers-102"
 
 
 def flowers102_urls():
@@ -102,6 +107,10 @@ def flowers102_files(data_dir, split, download=True):
         if not download:
             raise UserError(f"no Flowers102 data in {folder} ({missing}); place setid.mat and jpg/ there or pass "
                             f"--data-dir pointing at a folder that holds flowers-102/")
+        if not Path(data_dir).is_dir():  # a mistyped path must not become a new folder with 330 MB in it
+            raise UserError(f"the data folder {data_dir} does not exist; pass the folder that holds flowers-102/ "
+                            f"(or a folder of your own images), or create {data_dir} for Flowers102 to be "
+                            f"downloaded into it (330 MB)")
         download_flowers102(data_dir, missing)
     from scipy.io import loadmat
 

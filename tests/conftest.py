@@ -9,11 +9,13 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 # Tiny models gain nothing from several threads, and OpenMP threads that spin while other processes hold the
@@ -229,3 +231,13 @@ def screenshot(page, name, full_page=True):
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(Path(folder) / name), full_page=full_page, quality=80)
+
+
+def png_header(path, width, height):
+    """A PNG whose header claims width x height and holds no pixels: any reader that decodes it fails, so a
+    refusal by size must come from the header alone."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path

@@ -15,6 +15,7 @@ from conftest import (
     browser_page,
     closed_port,
     error_line,
+    png_header,
     real_flower_files,
     screenshot,
     serve,
@@ -129,9 +130,11 @@ def test_greyscale_and_transparent_uploads_work_with_a_note(demo, photo, tmp_pat
 @pytest.mark.parametrize("make, expected", [
     (lambda folder: save_bytes(folder, "notes.jpg", b"shopping list: tulips, roses\n"), "notes.jpg is not an image"),
     (lambda folder: save_bytes(folder, "cut.jpg", half_a_jpeg()), "cut.jpg could not be decoded"),
-    (lambda folder: save(Image.new("1", (9000, 6000)), folder, "poster.png"), "9000 x 6000 pixels (54 megapixels)"),
-    # Over Pillow's own limit (2 x 89.5 megapixels): refused from the header, never decoded.
-    (lambda folder: save(Image.new("1", (14000, 14000)), folder, "bomb.png"), "too many pixels"),
+    # Over the one limit of the page and the command line (200 megapixels), and over what Pillow opens at all:
+    # refused from the header, never decoded.
+    (lambda folder: str(png_header(Path(folder) / "poster.png", 15000, 14000)),
+     "15000 x 14000 pixels (210 megapixels)"),
+    (lambda folder: str(png_header(Path(folder) / "bomb.png", 30000, 30000)), "more than 400 megapixels"),
 ])
 def test_bad_uploads_say_what_is_wrong(demo, tmp_path, make, expected):
     seen, reconstruction, variations, message, _ = vary(demo, make(tmp_path), 4)

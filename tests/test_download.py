@@ -103,6 +103,7 @@ def main_offline(monkeypatch, capsys):
 def test_a_bad_download_is_reported_and_never_used(mirror, main_offline, tmp_path):
     prefix, good = mirror
     data_dir = tmp_path / "data"
+    data_dir.mkdir()
     target = data_dir / "flowers-102"
     args = ["--data-dir", data_dir, "--log-dir", tmp_path / "runs", *TINY]
 
@@ -131,6 +132,7 @@ def test_an_empty_data_dir_downloads_and_trains(mirror, tmp_path):
     data_dir.mkdir()
     # Run beside it: no server at all. That must fail fast and say what to do by hand.
     offline_dir = tmp_path / "offline"
+    offline_dir.mkdir()
     downloading = start(prefix, good, "--data-dir", data_dir, "--log-dir", tmp_path / "runs", "--run-name", "dl",
                         *TINY)
     offline = start(f"http://127.0.0.1:{closed_port()}/", good, "--data-dir", offline_dir, "--log-dir",

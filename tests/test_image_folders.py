@@ -93,3 +93,23 @@ def test_train_evaluate_and_make_variations_on_a_folder_of_photos(garden, tmp_pa
                            "--log-dir", str(tmp_path / "projector")]) == 0
     metadata = next((tmp_path / "projector").rglob("metadata.tsv")).read_text().split()
     assert len(metadata) == 9 and set(metadata) <= {"1", "2", "3"}  # the held-out photos' sub-folders
+
+
+def test_a_flowers102_root_given_one_level_too_deep_is_still_flowers102(flowers_root):
+    """--data-dir .../flowers-102 (the folder that holds setid.mat and jpg/) reads its splits and labels; it is not
+    taken for a folder of images with one class, jpg/."""
+    inner = flowers_root / "flowers-102"
+    assert not is_image_folder(inner)
+    images, names = images_and_names(inner, "val", 16)
+    same_images, same_names = images_and_names(flowers_root, "val", 16)
+    assert names == same_names and torch.equal(images, same_images) and len(names) == 8
+
+
+def test_a_data_dir_that_does_not_exist_is_named_and_never_created(tmp_path, capsys):
+    import vae_training
+
+    missing = tmp_path / "flowrs"
+    code = vae_training.main(["--data-dir", str(missing), "--log-dir", str(tmp_path / "runs"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and f"the data folder {missing} does not exist" in err and "Traceback" not in err, err
+    assert not missing.exists(), "a mistyped path became a folder, with a download on its way into it"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from conftest import REPO
+from conftest import REPO, png_header
 from datasets.batches import holdout_split, random_subset
 from datasets.cache import cache_path, cached_images
 from datasets.decoding import decode_images, decode_rgb, load_image
@@ -154,6 +155,37 @@ def test_unreadable_files_are_refused_with_one_line_naming_the_file(tmp_path):
             assert str(path) in message and "\n" not in message, f"{what}: {message!r}"
             if "mode F" in what:
                 assert "mode F" in message
+
+
+@pytest.mark.parametrize("width, height, expected", [
+    (15000, 14000, "15000 x 14000 pixels (210 megapixels), more than the 200 megapixels"),
+    (30000, 30000, "more than 400 megapixels, more than the 200 megapixels"),  # over what Pillow opens at all
+])
+def test_one_photo_size_limit_refuses_from_the_header_in_this_projects_words(tmp_path, width, height, expected):
+    path = png_header(tmp_path / "huge.png", width, height)
+    for decode in (lambda p: decode_rgb(p, 8), lambda p: load_image(p, 8)):
+        with pytest.raises(UserError) as caught:
+            decode(path)
+        assert expected in str(caught.value) and str(path) in str(caught.value), str(caught.value)
+    result = subprocess.run([sys.executable, "vae_inference.py", "reconstruct", "--images", str(path), "--out",
+                             str(tmp_path / "r.png")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+    assert "DecompressionBomb" not in result.stderr and "DOS attack" not in result.stderr
+
+
+@pytest.mark.slow  # writes a 200-megapixel JPEG
+@pytest.mark.parametrize("width, height", [(8160, 6144), (16320, 12240)])  # a phone's 50 and 200 megapixel modes
+def test_phone_photos_of_50_and_200_megapixels_decode_quietly_in_draft_mode(tmp_path, width, height):
+    path = tmp_path / "phone.jpg"
+    Image.new("RGB", (width, height), (200, 40, 90)).save(path, quality=80)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning would fail here
+        photo = load_image(path, 32)
+    assert photo.shape == (3, 32, 32)
+    assert_colour(photo.permute(1, 2, 0).numpy(), (200, 40, 90), tolerance=4)
+    with Image.open(path) as image:  # what decode_rgb asks of libjpeg: 1/8 scale, never the whole photo
+        image.draft("RGB", (64, 64))
+        assert image.size == (-(-width // 8), -(-height // 8))
 
 
 # ------------------------------------------------------------------------------------------------- cache

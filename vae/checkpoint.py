@@ -9,11 +9,13 @@ import os
 import pickle
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from datasets.flowers102 import flowers_folder
 from datasets.folders import is_image_folder
 from vae.config import TrainConfig, resumed_config
 from vae.errors import ResumableError, TrainingDiverged, UserError
@@ -116,14 +118,19 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"checkpoint {path} is a folder; pass the checkpoint.pt inside a run folder{inside}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the checkpoint.pt of a training run")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is no checkpoint of ours
+        raise UserError(f"{path} is not a PyTorch checkpoint (not the zip archive torch.save writes); pass the "
+                        f"checkpoint.pt of a training run")
     try:
         # Checkpoints written before library_versions() stored str(torch.__version__) hold a TorchVersion, a
         # plain str subclass: allowing it keeps those runs loadable without allowing any code.
         with _allow_torch_version():
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UserError(f"refusing to load {path}: it holds more than tensors and plain types "
-                        f"({str(error).splitlines()[0]}); only checkpoints written by this project's training load") from None
+    except pickle.UnpicklingError:
+        # PyTorch's own message suggests weights_only=False, which would run whatever code the file holds.
+        raise UserError(f"refusing to load {path}: it holds Python objects besides tensors and plain types, "
+                        f"which this project's checkpoints never do, and loading them could run code; pass a "
+                        f"checkpoint written by this project's training") from None
     except Exception as error:
         raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: {error}); "
                         f"it is damaged or not a PyTorch file") from None
@@ -184,7 +191,7 @@ def checkpoint_to_resume(resume, config, explicit):
                         f"fewer: pass --epochs {checkpoint['epoch']} or more (the total, not the epochs to add)")
     if in_own_folder:  # the run goes on in the checkpoint's own folder
         config.log_dir, config.run_name = str(path.parent.parent), path.parent.name
-    data_folder = Path(config.data_dir) / "flowers-102"
+    data_folder = flowers_folder(config.data_dir)
     # Never download into a folder that moved away.
     if "data_dir" not in explicit and not data_folder.is_dir() and not is_image_folder(config.data_dir):
         raise UserError(f"{path} was trained on data in {data_folder}, which is not there any more; pass "
