@@ -4,10 +4,14 @@ the diversity measure by hand."""
 
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 from vae import diffusion_prior
+from vae.denoisers import Denoiser, UNetDenoiser, unet_levels
 from vae.metrics import mean_pairwise_rmse, same_class_pairwise_rmse
 from vae.diffusion_prior import DiffusionPrior
 from vae.samplers import GaussianMixture, fit_gmm, sample_latents
@@ -36,11 +40,17 @@ def two_clusters():
     return means.view(512, *LATENT), torch.full((512, *LATENT), 0.1)
 
 
-@pytest.fixture(scope="module")
-def fitted(two_clusters):
+# The fit of earlier checkpoints (flat network, float32, unweighted loss, ancestral sampling) and today's default.
+DESIGNS = {"flat": dict(architecture="flat", lr=3e-3, width=32, num_blocks=2, amp=False, min_snr=False,
+                        sampling="ddpm"),
+           "unet": dict(architecture="unet", width=16, num_blocks=1)}
+
+
+@pytest.fixture(scope="module", params=list(DESIGNS))
+def fitted(two_clusters, request):
     means, stds = two_clusters
-    return diffusion_prior.fit_diffusion_prior(means, stds, LATENT, steps=600, batch_size=128, lr=3e-3, width=32,
-                                               num_blocks=2, seed=0)
+    return diffusion_prior.fit_diffusion_prior(means, stds, LATENT, steps=600, batch_size=128, seed=0,
+                                               **DESIGNS[request.param])
 
 
 def test_samples_of_the_fitted_prior_fall_in_the_clusters_not_between_them(fitted):
@@ -59,8 +69,8 @@ def test_the_fitted_state_is_plain_data_and_reproducible(fitted, two_clusters, t
     loaded = torch.load(tmp_path / "c.pt", weights_only=True)["samplers"]["diffusion"]
     draw = lambda state: sample_latents(state, 5, generator=torch.Generator().manual_seed(3))  # noqa: E731
     assert torch.equal(draw(fitted), draw(loaded))
-    again = diffusion_prior.fit_diffusion_prior(*two_clusters, LATENT, steps=20, width=32, num_blocks=2, seed=0)
-    once_more = diffusion_prior.fit_diffusion_prior(*two_clusters, LATENT, steps=20, width=32, num_blocks=2, seed=0)
+    again = diffusion_prior.fit_diffusion_prior(*two_clusters, LATENT, steps=20, width=16, seed=0)
+    once_more = diffusion_prior.fit_diffusion_prior(*two_clusters, LATENT, steps=20, width=16, seed=0)
     assert all(torch.equal(again["network"][k], once_more["network"][k]) for k in again["network"])
 
 
@@ -77,10 +87,66 @@ def test_sdedit_keeps_a_code_at_strength_zero_and_its_kind_at_low_strength(fitte
 
 def test_a_dense_latent_is_modelled_as_a_one_by_one_map():
     means = torch.randn(64, 5)
-    state = diffusion_prior.fit_diffusion_prior(means, torch.full_like(means, 0.1), (5,), steps=5, width=16,
-                                                num_blocks=1)
+    for architecture in DESIGNS:
+        state = diffusion_prior.fit_diffusion_prior(means, torch.full_like(means, 0.1), (5,), steps=5, width=16,
+                                                    num_blocks=1, architecture=architecture)
+        assert sample_latents(state, 3, generator=torch.Generator().manual_seed(0)).shape == (3, 5)
+        network = diffusion_prior.load_denoiser(state, "cpu")
+        assert all(module.kernel_size == (1, 1) for module in network.modules() if isinstance(module, nn.Conv2d))
     assert diffusion_prior.map_shape((5,)) == (5, 1, 1)
-    assert sample_latents(state, 3, generator=torch.Generator().manual_seed(0)).shape == (3, 5)
+
+
+@pytest.mark.parametrize("shape, levels", [((8, 8, 8), 2), ((8, 16, 16), 2), ((4, 6, 6), 1), ((4, 5, 5), 0),
+                                           ((4, 4, 8), 1)])
+def test_the_unet_halves_the_latent_while_it_can_and_keeps_its_shape(shape, levels):
+    assert unet_levels(shape[1:]) == levels
+    network = UNetDenoiser(shape[0], shape[1:], width=8, num_blocks=1)
+    strided = [module for module in network.modules() if isinstance(module, nn.Conv2d) and module.stride == (2, 2)]
+    assert len(strided) == levels
+    u = torch.randn(3, *shape)
+    assert network(u, torch.rand(3)).shape == u.shape
+    assert network(u, torch.rand(3)).abs().max() == 0, "its last convolution starts at zero: v = 0 at first"
+
+
+def test_min_snr_weights_the_v_error_as_the_paper_weights_the_clean_latents_error():
+    """Hang et al. weight ||u0_hat - u0||^2 by min(SNR, 5); the v loss with min_snr_weight is the same number."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.linspace(0.01, 0.99, 9)[:, None]
+    u0, eps, v_hat = (torch.randn(9, 16, generator=generator) for _ in range(3))
+    u_t = a.sqrt() * u0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * u0
+    u0_hat = a.sqrt() * u_t - (1 - a).sqrt() * v_hat
+    snr = a / (1 - a)
+    paper = torch.minimum(snr, torch.tensor(5.0)) * (u0_hat - u0).pow(2)
+    ours = diffusion_prior.min_snr_weight(a) * (v_hat - v).pow(2)
+    assert torch.allclose(paper, ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_the_reverse_process_with_an_exact_denoiser_ends_at_the_one_point_it_models(method):
+    """For data that is one point c, the exact v is known in closed form at every (u_t, t); both samplers must
+    then end at c from any noise (DDIM exactly, the ancestral one too: its noise has no effect at t = 0)."""
+    c = torch.tensor([1.5, -0.5, 0.25]).view(1, 3, 1, 1)
+
+    def exact_v(u, t):
+        a = diffusion_prior.signal_level(t)[:, None, None, None]
+        eps = (u - a.sqrt() * c) / (1 - a).sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * c
+    u = torch.randn(4, 3, 1, 1, generator=torch.Generator().manual_seed(0))
+    ended = diffusion_prior.denoise(exact_v, u, diffusion_prior.MAX_T, torch.Generator().manual_seed(1),
+                                    method=method)
+    assert torch.allclose(ended, c.expand_as(ended), atol=1e-4)
+
+
+def test_checkpoints_fitted_before_the_unet_keep_their_network_and_sampler():
+    state = torch.load(Path(__file__).resolve().parent.parent / "pretrained" / "flowers32.pt",
+                       weights_only=True)["samplers"]["diffusion"]
+    assert "architecture" not in state
+    prior = DiffusionPrior(state)
+    assert prior.method == "ddpm" and type(prior.network("cpu")) is Denoiser  # its weights load into it
+    fresh = diffusion_prior.fit_diffusion_prior(torch.randn(16, 2, 4, 4), torch.full((16, 2, 4, 4), 0.1),
+                                                (2, 4, 4), steps=2, width=8)
+    assert fresh["architecture"] == "unet" and DiffusionPrior(fresh).method == "ddim"
 
 
 def test_the_gmm_step_leaves_its_component_unchanged():

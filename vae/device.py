@@ -27,3 +27,9 @@ def model_device(model) -> torch.device:
 def sum_dtype(device) -> torch.dtype:
     """float64 for sums over a whole split, except on MPS, which has none."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def native_bf16():
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from vae import distributed
 from vae.checkpoint import unwrap
-from vae.device import model_device
+from vae.device import model_device, native_bf16
 from vae.errors import Stopped, TrainingDiverged, UserError
 from vae.fitting import learning_rate_schedule, make_ema  # noqa: F401 (make_ema: part of this API)
 from vae.layers import architecture
@@ -106,12 +106,6 @@ def memory_format(config, device):
     (docs/throughput.md), and the tutorial's small model stays contiguous."""
     faster = architecture(config.arch).channels_last and (device.type == "cuda" or amp_in_effect(config, device))
     return torch.channels_last if faster else torch.contiguous_format
-
-
-def native_bf16():
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated."""
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def amp_in_effect(config, device):

