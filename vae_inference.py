@@ -19,7 +19,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets.batches import ImageBatches, random_subset, to_float
-from datasets.folders import flower_classes, images_folder, inside_images_folder
+from datasets.folders import flower_classes, folder_files, images_folder, inside_images_folder
 from vae import evaluation, inference
 from vae.checkpoint import export_for_inference
 from vae.config import check_fid_sizes, check_ranges
@@ -126,8 +126,8 @@ def build_parser():
     reconstruct = commands.add_parser("reconstruct", help="originals above their reconstructions",
                                       formatter_class=defaults)
     add_common(reconstruct, default_out="reconstructions.png")
-    reconstruct.add_argument("--images", nargs="+", default=None, help="image files (any size or format); "
-                             "else --num images of --data-dir/--split")
+    reconstruct.add_argument("--images", nargs="+", default=None, help="image files (any size or format) or "
+                             "folders of them; else --num images of --data-dir/--split")
     add_data(reconstruct, None, "images")
     add_holdout(reconstruct)
     reconstruct.add_argument("--num", type=int, default=16, help="images drawn at random (seeded by --seed) from "
@@ -138,7 +138,7 @@ def build_parser():
                                      formatter_class=defaults)
     add_common(variations, default_out="variations.png")
     variations.add_argument("--images", "--image", nargs="+", required=True, dest="images",
-                            help="one or more image files: JPEG/PNG, any size, RGBA or grey")
+                            help="one or more image files (JPEG/PNG, any size, RGBA or grey) or folders of them")
     variations.add_argument("--num", type=int, default=14, help="variations of each photo")
     add_variation_mode(variations)
     variations.add_argument("--out-dir", default=None, help="write each variation to OUT_DIR/<photo name>-<k>.png "
@@ -207,6 +207,22 @@ def build_parser():
 # --------------------------------------------------------------------------------------------- helpers
 
 # The range of every numeric flag: beyond it a command would fail deep inside, or run out of memory or time.
+def expand_folders(paths):
+    """The image files of --images: a file as given, a folder as the images in it and in its sub-folders (one
+    level, as a data folder is read), sorted."""
+    expanded = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = folder_files(path)
+            if not files:
+                raise UserError(f"--images {path} is a folder with no images in it (or in its sub-folders); pass "
+                                f"image files or a folder of JPEG/PNG/WebP photos")
+            expanded += [str(file) for file in files]
+        else:
+            expanded.append(str(path))
+    return expanded
+
+
 def load_photos(paths, trained):
     """Image files preprocessed as the checkpoint's training images were (its --resize), on the model's device."""
     return inference.load_images(paths, trained.model, model_device(trained.model), trained.config.resize)
@@ -541,6 +557,8 @@ COMMANDS = {"sample": run_sample, "reconstruct": run_reconstruct, "variations": 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("reconstruct", "variations") and args.images:
+            args.images = expand_folders(args.images)
         check_ranges(args)
         check_outputs(args)
         device = pick_device(args.device)

@@ -113,3 +113,24 @@ def test_a_data_dir_that_does_not_exist_is_named_and_never_created(tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and f"the data folder {missing} does not exist" in err and "Traceback" not in err, err
     assert not missing.exists(), "a mistyped path became a folder, with a download on its way into it"
+
+
+def test_images_may_name_a_folder_of_photos(tmp_path, capsys):
+    import shutil
+
+    photos = tmp_path / "my photos"
+    (photos / "roses").mkdir(parents=True)
+    for i, source in enumerate(real_flower_files(3)):
+        shutil.copy(source, (photos / "roses" if i else photos) / f"flower-{i}.jpg")
+    (photos / "notes.txt").write_text("not an image")
+    out = tmp_path / "reconstructions.png"
+    assert inference_main(["reconstruct", "--images", str(photos), "--out", str(out), "--threads", "1"]) == 0
+    assert "3 image file(s)" in capsys.readouterr().out and out.is_file()
+    out_dir = tmp_path / "varied"
+    assert inference_main(["variations", "--images", str(photos), "--num", "2", "--out-dir", str(out_dir),
+                           "--threads", "1"]) == 0
+    assert sorted(path.name for path in out_dir.iterdir()) == [f"flower-{i}-{k}.png" for i in range(3) for k in (1, 2)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert inference_main(["reconstruct", "--images", str(empty), "--out", str(out)]) == 2
+    assert f"--images {empty} is a folder with no images" in capsys.readouterr().err
