@@ -198,7 +198,7 @@ def build_parser():
                         help=f"fit latent samplers to the posteriors of the images the run trained on (needs the "
                              f"data: --data-dir) and store them; with no KIND all of {', '.join(fitted_samplers())}")
     export.add_argument("--diffusion-steps", type=int, default=DIFFUSION_STEPS,
-                        help="training steps of the diffusion prior (docs/results.md has its curve of sample FID "
+                        help="training steps of the diffusion prior (docs/prior.md has its curve of sample FID "
                              "against fitting minutes)")
     add_data(export, None, "training images")
     return parser
@@ -206,7 +206,6 @@ def build_parser():
 
 # --------------------------------------------------------------------------------------------- helpers
 
-# The range of every numeric flag: beyond it a command would fail deep inside, or run out of memory or time.
 def expand_folders(paths):
     """The image files of --images: a file as given, a folder as the images in it and in its sub-folders (one
     level, as a data folder is read), sorted."""

@@ -17,7 +17,6 @@ recipe's step count, are benchmarks/prior_curve.py's. The last line printed is o
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,10 +24,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.step_speed import make_step, model_configs, step_flops  # noqa: E402
+from benchmarks.step_speed import (images_per_second, make_step, matmul_gflops, model_configs,  # noqa: E402
+                                   step_flops)
 from vae.denoisers import build_denoiser  # noqa: E402
 from vae.device import native_bf16  # noqa: E402
-from vae.diffusion_prior import ARCHITECTURE_DEFAULTS, min_snr_weight, signal_level  # noqa: E402
+from vae.diffusion_prior import ARCHITECTURE_DEFAULTS, denoising_loss  # noqa: E402
 from vae.fitting import make_ema  # noqa: E402
 from vae.training import amp_in_effect  # noqa: E402
 
@@ -49,12 +49,7 @@ def make_fit_step(architecture, shape, amp, min_snr, channels_last=False):
     u0, eps = (torch.randn(BATCH, *shape).contiguous(memory_format=memory_format) for _ in range(2))
 
     def step():
-        t = torch.rand(BATCH)
-        a = signal_level(t)[:, None, None, None]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            predicted = network(a.sqrt() * u0 + (1 - a).sqrt() * eps, t)
-        errors = (predicted.float() - (a.sqrt() * eps - (1 - a).sqrt() * u0)).pow(2)
-        loss = (errors * min_snr_weight(a)).mean() if min_snr else errors.mean()
+        loss = denoising_loss(network, u0, torch.rand(BATCH), eps, amp, min_snr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -69,17 +64,8 @@ def flops_of(network, shape):
 
 
 def rate(step, seconds):
-    step()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step()
-        count += 1
-    return count / (time.perf_counter() - start)
-
-
-def matmul_gflops(seconds, dtype, size=2048):
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return rate(lambda: a @ b, seconds) * 2 * size ** 3 / 1e9
+    """Calls of step() per second."""
+    return images_per_second(step, 1, seconds)
 
 
 def main(argv=None):
@@ -99,21 +85,22 @@ def main(argv=None):
     results = {"native_bf16": bf16, "torch": str(torch.__version__), "batch": BATCH, "by_threads": {}}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        steps, flops = {}, {}
+        steps, flops, params = {}, {}, {}
         for shape_name, shape in SHAPES.items():
             for design in DESIGNS:
                 for amp in (False, True):
-                    network, step = make_fit_step(design, shape, amp, DESIGNS[design]["min_snr"])
-                    steps[(shape_name, design, amp)] = step
-                    flops[(shape_name, design)] = flops_of(network, shape)
-            # The lever the issue names for convolutions on CPUs: NHWC layout, here for the U-Net as fitted.
+                    network, steps[(shape_name, design, amp)] = make_fit_step(design, shape, amp,
+                                                                              DESIGNS[design]["min_snr"])
+                flops[(shape_name, design)] = flops_of(network, shape)
+                params[(shape_name, design)] = sum(p.numel() for p in network.parameters())
+            # NHWC layout, a common lever for convolutions on CPUs, here for the U-Net as fitted.
             steps[(shape_name, "unet_channels_last", bf16)] = make_fit_step("unet", shape, bf16, True, True)[1]
         steps[("vae", "recipe", vae_amp)] = make_step(vae_config, vae_x, vae_amp)
         measured = {key: [] for key in steps}
         matmul = {"float32": [], "bf16": []}
         for _ in range(args.rounds):
-            matmul["float32"].append(matmul_gflops(args.seconds / 2, torch.float32))
-            matmul["bf16"].append(matmul_gflops(args.seconds / 2, torch.bfloat16))
+            matmul["float32"].append(matmul_gflops(args.seconds / 2))
+            matmul["bf16"].append(matmul_gflops(args.seconds / 2, dtype=torch.bfloat16))
             for key, step in steps.items():
                 measured[key].append(rate(step, args.seconds))
         peak = {dtype: median(values) for dtype, values in matmul.items()}
@@ -124,10 +111,7 @@ def main(argv=None):
                 as_fitted = settings["amp"] and bf16
                 float32, bf16_rate = (median(measured[(shape_name, design, amp)]) for amp in (False, True))
                 achieved = (bf16_rate if as_fitted else float32) * flops[(shape_name, design)] / 1e9
-                row[design] = {"params": sum(p.numel() for p in build_denoiser(
-                                   design, SHAPES[shape_name][0], SHAPES[shape_name][1:],
-                                   **{k: v for k, v in ARCHITECTURE_DEFAULTS[design].items() if k != "lr"})
-                                   .parameters()),
+                row[design] = {"params": params[(shape_name, design)],
                                "gflop_per_step": flops[(shape_name, design)] / 1e9,
                                "float32_steps_s": float32, "bf16_steps_s": bf16_rate,
                                "as_fitted_steps_s": bf16_rate if as_fitted else float32,

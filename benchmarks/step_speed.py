@@ -80,8 +80,8 @@ def images_per_second(step, batch_size, seconds):
     return count * batch_size / (time.perf_counter() - start)
 
 
-def matmul_gflops(seconds, size=2048):
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(seconds, size=2048, dtype=torch.float32):
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -54,31 +54,28 @@ Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, int(MAX_MEGAPIXELS * 1
 
 
 class ImageTooLarge(Exception):
-    """An image with more pixels than MAX_MEGAPIXELS."""
+    """An image with more pixels than MAX_MEGAPIXELS; the message says how many and what to do."""
 
-
-def check_size(image):
-    """Raises ImageTooLarge for an opened image (only its header read) of more than MAX_MEGAPIXELS."""
-    width, height = image.size
-    if width * height > MAX_MEGAPIXELS * 1e6:
-        raise ImageTooLarge(f"it is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels), more than the "
-                        f"{MAX_MEGAPIXELS} megapixels this project decodes; save a smaller copy of it")
+    def __init__(self, size):
+        super().__init__(f"{size}, more than the {MAX_MEGAPIXELS} megapixels this project decodes; save a smaller "
+                         f"copy of it")
 
 
 @contextlib.contextmanager
 def opened(path):
     """Image.open with this project's one size limit in place of Pillow's: Pillow warns about "decompression
     bombs" above 89 megapixels and refuses above 179, in its own words; here a photo of up to MAX_MEGAPIXELS
-    opens quietly and a larger one is refused, naming its size, before any pixel is decoded."""
+    opens quietly and a larger one is refused (ImageTooLarge), naming its size, before any pixel is decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as image:
-                check_size(image)
+                width, height = image.size
+                if width * height > MAX_MEGAPIXELS * 1e6:
+                    raise ImageTooLarge(f"it is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels)")
                 yield image
         except Image.DecompressionBombError:  # over twice Pillow's own limit, refused before the size is known
-            raise ImageTooLarge(f"it has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, more than the "
-                            f"{MAX_MEGAPIXELS} megapixels this project decodes; save a smaller copy of it") from None
+            raise ImageTooLarge(f"it has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels") from None
 
 
 class _UnsupportedMode(Exception):

@@ -89,6 +89,18 @@ def min_snr_weight(a, gamma=MIN_SNR_GAMMA):
     return snr.clamp(max=gamma) / (snr + 1)
 
 
+def denoising_loss(network, u0, t, eps, amp=False, min_snr=True):
+    """The fit's loss on one batch: u0 (B, C, H, W) noised to times t (B,) with eps, the network's v-prediction
+    against the true v, squared, weighted by min_snr_weight with min_snr, averaged. amp runs the network under
+    bf16 autocast; the loss is computed in float32."""
+    a = signal_level(t).to(u0.device)[:, None, None, None]
+    v = a.sqrt() * eps - (1 - a).sqrt() * u0
+    with torch.autocast(u0.device.type, dtype=torch.bfloat16, enabled=amp):
+        predicted = network(a.sqrt() * u0 + (1 - a).sqrt() * eps, t)
+    errors = (predicted.float() - v).pow(2)
+    return (errors * min_snr_weight(a)).mean() if min_snr else errors.mean()
+
+
 def fit_diffusion_prior(means, stds, latent_shape, steps=DEFAULT_STEPS, batch_size=128, lr=None,
                         architecture="unet", width=None, num_blocks=None, multipliers=None, min_snr=True, amp=None,
                         sampling="ddim", seed=0, device="cpu", progress=False):
@@ -134,12 +146,7 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=DEFAULT_STEPS, batch_si
         u0 = means_u[index] + stds_u[index] * torch.randn(means_u[index].shape, generator=generator, device=device)
         t = torch.rand(len(u0), generator=generator, device=device) * MAX_T
         eps = torch.randn(u0.shape, generator=generator, device=device)
-        a = signal_level(t).to(device)[:, None, None, None]
-        v = a.sqrt() * eps - (1 - a).sqrt() * u0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            predicted = network(a.sqrt() * u0 + (1 - a).sqrt() * eps, t)
-        errors = (predicted.float() - v).pow(2)
-        return (errors * min_snr_weight(a)).mean() if min_snr else errors.mean()
+        return denoising_loss(network, u0, t, eps, amp, min_snr)
 
     options = {"width": int(width), "num_blocks": int(num_blocks)}
     if multipliers is not None:

@@ -46,4 +46,5 @@ def set_rng_state(state, device="cpu", path="the checkpoint"):
         if torch.device(device).type != "cpu":  # a checkpoint from another kind of device has no state for this one
             set_device_rng_state(device, state.get("device"))
     except (KeyError, TypeError, RuntimeError) as error:
-        raise UserError(f"{path} has a malformed RNG state ({error}); it was not written by this project's training") from None
+        raise UserError(f"{path} has a malformed RNG state ({error}); it was not written by this project's "
+                        f"training") from None
