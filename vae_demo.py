@@ -1,4 +1,5 @@
-"""A web page for a trained VAE: variations of your own photo, interpolation between two photos, new flowers.
+"""A web page for a trained VAE: variations of your own photo, interpolation between two photos, new flowers (of
+your photo's kind, too), and a walk of the code of a flower's kind.
 
     pip install -r requirements-demo.txt
     python vae_demo.py                                   # http://127.0.0.1:7860, pretrained/flowers32.pt
@@ -13,6 +14,7 @@ import argparse
 import ctypes
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from vae import inference
 from vae.config import RANGES, check_range
 from vae.device import DEVICES, model_device, pick_device
 from vae.errors import UserError
+from vae.kind_prior import KindPrior
 from vae.trained import load_model
 
 REPO = Path(__file__).resolve().parent
@@ -44,6 +47,8 @@ PAGE_LIMITS = {"num": (1, 32), "steps": (2, 16), "temperature": (0.0, 3.0), "str
                "seed": RANGES["seed"]}
 COUNT, STEPS, TEMPERATURE, STRENGTH, SEED = (PAGE_LIMITS[name] for name in ("num", "steps", "temperature", "strength",
                                                                              "seed"))
+WALK_ROWS = (1, 8)  # rows of the walk of the kind code: its principal directions
+WALK_STEPS, WALK_RANGE = 9, 2.0  # images per row; how far each row goes, in spreads of the training codes
 
 
 # ------------------------------------------------------------------------------------------ uploads
@@ -65,7 +70,7 @@ def check_upload(path, name):
     except ImageTooLarge as error:
         raise UserError(f"{name}: {error}, and upload that") from None
     except (OSError, ValueError, SyntaxError):
-        raise UserError(f"{name} is not an image this page can read; upload a JPEG, PNG or WebP photo") from None
+        raise unreadable(name) from None
     return [f"{name} has transparent parts: the model sees them as white."] if transparent else []
 
 
@@ -80,12 +85,41 @@ def release_memory():
         pass
 
 
-def read_upload(upload, model, what="photo", resize="squash"):
+def unreadable(name):
+    return UserError(f"{name} is not an image this page can read; upload a JPEG, PNG or WebP photo")
+
+
+def check_served(path, name, folders):
+    """Refuses a path outside `folders` (resolved, links followed) or that is not a regular file, with the message of
+    any unreadable upload: the page's API takes a path in its payload, and must read only files Gradio wrote for
+    it (its upload folder) or the bundled examples, never another file of the server, nor say which exist. A named
+    pipe or a device is refused before it is opened, so it cannot hold the page's worker."""
+    try:
+        resolved = Path(path).resolve(strict=True)
+        inside = any(resolved.is_relative_to(folder) for folder in folders)
+        if not inside or not stat.S_ISREG(resolved.stat().st_mode):
+            raise unreadable(name)
+    except (OSError, RuntimeError, ValueError):
+        raise unreadable(name) from None
+
+
+def served_folders():
+    """The folders the page reads uploads from: Gradio's upload folder and the bundled examples."""
+    from gradio.utils import get_upload_folder
+
+    return tuple(Path(folder).resolve() for folder in (get_upload_folder(), REPO / "pretrained" / "examples"))
+
+
+def read_upload(upload, model, what="photo", resize="squash", folders=None):
     """(image (1, 3, R, R) on the model's device, notes) of an upload, preprocessed as training did (resize: the
-    checkpoint's --resize). The decoded full-size photo is freed, and its memory released, before it returns."""
+    checkpoint's --resize). folders: where uploads may come from (None: anywhere, for a caller in this process; the
+    served page passes served_folders()). The decoded full-size photo is freed, and its memory released, before it
+    returns."""
     if upload is None:
         raise UserError(f"upload a {what} first, or pick an example")
     path, name = upload_path(upload)
+    if folders is not None:
+        check_served(path, name, folders)
     notes = check_upload(path, name)
     try:
         x = inference.load_images([path], model, model_device(model), resize)
@@ -104,7 +138,8 @@ class Demo:
     """The trained model and what the page does with it. Each method returns the page's outputs and a message:
     a problem with the input empties the outputs and says what to do instead."""
 
-    def __init__(self, checkpoint_path, device, scale=4):
+    def __init__(self, checkpoint_path, device, scale=4, folders=None):
+        self.folders = folders  # where uploads may come from: None anywhere, served_folders() when served
         self.trained = load_model(checkpoint_path, device)
         self.model = self.trained.model
         self.resize = self.trained.config.resize  # how training squared photos
@@ -113,6 +148,9 @@ class Demo:
         self.mode_descriptions = inference.variation_modes(self.trained.samplers)
         self.modes = list(self.mode_descriptions)
         self.scale = scale
+
+    def read(self, upload, what="photo"):
+        return read_upload(upload, self.model, what, self.resize, self.folders)
 
     def pictures(self, images):
         """Model images (N, 3, R, R) in [0, 1] as PIL images, enlarged by `scale` with hard pixel edges."""
@@ -123,7 +161,7 @@ class Demo:
         on every call unless fixed_seed, so that each press gives new flowers."""
         try:
             seed = seed_for(seed, fixed_seed)
-            x, notes = read_upload(upload, self.model, resize=self.resize)
+            x, notes = self.read(upload)
             if mode not in self.modes:
                 raise UserError(f"this checkpoint cannot make {mode} variations; pick one of {', '.join(self.modes)}")
             count = int(check_range("the number of variations", count, COUNT))
@@ -140,13 +178,56 @@ class Demo:
     def interpolation(self, upload_a, upload_b, steps, spherical):
         """(the decoded path from photo A to photo B, message)."""
         try:
-            x_a, notes_a = read_upload(upload_a, self.model, "photo A", self.resize)
-            x_b, notes_b = read_upload(upload_b, self.model, "photo B", self.resize)
+            x_a, notes_a = self.read(upload_a, "photo A")
+            x_b, notes_b = self.read(upload_b, "photo B")
             steps = int(check_range("the number of steps", steps, STEPS))
             images = inference.interpolate(self.model, x_a, x_b, steps, spherical=bool(spherical))
             return self.pictures(images), message(notes_a + notes_b)
         except UserError as error:
             return [], message(error=error)
+
+    def kind(self):
+        """The checkpoint's kind sampler, or a one-line error that says how to fit one."""
+        if KindPrior.name not in self.trained.samplers:
+            raise UserError("this checkpoint has no kind sampler, which new flowers of a photo's kind and the walk "
+                            "of its code need; fit one with vae_inference.py export --fit-samplers kind")
+        return self.trained.samplers[KindPrior.name]
+
+    def more_like(self, upload, count, temperature, seed, fixed_seed=False):
+        """(new flowers of the kind of the photo uploaded for variations, message, the seed used)."""
+        try:
+            seed = seed_for(seed, fixed_seed)
+            kind = self.kind()
+            if upload is None:
+                raise UserError("upload a photo under 'New flowers like your photo' first: these are drawn with its "
+                                "kind")
+            x, notes = self.read(upload)
+            count = int(check_range("the number of samples", count, COUNT))
+            temperature = check_range("the temperature", temperature, TEMPERATURE)
+            images = inference.samples_of_kind(self.model, kind, inference.kind_codes(self.model, kind, x), count,
+                                               temperature, torch.Generator().manual_seed(seed))[0]
+            return self.pictures(images), message(notes), seed
+        except UserError as error:
+            return [], message(error=error), seed
+
+    def walk(self, upload, rows, seed, fixed_seed=False):
+        """(a traversal of the code: a row per principal direction, around the uploaded photo's code or the
+        training photos' mean code; message; the seed used)."""
+        try:
+            seed = seed_for(seed, fixed_seed)
+            kind = self.kind()
+            rows = int(check_range("the number of rows", rows, WALK_ROWS))
+            notes = []
+            if upload is None:
+                code = kind.state["code_mean"][None]
+            else:
+                x, notes = self.read(upload)
+                code = inference.kind_codes(self.model, kind, x)
+            images = inference.walk_code(self.model, kind, code, WALK_RANGE, WALK_STEPS, rows,
+                                         torch.Generator().manual_seed(seed))
+            return self.pictures(images), message(notes), seed
+        except UserError as error:
+            return [], message(error=error), seed
 
     def samples(self, sampler, count, temperature, seed, fixed_seed=False):
         """(new images from a sampler the checkpoint has, message, the seed used: new unless fixed_seed)."""
@@ -202,8 +283,8 @@ def build_page(demo, checkpoint_name):
 
         gr.Markdown("## New flowers like your photo\nThe photo is encoded to its latent code; its reconstruction "
                     "is decoded from the posterior mean. **Strength** says how far the variations go: near 0 they "
-                    "are the photo, around 0.3 another flower of the same kind and colours, posed and shaped "
-                    "anew, at 1 any flower. "
+                    f"are the photo, around {inference.DEFAULT_STRENGTH:g} another flower of its kind, at 1 any "
+                    "flower. "
                     f"Modes: {'; '.join(f'**{m}**: {demo.mode_descriptions[m]}' for m in demo.modes)}.")
         with gr.Row():
             photo = gr.Image(label="Your photo", elem_id="photo", **inputs)
@@ -242,7 +323,8 @@ def build_page(demo, checkpoint_name):
                           **raw)
 
         gr.Markdown("## New flowers\nDecoded draws of a sampler: the prior N(0, I), or one fitted to the training "
-                    "images' posteriors and stored in the checkpoint (diffusion: a learned diffusion prior).")
+                    "images' posteriors and stored in the checkpoint (diffusion: a learned diffusion prior; kind: a "
+                    "code of a flower's kind drawn first, then the rest given it).")
         with gr.Row():
             sampler = gr.Radio(demo.samplers, value=demo.trained.best_sampler(), label="Sampler",
                                elem_id="sampler")
@@ -255,6 +337,24 @@ def build_page(demo, checkpoint_name):
         sample_message = gr.Markdown(elem_id="samples-message")
         draw.click(demo.samples, [sampler, sample_count, sample_temperature, sample_seed, sample_fixed],
                    [sample_gallery, sample_message, sample_seed], **raw)
+        if KindPrior.name in demo.trained.samplers:
+            more = gr.Button("More like your photo (its kind, from the photo above)", elem_id="more-like")
+            more.click(demo.more_like, [photo, sample_count, sample_temperature, sample_seed, sample_fixed],
+                       [sample_gallery, sample_message, sample_seed], **raw)
+
+            gr.Markdown("## What the code of a flower's kind holds\nEach row moves the kind code along one of its "
+                        f"principal directions (largest spread first), from -{WALK_RANGE:g} to +{WALK_RANGE:g} "
+                        "spreads, around the photo above (or the training photos' mean); every image is drawn from "
+                        "the same noise, so only the kind changes.")
+            with gr.Row():
+                walk_rows = gr.Slider(*WALK_ROWS, value=4, step=1, label="Rows (directions)")
+                walk_seed, walk_fixed = seed_controls(gr, "walk")
+            walk = gr.Button("Walk the code", variant="primary", elem_id="walk")
+            walk_gallery = gr.Gallery(label="Walk", elem_id="walk-images", height=360,
+                                      **{**gallery, "columns": WALK_STEPS})
+            walk_message = gr.Markdown(elem_id="walk-message")
+            walk.click(demo.walk, [photo, walk_rows, walk_seed, walk_fixed], [walk_gallery, walk_message, walk_seed],
+                       **raw)
     return page
 
 
@@ -279,6 +379,7 @@ def main(argv=None):
             import gradio as gr
         except ImportError:
             raise UserError("the web page needs Gradio: pip install -r requirements-demo.txt") from None
+        demo.folders = served_folders()
         page = build_page(demo, os.path.relpath(args.checkpoint, Path.cwd()))
         page.queue(default_concurrency_limit=CONCURRENT_REQUESTS)
         try:

@@ -10,6 +10,7 @@ traversals, and honest evaluation. The checkpoint's config rebuilds the model; n
 """
 
 import argparse
+import math
 import json
 import sys
 import time
@@ -25,9 +26,11 @@ from vae.checkpoint import export_for_inference
 from vae.config import check_fid_sizes, check_ranges
 from vae.device import DEVICES, model_device, pick_device
 from vae.diffusion_prior import DEFAULT_STEPS as DIFFUSION_STEPS
-from vae.errors import MissingSampler, UserError
+from vae.errors import MissingData, MissingSampler, UserError
+from vae.files import write_text_atomically
 from vae.logs import log_projector
 from vae.metrics import psnr_db
+from vae.kind_prior import KindPrior
 from vae.samplers import SAMPLERS, fit_samplers, ranked
 from vae.threads import choose_threads, describe
 from vae.trained import load_model
@@ -91,6 +94,11 @@ def add_variation_mode(parser):
                              "(another flower of the same kind and colours, posed and shaped anew) to 1 (any flower)")
 
 
+def add_walk(parser, what):
+    parser.add_argument("--walk", default="auto", choices=("auto", "code", "latent"),
+                        help=f"what is walked. {what}. auto: code when the checkpoint has the kind sampler")
+
+
 def add_holdout(parser):
     group = parser.add_argument_group("hold-out (the images a training run with --holdout kept aside)")
     group.add_argument("--holdout-from-checkpoint", action="store_true",
@@ -117,15 +125,20 @@ def build_parser():
 
     sample = commands.add_parser("sample", help="new images from the prior or a fitted latent sampler",
                                  formatter_class=defaults)
-    add_common(sample, default_out="samples.png")
+    add_common(sample, default_out="outputs/samples.png")
     sample.add_argument("--num", type=int, default=64, help="number of images")
     add_sampler(sample)
     sample.add_argument("--out-dir", default=None, help="also write each image to OUT_DIR/sample_NNN.png")
     sample.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    like = sample.add_mutually_exclusive_group()
+    like.add_argument("--like", default=None, metavar="PHOTO", help="new flowers of this photo's kind: its code "
+                      "kept, the rest drawn (needs the kind sampler)")
+    like.add_argument("--class", type=int, default=None, dest="class_", metavar="N", help="new flowers of class N "
+                      "of the training data (Flowers102: 1 to 102; class sub-folders: 1, 2, ... in name order)")
 
     reconstruct = commands.add_parser("reconstruct", help="originals above their reconstructions",
                                       formatter_class=defaults)
-    add_common(reconstruct, default_out="reconstructions.png")
+    add_common(reconstruct, default_out="outputs/reconstructions.png")
     reconstruct.add_argument("--images", nargs="+", default=None, help="image files (any size or format) or "
                              "folders of them; else --num images of --data-dir/--split")
     add_data(reconstruct, None, "images")
@@ -136,7 +149,7 @@ def build_parser():
 
     variations = commands.add_parser("variations", help="new flowers of the kind of your photo(s)",
                                      formatter_class=defaults)
-    add_common(variations, default_out="variations.png")
+    add_common(variations, default_out="outputs/variations.png")
     variations.add_argument("--images", "--image", nargs="+", required=True, dest="images",
                             help="one or more image files (JPEG/PNG, any size, RGBA or grey) or folders of them")
     variations.add_argument("--num", type=int, default=14, help="variations of each photo")
@@ -152,19 +165,26 @@ def build_parser():
 
     interpolate = commands.add_parser("interpolate", help="decode the path between two encodings",
                                       formatter_class=defaults)
-    add_common(interpolate, default_out="interpolation.png")
+    add_common(interpolate, default_out="outputs/interpolation.png")
     interpolate.add_argument("--images", nargs=2, required=True, metavar=("A", "B"), help="two image files")
     interpolate.add_argument("--steps", type=int, default=10, help="decoded points, endpoints included")
     interpolate.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
+    add_walk(interpolate, "code: the codes of the two photos' kinds and their noises walked together (the kind "
+             "sampler); latent: the straight (or --slerp) path between the posterior means")
 
     traverse = commands.add_parser("traverse", help="sweep each latent dimension, one row each",
                                    formatter_class=defaults)
-    add_common(traverse, default_out="traverse.png")
-    traverse.add_argument("--image", default=None, help="sweep around this image's posterior mean (else z = 0)")
-    traverse.add_argument("--range", type=float, default=3.0, help="each dimension goes from -RANGE to +RANGE")
+    add_common(traverse, default_out="outputs/traverse.png")
+    traverse.add_argument("--image", default=None, help="sweep around this image's code or posterior mean (else "
+                          "the training codes' mean, or z = 0)")
+    traverse.add_argument("--range", type=float, default=None, help="each row goes from -RANGE to +RANGE: code "
+                          "spreads along a principal direction (default 2), or latent units (default 3)")
     traverse.add_argument("--steps", type=int, default=9, help="images per row")
-    traverse.add_argument("--dims", type=int, default=10, help="rows: the DIMS most active latent dimensions (largest "
-                          "held-out KL in the checkpoint's evaluation); 0 for every dimension")
+    traverse.add_argument("--dims", type=int, default=None, help="rows: the DIMS principal directions of the code "
+                          "(default 8), or the DIMS most active latent dimensions (largest held-out KL in the "
+                          "checkpoint's evaluation; default 10); 0 for all of them")
+    add_walk(traverse, "code: the code of the flower's kind along its principal directions, the rest drawn from the "
+             "same noise (the kind sampler); latent: one latent dimension per row")
 
     evaluate = commands.add_parser("evaluate", help="ELBO, IWAE bound, bits/dim, PSNR, active units",
                                    formatter_class=defaults)
@@ -271,11 +291,30 @@ def chosen_sampler(args, trained):
     return args.sampler
 
 
+def walks_code(args, trained):
+    """Whether --walk asks for (or, auto, allows) a walk of the kind sampler's code."""
+    if args.walk == "code":
+        trained.sampler(KindPrior.name)  # or a one-line error that says how to fit it
+    return args.walk == "code" or (args.walk == "auto" and KindPrior.name in trained.samplers)
+
+
 def run_sample(args, trained):
-    sampler = trained.sampler(chosen_sampler(args, trained))
-    images, _ = inference.sample_images(trained.model, sampler, args.num, args.temperature, generator_for(args))
+    if args.like or args.class_ is not None:
+        kind = trained.sampler(KindPrior.name)
+        if args.like:
+            code = inference.kind_codes(trained.model, kind, load_photos([args.like], trained))
+            what = f"new flowers of the kind of {args.like}"
+        else:
+            code = kind.class_code(args.class_)
+            what = f"new flowers of class {args.class_}"
+        images, _ = inference.samples_of_kind(trained.model, kind, code, args.num, args.temperature,
+                                              generator_for(args))
+    else:
+        sampler = trained.sampler(chosen_sampler(args, trained))
+        images, _ = inference.sample_images(trained.model, sampler, args.num, args.temperature, generator_for(args))
+        what = f"{args.sampler} samples"
     path = inference.save_grid(images, args.out, args.nrow, args.scale)
-    report_grid(path, args.num, args.nrow, f"{args.sampler} samples at temperature {args.temperature}")
+    report_grid(path, args.num, args.nrow, f"{what} at temperature {args.temperature}")
     if args.out_dir:
         for i, image in enumerate(images):
             inference.save_grid(image[None], Path(args.out_dir) / f"sample_{i:03d}.png", 1, args.scale)
@@ -322,9 +361,11 @@ def run_variations(args, trained):
     else:
         rows = [torch.cat([photo[None], reconstruction[None], varied]) for photo, reconstruction, varied
                 in zip(x, reconstructions, images.split(args.num))]
-        path = inference.save_grid(torch.cat(rows), args.out, args.num + 2, args.scale)
-        report_grid(path, len(x) * (args.num + 2), args.num + 2, f"a row per photo: the photo, its reconstruction, "
-                    f"then {what}")
+        # One photo's grid is square (16 images: 4 x 4), not a strip; several photos get a row each.
+        nrow = math.ceil((args.num + 2) ** 0.5) if len(x) == 1 else args.num + 2
+        layout = "in reading order" if len(x) == 1 else "a row per photo"
+        path = inference.save_grid(torch.cat(rows), args.out, nrow, args.scale)
+        report_grid(path, len(x) * (args.num + 2), nrow, f"{layout}: the photo, its reconstruction, then {what}")
     if args.data_dir:
         print_nearest_training_images(args, trained, x, reconstructions, images)
 
@@ -343,15 +384,23 @@ def print_nearest_training_images(args, trained, x, reconstructions, variations)
 
 def run_interpolate(args, trained):
     x = load_photos(args.images, trained)
-    path_images = inference.interpolate(trained.model, x[:1], x[1:], args.steps, spherical=args.slerp)
+    if walks_code(args, trained):
+        path_images = inference.interpolate_codes(trained.model, trained.sampler(KindPrior.name), x[:1], x[1:],
+                                                  args.steps)
+        what = "the path between the codes of their kinds (and their noises)"
+    else:
+        path_images = inference.interpolate(trained.model, x[:1], x[1:], args.steps, spherical=args.slerp)
+        what = f"the {'spherical' if args.slerp else 'linear'} path between the posterior means"
     grid = torch.cat([x[:1], path_images, x[1:]])
     path = inference.save_grid(grid, args.out, len(grid), args.scale)
-    kind = "spherical" if args.slerp else "linear"
-    report_grid(path, len(grid), len(grid), f"image A, {args.steps} decoded points of the {kind} path between "
-                f"the posterior means, image B")
+    report_grid(path, len(grid), len(grid), f"image A, {args.steps} decoded points of {what}, image B")
 
 
 def run_traverse(args, trained):
+    if walks_code(args, trained):
+        return traverse_code(args, trained)
+    args.range = 3.0 if args.range is None else args.range
+    args.dims = 10 if args.dims is None else args.dims
     model = trained.model
     device = model_device(model)
     if args.image:
@@ -367,6 +416,24 @@ def run_traverse(args, trained):
     report_grid(path, len(images), args.steps, f"a row per latent dimension, {which}: dimension "
                 f"{', '.join(map(str, dims[:12]))}{', ...' if len(dims) > 12 else ''}, each from -{args.range:g} to "
                 f"+{args.range:g} around {around}")
+
+
+def traverse_code(args, trained):
+    kind = trained.sampler(KindPrior.name)
+    value_range = 2.0 if args.range is None else args.range
+    size = kind.state["code_size"]
+    rows = min(8, size) if args.dims is None else size if args.dims == 0 else min(args.dims, size)
+    if args.image:
+        code = inference.kind_codes(trained.model, kind, load_photos([args.image], trained))
+        around = f"the code of {args.image}"
+    else:
+        code = kind.state["code_mean"][None]
+        around = "the training photos' mean code"
+    images = inference.walk_code(trained.model, kind, code, value_range, args.steps, rows, generator_for(args))
+    path = inference.save_grid(images, args.out, args.steps, args.scale)
+    report_grid(path, len(images), args.steps, f"a row per principal direction of the code of the flower's kind "
+                f"(the {rows} of largest spread first), each from -{value_range:g} to +{value_range:g} spreads around "
+                f"{around}; the rest of every image drawn from the same noise")
 
 
 def run_evaluate(args, trained):
@@ -397,8 +464,7 @@ def run_evaluate(args, trained):
     print(format_table(results))
     if args.json:
         try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            write_text_atomically(args.json, json.dumps(results, indent=2) + "\n")
         except OSError as error:
             raise UserError(f"cannot write {args.json} ({error.strerror}); pass a writable --json path") from None
         print(f"wrote {args.json}")
@@ -470,11 +536,12 @@ def run_export(args, trained):
     checkpoint = trained.checkpoint
     if args.fit_samplers is not None:
         kinds = args.fit_samplers or fitted_samplers()
-        images, _, described = training_images(args, trained)
+        images, names, described = training_images(args, trained)
         print(f"fitting the {', '.join(kinds)} sampler(s) to the posteriors of the {described}")
         started = time.perf_counter()
         fitted = fit_samplers(trained.model, images, kinds, seed=args.seed, hflip=trained.config.hflip,
-                              steps={"diffusion": args.diffusion_steps}, progress=True)
+                              steps={"diffusion": args.diffusion_steps, "kind": args.diffusion_steps}, progress=True,
+                              classes=flower_classes(data_dir_of(args, trained), names))
         print(f"fitted in {(time.perf_counter() - started) / 60:.1f} minutes")
         checkpoint = {**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), **fitted}}
         if "diffusion" in kinds:  # what the recipe's --diffusion-prior-steps does at the end of training
@@ -499,7 +566,8 @@ def output_files(args):
 
 def check_outputs(args):
     """Refuse, before any work, to write over a file the command reads (the checkpoint, the photos), among the
-    data set's images or into a training run's folder; and an output that is a folder."""
+    data set's images (of --data-dir here; of the checkpoint's data once it is loaded) or into a training run's
+    folder; and an output that is a folder."""
     inputs = [("--checkpoint", Path(args.checkpoint))]
     inputs += [("--images", Path(image)) for image in getattr(args, "images", None) or []]
     inputs += [("--image", Path(args.image))] if getattr(args, "image", None) else []
@@ -510,14 +578,11 @@ def check_outputs(args):
             if source.exists() and out.exists() and out.samefile(source) or out.resolve() == source.resolve():
                 raise UserError(f"{out_flag} {out} is the {in_flag} file this command reads; writing it would "
                                 f"destroy it: pass another {out_flag}")
-    data_dir = getattr(args, "data_dir", None)
-    if data_dir and Path(data_dir).is_dir():
-        for out_flag, out in output_files(args) + ([("--log-dir", Path(args.log_dir))]
-                                                   if getattr(args, "log_dir", None) else []):
-            if inside_images_folder(data_dir, out):
-                raise UserError(f"{out_flag} {out} is inside {images_folder(data_dir)}, which holds the data set's "
-                                f"images: the file would replace one, or be read as a photo by the next run; "
-                                f"write it outside the data set")
+        folder = run_folder_of(out)
+        if folder is not None:
+            raise UserError(f"{out_flag} {out} is inside the training run folder {folder}: it could replace the "
+                            f"run's checkpoints or records; write it elsewhere, e.g. {Path('outputs') / out.name}")
+    check_outside_data(args, getattr(args, "data_dir", None))
     out_dir = getattr(args, "out_dir", None)
     if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UserError(f"--out-dir {out_dir} is a file, not a folder; pass a folder for the single images")
@@ -525,6 +590,25 @@ def check_outputs(args):
     if log_dir and any((Path(log_dir) / name).exists() for name in ("checkpoint.pt", "run.json")):
         raise UserError(f"--log-dir {log_dir} is a training run's folder; writing the projector there would replace "
                         f"the run's own: pass a new folder, e.g. --log-dir {Path(log_dir) / 'projector'}")
+
+
+def run_folder_of(path):
+    """The training run folder that `path` would be written into (one holding run.json or a checkpoint), or None."""
+    parent = Path(path).resolve().parent
+    return parent if any((parent / name).is_file() for name in ("run.json", "checkpoint.pt", "best.pt")) else None
+
+
+def check_outside_data(args, data_dir):
+    """Refuse an output among the images of data_dir: the one typed with --data-dir, and the one the checkpoint
+    trained on, which commands read when --data-dir is not given."""
+    if not data_dir or not Path(data_dir).is_dir():
+        return
+    for out_flag, out in output_files(args) + ([("--log-dir", Path(args.log_dir))]
+                                               if getattr(args, "log_dir", None) else []):
+        if inside_images_folder(data_dir, out):
+            raise UserError(f"{out_flag} {out} is inside {images_folder(data_dir)}, which holds the data set's "
+                            f"images: the file would replace one, or be read as a photo by the next run; "
+                            f"write it outside the data set")
 
 
 def choose_cpu_threads(requested, model):
@@ -541,8 +625,14 @@ def choose_cpu_threads(requested, model):
 
 def how_to_fix(error, args):
     """What the script adds to a library error: the command that fixes it."""
+    if isinstance(error, MissingData) and args.command in ("reconstruct", "evaluate", "projector"):
+        return ("; without the data set, reconstruct --images PHOTO ... and variations --images PHOTO ... work on "
+                "your own photos")
     if isinstance(error, MissingSampler):
-        fallback = ", or pick --mode posterior" if error.name in inference.variation_modes() else ""
+        instead = {"variations": "pick --mode posterior", "evaluate": "pick --mode posterior",
+                   "traverse": "pass --walk latent", "interpolate": "pass --walk latent",
+                   "sample": "drop --like and --class"}.get(args.command)
+        fallback = f", or {instead}" if instead and error.name in inference.variation_modes() else ""
         return (f"; fit it with python vae_inference.py export --checkpoint {args.checkpoint} --fit-samplers "
                 f"{error.name} --data-dir DIR --out NEW.pt{fallback}")
     return ""
@@ -562,6 +652,7 @@ def main(argv=None):
         check_outputs(args)
         device = pick_device(args.device)
         trained = load_model(args.checkpoint, device)
+        check_outside_data(args, trained.config.data_dir)  # the checkpoint's data, read without --data-dir
         if device.type == "cpu":
             choose_cpu_threads(args.threads, trained.model)
         if getattr(args, "scale", 0) is None:

@@ -84,7 +84,7 @@ def load_data(config):
     if is_image_folder(config.data_dir) and not config.holdout and config.eval_split != "none":
         raise UserError(f"{config.data_dir} is a folder of images, which has no {config.eval_split} split to "
                         f"evaluate on: pass --holdout 0.1 to hold a tenth of it out, or --eval-split none")
-    train_images, _ = load_split(config, config.split, "train")
+    train_images, train_names = load_split(config, config.split, "train")
     if config.holdout:
         eval_images, eval_names = load_split(config, config.split, "held-out")
     else:
@@ -96,7 +96,8 @@ def load_data(config):
         subset = random_subset(len(eval_images), config.eval_size, config.seed)
         eval_images, eval_names = eval_images[subset], [eval_names[i] for i in subset.tolist()]
         check_fid_sizes(config.fid_samples, len(eval_images))  # now, not after the whole run
-    return train_images, eval_images, flower_classes(config.data_dir, eval_names) if eval_names else []
+    return (train_images, flower_classes(config.data_dir, train_names), eval_images,
+            flower_classes(config.data_dir, eval_names) if eval_names else [])
 
 
 def check_log_dir_outside_the_images(config):
@@ -149,6 +150,7 @@ class Run:
     writer: Any
     started: float  # time.perf_counter() when the run began, for the closing line
     train_images: torch.Tensor
+    train_classes: list  # each training image's class, 0 where unknown (the kind sampler learns from them)
     eval_images: torch.Tensor | None
     eval_classes: list
     batches: ImageBatches
@@ -212,7 +214,7 @@ def setup_run(config, checkpoint, checkpoint_path, restart_unsaved):
 
     try:
         with distributed.main_process_first(process):  # the main process builds the image cache; the others load it
-            train_images, eval_images, eval_classes = load_data(config)
+            train_images, train_classes, eval_images, eval_classes = load_data(config)
     except UserError:
         if lock is not None and new_folder:
             release_if_empty(run_dir, lock)
@@ -249,7 +251,7 @@ def setup_run(config, checkpoint, checkpoint_path, restart_unsaved):
         # A resumed run drops what a killed session logged after its checkpoint; a restarted one all of it.
         writer = open_run_writer(config, run_dir, checkpoint_path, state.step if checkpoint is not None else restarted)
     return Run(config=config, process=process, say=say, run_dir=run_dir, lock=lock, writer=writer, started=started,
-               train_images=train_images, eval_images=eval_images, eval_classes=eval_classes, batches=batches,
+               train_images=train_images, train_classes=train_classes, eval_images=eval_images, eval_classes=eval_classes, batches=batches,
                eval_batches=eval_batches, fixed_images=fixed_images, fixed_noise=fixed_noise, model=model,
                eval_model=eval_model, optimization=optimization, loss_fn=loss_fn, state=state,
                checkpoints=checkpoints)
@@ -383,8 +385,8 @@ def end_of_run(run, stop):
     and the closing lines. Returns the exit code when a stop request interrupted it, else None."""
     try:
         with stop.raising():
-            samplers = finish_run(run.config, unwrap(run.eval_model), run.train_images, run.eval_images, run.state,
-                                  run.process.device)
+            samplers = finish_run(run.config, unwrap(run.eval_model), run.train_images, run.train_classes,
+                                  run.eval_images, run.state, run.process.device)
     except Stopped:  # the epochs are saved; a resume does the end of the run again
         run.say(f"\nstopped at the end of the run (fitting the samplers, or measuring FID); its {run.state.epoch} "
                 f"epochs are saved. Finish it with: {resume_command(run.run_dir / 'checkpoint.pt')}", file=sys.stderr)
@@ -407,7 +409,8 @@ def choose_cpu_threads(config, model, batches, process, say):
 
 
 def log_epoch(writer, step, epoch, losses, images_per_s, loss_fn, optimization, model, grids):
-    """The epoch's training numbers and the image grids of the fixed test batch and prior noise. What cannot change
+    """The epoch's training numbers and the image grids of the fixed test batch and prior noise (on the epochs of
+    writes_grids). What cannot change
     in this run (a constant KL weight or learning rate, a fixed sigma) is in its settings, not drawn as a flat
     curve."""
     config = optimization.config
@@ -420,19 +423,32 @@ def log_epoch(writer, step, epoch, losses, images_per_s, loss_fn, optimization, 
     log_scalars(writer, step, "train", {
         "epoch": epoch + 1, "images_per_s": images_per_s, "grad_norm": losses["grad_norm"],
         **{name: value for name, (changes, value) in varying.items() if changes}})
-    for name, grid in grids.items():
-        writer.add_image(name, grid, step)
+    if writes_grids(epoch, config.epochs):
+        for name, grid in grids.items():
+            writer.add_image(name, grid, step)
     writer.flush()
 
 
-def finish_run(config, model, train_images, eval_images, state, device):
+GRID_FRAMES = 25  # image frames a run writes after its first epochs, whatever its length
+
+
+def writes_grids(epoch, epochs):
+    """Whether epoch (0-based) writes its image grids to TensorBoard: each of the first 5, then one epoch in
+    epochs // GRID_FRAMES, and the last. Three grids take about 0.2 MB an epoch, so every epoch of a 500-epoch run
+    would write 100 MB of events; this way a run of any length writes about 30 frames of each."""
+    every = max(1, epochs // GRID_FRAMES)
+    return epoch < 5 or (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+
+def finish_run(config, model, train_images, train_classes, eval_images, state, device):
     """Samplers of the training images' posteriors (those whose class says so for this config: the GMM, and the
     diffusion prior with --diffusion-prior-steps), so that sampling and variations need no data; with
     --fid-samples, the best one's sample quality joins state.eval. Returns {name: state}. A stop request raises
     Stopped (see StopRequest.raising)."""
     options = fitted_after_training(config)
     samplers = fit_samplers(model, train_images, options, seed=config.seed, hflip=config.hflip,
-                            steps={name: option.get("steps") for name, option in options.items()}, progress=True)
+                            steps={name: option.get("steps") for name, option in options.items()}, progress=True,
+                            classes=train_classes)
     if config.fid_samples and eval_images is not None:
         best = load_sampler(samplers[next(iter(options))])
         quality = sample_quality(model, best, eval_images, config.fid_samples, 1.0,
@@ -456,7 +472,7 @@ def run_summary(run_dir, state, seconds, config):
     checkpoint = shlex.quote(str(run_dir / "checkpoint.pt"))
     held_out = " --holdout-from-checkpoint" if config.holdout else ""
     lines += [f"  tensorboard --logdir {shlex.quote(str(run_dir.parent))}",
-              f"  python vae_inference.py sample --checkpoint {checkpoint} --out samples.png",
+              f"  python vae_inference.py sample --checkpoint {checkpoint}",
               f"  python vae_inference.py evaluate --checkpoint {checkpoint}{held_out}"]
     return "\n".join(lines)
 

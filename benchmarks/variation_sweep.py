@@ -32,10 +32,10 @@ def build_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", default=str(PRETRAINED), help="a checkpoint trained with --holdout")
     parser.add_argument("--data-dir", required=True, help="the Flowers102 root the checkpoint was trained on")
-    parser.add_argument("--modes", nargs="+", default=["diffusion", "gmm", "posterior"],
+    parser.add_argument("--modes", nargs="+", default=["kind", "diffusion"],
                         choices=list(inference.variation_modes()), help="variation modes to sweep")
     parser.add_argument("--strengths", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.7],
-                        help="strengths of the diffusion and gmm modes")
+                        help="strengths of the kind, diffusion and gmm modes")
     parser.add_argument("--posterior-strengths", nargs="+", type=float, default=[0.5, 0.75, 0.857],
                         help="strengths of the posterior mode (T = 1, 3 and 6)")
     parser.add_argument("--variations", type=int, default=8, help="variations of each photo")
@@ -62,9 +62,9 @@ def plot_sweep(points, path):
     # At the axes' right edge whatever the sweep's range: a label placed in data units beyond it widens the figure.
     axes.text(0.99, ceiling, "real photos", transform=axes.get_yaxis_transform(), ha="right", va="bottom",
               color="grey", fontsize=8)
-    axes.axhline(0.45 * ceiling, color="grey", linestyle=":", linewidth=1)
+    axes.axhline(0.5 * ceiling, color="grey", linestyle=":", linewidth=1)
     axes.axvline(0.5, color="grey", linestyle=":", linewidth=1)
-    axes.text(0.51, 0.45 * ceiling, "target: 45% of real,\ndiversity 0.5", va="bottom", color="grey", fontsize=7)
+    axes.text(0.51, 0.5 * ceiling, "target: 50% of real,\ndiversity 0.5", va="bottom", color="grey", fontsize=7)
     axes.plot([0], [reconstructions], "k*", markersize=9, label="reconstructions")
     for mode in dict.fromkeys(point["variation_mode"] for point in points):
         curve = [point for point in points if point["variation_mode"] == mode]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from datasets.decoding import RESIZE_METHOD, decode_images, height_width
-from datasets.folders import dataset_files, image_name, images_folder, is_image_folder
+from datasets.folders import dataset_files, image_names, images_folder, is_image_folder
 
 CACHE_FORMAT = 3  # bumped whenever the cached payload changes, so old files are rebuilt (3: checksum)
 
@@ -25,14 +25,17 @@ def default_cache_dir():
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vae-flowers"
 
 
-def cache_key(split, resolution, files, resize="squash"):
+def cache_key(split, resolution, files, resize="squash", names=None):
     """16 hex digits that change whenever the split, resolution, resize method or any file (its name, size in
-    bytes or modification time in ns) changes. One cache serves runs with and without --skip-bad-images (see
-    cached_images)."""
+    bytes or modification time in ns) changes. names: each file's name in the data set (image_names: its path
+    inside a folder of images, so that a photo moved to another class folder, or a renamed class folder, changes
+    the key and the classes read from the names); None: the file names. One cache serves runs with and without
+    --skip-bad-images (see cached_images)."""
     stats = []
-    for f in files:  # os.path, not pathlib: building 8,189 Path objects would take longer than loading the cache
+    names = names or [os.path.basename(f) for f in files]
+    for f, name in zip(files, names):  # os.path, not pathlib: 8,189 Path objects take longer than the cache
         stat = os.stat(f)
-        stats.append((os.path.basename(f), stat.st_size, stat.st_mtime_ns))
+        stats.append((name, stat.st_size, stat.st_mtime_ns))
     method = RESIZE_METHOD if resize == "squash" else f"{RESIZE_METHOD}+{resize}"  # squash keeps the older keys
     payload = json.dumps([CACHE_FORMAT, split, resolution, method, False, stats])  # False: the older keys
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -77,7 +80,7 @@ def cache_path(data_dir, split, resolution, files, cache_dir="", next_to_data=Tr
     """Where the cache of these files is written: DATA_DIR/flowers-102/cache/ (DATA_DIR/.vae-cache/ for a folder
     of images) when the data folder is writable, else cache_dir (default ~/.cache/vae-flowers). next_to_data=False
     always picks cache_dir."""
-    key = cache_key(split, resolution, files, resize)
+    key = cache_key(split, resolution, files, resize, image_names(data_dir, files))
     return _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data, resize)[1][0]
 
 
@@ -132,7 +135,7 @@ def _write_cache(path, payload):
 def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip_bad_images=False,
                   next_to_data=True, resize="squash", with_names=False):
     """The split as a uint8 tensor (N, 3, H, W), decoded once and then loaded from the on-disk cache; with
-    with_names, also the names of the images' files (image_name), which stay aligned with the images when
+    with_names, also the names of the images' files (image_names), which stay aligned with the images when
     skip_bad_images leaves some out.
 
     The cache (N * 3 * H * W bytes: 25 MB for 8,189 images at 32x32) lies next to the data when that folder is
@@ -141,7 +144,7 @@ def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip
     cache_dir. A cache that cannot be written is reported and the decoded images are returned anyway.
     """
     files = dataset_files(data_dir, split)
-    key = cache_key(split, resolution, files, resize)
+    key = cache_key(split, resolution, files, resize, image_names(data_dir, files))
     read_from, write_to = _cache_locations(data_dir, split, resolution, key, cache_dir, next_to_data, resize)
     for path in read_from:
         cached = _read_cache(path, key, resolution)
@@ -156,7 +159,7 @@ def cached_images(data_dir, split, resolution, cache_dir="", num_workers=1, skip
                                  description=f"caching {split} {resolution}px", resize=resize)
     if len(kept) < len(files):
         print(f"skipped {len(files) - len(kept)} unreadable image(s) of the {split!r} split", file=sys.stderr)
-    names = [image_name(data_dir, f) for f in kept]
+    names = image_names(data_dir, kept)
     payload = {"key": key, "images": images, "checksum": images_checksum(images), "files": names}
     errors = []
     for path in write_to:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vae.errors import UserError
+from vae.errors import MissingData, UserError
 
 SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
 DOWNLOAD_TIMEOUT_S = 60
@@ -48,7 +48,7 @@ def download_flowers102(data_dir, missing="no data"):
     try:
         staging_root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"Flowers102 is not in {target} ({missing}) and {staging_root} cannot be created to "
+        raise MissingData(f"Flowers102 is not in {target} ({missing}) and {staging_root} cannot be created to "
                         f"download it ({error.strerror}); pass a writable --data-dir") from None
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # offline or a dead mirror fails within a minute, never hangs
@@ -61,7 +61,7 @@ def download_flowers102(data_dir, missing="no data"):
                 folder.rmdir()
         reason = (f"checksum mismatch for {', '.join(corrupt)}, deleted" if corrupt
                   else f"{type(error).__name__}: {error}")
-        raise UserError(
+        raise MissingData(
             f"Flowers102 is not in {target} ({missing}) and could not be downloaded ({reason}). Download "
             f"{' '.join(flowers102_urls())} by hand, extract 102flowers.tgz into {target} (giving "
             f"{target / 'jpg' / 'image_00001.jpg'} ...) and put imagelabels.mat and setid.mat beside jpg/, "

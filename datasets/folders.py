@@ -5,6 +5,7 @@ splits) or any folder of images: flat, or one sub-folder per class (torchvision'
 split is all of it ("all"; --holdout carves an evaluation set out of it).
 """
 
+import os
 from pathlib import Path
 
 from datasets.flowers102 import flowers102_classes, flowers102_files, flowers_folder
@@ -41,9 +42,13 @@ def dataset_files(data_dir, split, download=True):
     return flowers102_files(data_dir, split, download)
 
 
-def image_name(data_dir, path):
-    """How an image is named in names lists: its file name in Flowers102, its path inside a folder data set."""
-    return Path(path).relative_to(data_dir).as_posix() if is_image_folder(data_dir) else Path(path).name
+def image_names(data_dir, paths):
+    """How images are named in names lists: each path's file name in Flowers102, its path inside a folder data set
+    (so a photo's class folder is part of its name)."""
+    if not is_image_folder(data_dir):
+        return [os.path.basename(path) for path in paths]
+    root = Path(data_dir)
+    return [Path(path).relative_to(root).as_posix() for path in paths]
 
 
 def images_folder(data_dir):

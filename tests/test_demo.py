@@ -2,6 +2,7 @@
 by `python vae_demo.py` and used in a real headless Chromium (Debian's `chromium`, driven by Playwright)."""
 
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_variations_of_a_photo(demo, photo):
 
 
 def test_strength_zero_gives_the_reconstruction_in_every_mode(demo, photo):
-    assert demo.modes == ["diffusion", "gmm", "posterior"]  # pretrained/flowers32.pt ships both priors
+    assert demo.modes == ["kind", "diffusion", "gmm", "posterior"]  # pretrained/flowers32.pt ships all three
     for mode in demo.modes:
         _, reconstruction, variations, _, _ = vary(demo, photo, 2, strength=0.0, mode=mode)
         assert all(decoded_alike(v, reconstruction) for v in variations), mode
@@ -175,7 +176,7 @@ def test_interpolation(demo, photo):
 
 
 def test_samples_from_each_sampler_the_checkpoint_has(demo):
-    assert demo.samplers == ["prior", "gmm", "diffusion"]  # pretrained/flowers32.pt ships a GMM and the prior
+    assert demo.samplers == ["prior", "gmm", "diffusion", "kind"]  # pretrained/flowers32.pt ships three
     drawn = {}
     for sampler in demo.samplers:
         images, message, _ = demo.samples(sampler, 5, 1.0, 0, True)
@@ -259,7 +260,7 @@ def test_the_page_in_a_browser(served_page, tmp_path):
         assert seen.size == reconstruction.size == size and all(v.size == size for v in variations)
         assert all_different([seen, reconstruction, *variations])
         # The default mode and strength, on the controls; each press draws new flowers and shows its seed.
-        assert page.locator("#mode").get_by_label("diffusion").is_checked()
+        assert page.locator("#mode").get_by_label("kind").is_checked()
         assert float(page.locator("#strength input[type=number]").input_value()) == vae_demo.inference.DEFAULT_STRENGTH
         seeds = [page.locator("#variations-seed input").input_value()]
         for _ in range(2):
@@ -300,7 +301,7 @@ def test_the_page_in_a_browser(served_page, tmp_path):
 
         # 16 samples (the default) from each sampler the shipped model has.
         first = {}
-        for sampler in ("prior", "gmm", "diffusion"):
+        for sampler in ("prior", "gmm", "diffusion", "kind"):
             earlier = image_urls(page, "#samples")
             page.locator("#sampler").get_by_label(sampler).check()
             page.click("#draw")
@@ -308,6 +309,15 @@ def test_the_page_in_a_browser(served_page, tmp_path):
             assert all(s.size == size for s in samples) and all_different(samples)
             first[sampler] = samples[0]
         assert all_different(first.values())
+        # More flowers of the kind of the photo uploaded above, and a walk of the kind code around it.
+        earlier = image_urls(page, "#samples")
+        page.click("#more-like")
+        alike = png_images(page, "#samples", 16, replacing=earlier)
+        assert all(s.size == size for s in alike) and all_different(alike)
+        page.click("#walk")
+        walk = png_images(page, "#walk-images", 4 * vae_demo.WALK_STEPS)
+        rows = [walk[row * vae_demo.WALK_STEPS:(row + 1) * vae_demo.WALK_STEPS] for row in range(4)]
+        assert all(not np.array_equal(pixels(row[0]), pixels(row[-1])) for row in rows)
         screenshot(page, "demo.jpg")
 
         # A file that is not an image: the message shows on the page, the outputs are emptied, no traceback.
@@ -421,3 +431,37 @@ def test_the_page_keeps_a_bounded_cache_and_computes_one_request_at_a_time(monke
     page = launched[0]
     assert page.delete_cache == (60, 60 * vae_demo.CACHE_MINUTES)  # files older than that are deleted every minute
     assert page._queue.default_concurrency_limit == 1  # the others wait their turn
+
+
+def raw_call(url, api, data, timeout=60):
+    """The page's API called as any HTTP client can, with a payload that names a path instead of uploading a file:
+    the text of its answer's event stream."""
+    import httpx
+
+    event = httpx.post(f"{url}/gradio_api/call/{api}", json={"data": data}, timeout=timeout).json()["event_id"]
+    return httpx.get(f"{url}/gradio_api/call/{api}/{event}", timeout=timeout).text
+
+
+@pytest.mark.slow
+def test_the_api_reads_only_uploads_and_never_waits_on_a_pipe(served_page, tmp_path):
+    """A request naming a file of the server (a real photo outside Gradio's upload folder, a missing file, a named
+    pipe) gets the message of any unreadable upload, and none of them is opened; a real upload then works."""
+    import os
+    import time
+
+    from gradio_client import Client, handle_file
+
+    private = tmp_path / "private.jpg"
+    shutil.copy(vae_demo.EXAMPLES[0], private)
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    for path in (private, tmp_path / "missing.jpg", pipe):
+        started = time.monotonic()
+        answer = raw_call(served_page, "variations", [{"path": str(path)}, "posterior", 2, 0.35, 0, True])
+        assert f"{path.name} is not an image this page can read" in answer, answer[-500:]
+        assert ".png" not in answer and time.monotonic() - started < 30
+        answer = raw_call(served_page, "interpolation", [{"path": str(path)}, {"path": str(private)}, 4, False])
+        assert f"{path.name} is not an image this page can read" in answer, answer[-500:]
+    client = Client(served_page, verbose=False)
+    result = client.predict(handle_file(str(private)), "posterior", 2, 0.35, 0, True, api_name="/variations")
+    assert len(result[2]) == 2

@@ -153,3 +153,17 @@ def test_an_empty_data_dir_downloads_and_trains(mirror, tmp_path):
     assert md5(target / "setid.mat") == good["setid"][1] and md5(target / "imagelabels.mat") == good["label"][1]
     assert not (data_dir / ".flowers-102-download").exists(), "the download's staging folder was left behind"
     assert torch.load(tmp_path / "runs" / "dl" / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_inference_without_the_data_says_what_works_without_it(monkeypatch, checkpoint, tmp_path, capsys):
+    from torchvision.datasets import Flowers102
+
+    import vae_inference
+
+    monkeypatch.setattr(Flowers102, "_download_url_prefix", f"http://127.0.0.1:{closed_port()}/")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for command in ("reconstruct", "evaluate"):
+        assert vae_inference.main([command, "--checkpoint", str(checkpoint), "--data-dir", str(empty)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "could not be downloaded" in line and "reconstruct --images PHOTO" in line, line

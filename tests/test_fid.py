@@ -167,3 +167,31 @@ def test_fid_samples_without_the_package_fails_before_training(flowers_root, tmp
                               "--log-dir", str(tmp_path), *TINY]) == 2
     assert "pip install -r requirements-metrics.txt" in error_line(capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []  # no run folder: nothing started
+
+
+class CountingExtractor(torch.nn.Module):
+    """Stands in for Inception: a fixed random projection of the 299x299 input to 2048 numbers, counting calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.weight = torch.nn.Parameter(torch.randn(3, fid.INCEPTION_DIM, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, batch):
+        self.calls += 1
+        return batch.mean((2, 3)) @ self.weight
+
+
+def test_inception_features_of_a_set_are_kept_on_disk_by_its_content(tmp_path):
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    extractor = CountingExtractor()
+    first = fid.cached_inception_features(images, extractor, 2, cache_dir=tmp_path)
+    calls = extractor.calls
+    again = fid.cached_inception_features(images, extractor, 2, cache_dir=tmp_path)
+    assert np.array_equal(first, again) and extractor.calls == calls  # read back, not computed
+    other = images.clone()
+    other[0, 0, 0, 0] ^= 1  # one bit of one pixel: another set
+    fid.cached_inception_features(other, extractor, 2, cache_dir=tmp_path)
+    assert extractor.calls > calls and len(list(tmp_path.iterdir())) == 2
+    next(tmp_path.iterdir()).write_bytes(b"damaged")  # a damaged file is computed again, never an error
+    assert fid.cached_inception_features(images, extractor, 2, cache_dir=tmp_path).shape == (5, fid.INCEPTION_DIM)

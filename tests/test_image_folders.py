@@ -77,7 +77,7 @@ def test_train_evaluate_and_make_variations_on_a_folder_of_photos(garden, tmp_pa
     monkeypatch.chdir(tmp_path)
     for command in commands:
         assert inference_main(command[2:]) == 0, capsys.readouterr().err
-    assert "held out by --holdout 0.25" in capsys.readouterr().out and (tmp_path / "samples.png").is_file()
+    assert "held out by --holdout 0.25" in capsys.readouterr().out and (tmp_path / "outputs" / "samples.png").is_file()
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["config"]["resize"] == "center-crop" and saved["eval"]["num_images"] == 9  # a quarter of 36
     out = tmp_path / "eval.json"
@@ -134,3 +134,23 @@ def test_images_may_name_a_folder_of_photos(tmp_path, capsys):
     empty.mkdir()
     assert inference_main(["reconstruct", "--images", str(empty), "--out", str(out)]) == 2
     assert f"--images {empty} is a folder with no images" in capsys.readouterr().err
+
+
+def test_a_moved_photo_or_a_renamed_class_folder_gives_the_new_classes(tmp_path):
+    """The image cache's key covers each photo's path inside the data set, not only its file name: the classes
+    read from the names follow a photo moved to another class folder, and a renamed folder."""
+    garden = make_image_folder(tmp_path / "garden", classes=("daisy", "rose"), per_class=3)
+
+    def classes():
+        """{folder/stem: class} of the data set as loaded through its cache."""
+        _, names = images_and_names(garden, "train", 8)
+        return {name.rsplit(".", 1)[0]: label for name, label in zip(names, flower_classes(garden, names))}
+
+    first = next((garden / "rose").glob("rose-0.*"))
+    assert classes()["rose/rose-0"] == 2
+    first.rename(garden / "daisy" / first.name)  # a rename keeps the file's size and modification time
+    moved = classes()
+    assert moved["daisy/rose-0"] == 1 and "rose/rose-0" not in moved
+    (garden / "daisy").rename(garden / "tulip")  # now after rose: rose is class 1, tulip 2
+    renamed = classes()
+    assert renamed["tulip/rose-0"] == 2 and renamed["rose/rose-1"] == 1

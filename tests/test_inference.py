@@ -4,6 +4,7 @@ discretized bits/dim by hand, active units, variations, and the errors a user se
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -106,8 +107,9 @@ def test_variations_of_any_user_image_with_nearest_training_distances(checkpoint
     out = tmp_path / "variations.png"
     assert main(["variations", "--checkpoint", str(checkpoint), "--image", str(user_image), "--num", "6",
                  "--out", str(out), "--data-dir", str(flowers_root)]) == 0
-    # One row: input, reconstruction, 6 variations, each 3x enlarged (the readable default for 32x32).
-    assert png_size(out) == expected_grid(8, 8, scale=3)
+    # One photo's grid is square: input, reconstruction, 6 variations in rows of 3, each 3x enlarged (the readable
+    # default for 32x32).
+    assert png_size(out) == expected_grid(8, 3, scale=3)
     printed = capsys.readouterr().out
     assert "6 gmm variations at strength" in printed  # the best mode this checkpoint has (a GMM, no diffusion)
     lines = [line for line in printed.splitlines() if line.strip().startswith(("my flower", "reconstruction",
@@ -452,17 +454,17 @@ def test_export_fits_both_samplers_and_writes_a_small_inference_checkpoint(check
     assert {"model", "config", "samplers", "git_sha"} <= small.keys() and "optimizer" not in small
     assert small["config"]["data_dir"] == "datasets" and small["config"]["log_dir"] == "runs"  # no machine paths
     assert small["config"]["diffusion_prior_steps"] == 100
-    assert set(small["samplers"]) == {"gmm", "two-stage", "diffusion"}
+    assert set(small["samplers"]) == {"gmm", "two-stage", "diffusion", "kind"}
     # Without the optimizer's state an export is smaller than the training checkpoint (the fitted samplers aside).
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "plain.pt")]) == 0
     assert (tmp_path / "plain.pt").stat().st_size < checkpoint.stat().st_size
     draws = {}
-    for sampler in ("prior", "gmm", "two-stage", "diffusion"):
+    for sampler in ("prior", "gmm", "two-stage", "diffusion", "kind"):
         out = tmp_path / f"{sampler}.png"
         assert main(["sample", "--checkpoint", str(exported), "--sampler", sampler, "--num", "4", "--out",
                      str(out)]) == 0
         draws[sampler] = out.read_bytes()
-    assert len(set(draws.values())) == 4
+    assert len(set(draws.values())) == 5
 
 
 @pytest.mark.slow  # Inception v3 on the CPU
@@ -751,3 +753,31 @@ def test_the_evaluate_memory_benchmark_prints_its_ratio():
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(summary["peak_mb"]) == {"2", "20"} and 0.5 < summary["ratio"] < 10
+
+
+def test_no_output_replaces_a_photo_of_the_checkpoints_data_or_another_runs_files(checkpoint, flowers_root,
+                                                                                 tmp_path, capsys):
+    """The checkpoint's own data folder is guarded when --data-dir is not typed, and a training run's folder
+    (its checkpoints, run.json) is never written into, whatever the command."""
+    photo = flowers_root / "flowers-102" / "jpg" / "image_00005.jpg"
+    before = photo.read_bytes()
+    attempts = [
+        ["evaluate", "--checkpoint", str(checkpoint), "--holdout-from-checkpoint", "--json", str(photo)],
+        ["reconstruct", "--checkpoint", str(checkpoint), "--out", str(photo)],
+        ["sample", "--checkpoint", str(checkpoint), "--out", str(photo)],
+    ]
+    for argv in attempts:
+        assert main(argv) == 2, argv
+        assert "which holds the data set's images" in error_line(capsys.readouterr().err)
+    assert photo.read_bytes() == before
+    run = tmp_path / "runs" / "other"  # another training run: its checkpoint and manifest
+    run.mkdir(parents=True)
+    shutil.copy(checkpoint, run / "checkpoint.pt")
+    shutil.copy(checkpoint.parent / "run.json", run / "run.json")
+    kept = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "run.json")}
+    for argv in (["export", "--checkpoint", str(checkpoint), "--out", str(run / "checkpoint.pt")],
+                 ["evaluate", "--checkpoint", str(checkpoint), "--json", str(run / "best.pt")],
+                 ["sample", "--checkpoint", str(checkpoint), "--out", str(run / "samples.png")]):
+        assert main(argv) == 2, argv
+        assert f"is inside the training run folder {run.resolve()}" in error_line(capsys.readouterr().err)
+    assert all((run / name).read_bytes() == content for name, content in kept.items())

@@ -427,3 +427,32 @@ def test_checkpoint_every_saves_within_an_epoch(cli, flowers_root, tmp_path, mon
     latest = [step for name, step in saved if name == "checkpoint.pt"]
     assert latest[:STEPS_PER_EPOCH - 1] == [1, 2, 3] and latest[-1] == STEPS_PER_EPOCH
     assert ("best.pt", STEPS_PER_EPOCH) in saved
+
+
+def test_a_failed_image_or_json_write_leaves_the_old_file_whole(checkpoint, flowers_root, tmp_path, monkeypatch,
+                                                                capsys):
+    """A full disk when the new bytes are flushed (os.fsync fails, as it does with ENOSPC): the grid and the JSON
+    it would replace keep their old content, and no temporary file is left beside them."""
+    import errno
+
+    import vae.files
+    import vae_inference
+
+    grid, report = tmp_path / "keep.png", tmp_path / "keep.json"
+    assert vae_inference.main(["sample", "--checkpoint", str(checkpoint), "--num", "4", "--out", str(grid)]) == 0
+    report.write_text('{"kept": true}\n')
+    old_grid = grid.read_bytes()
+
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(vae.files.os, "fsync", full_disk)
+    capsys.readouterr()
+    assert vae_inference.main(["sample", "--checkpoint", str(checkpoint), "--num", "9", "--seed", "3", "--out",
+                               str(grid)]) == 2
+    assert "No space left on device" in one_error_line(capsys.readouterr().err)
+    assert vae_inference.main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(flowers_root),
+                               "--split", "val", "--iw-samples", "2", "--json", str(report)]) == 2
+    assert "No space left on device" in one_error_line(capsys.readouterr().err)
+    assert grid.read_bytes() == old_grid and report.read_text() == '{"kept": true}\n'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["keep.json", "keep.png"]

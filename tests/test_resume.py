@@ -137,7 +137,7 @@ def test_a_signal_at_the_end_of_a_run_stops_it_and_a_resume_finishes_it(during, 
     assert {"the prior's fit": "diffusion prior", "FID": "inception features"}[during] in err  # its progress bar
     assert not torch.load(checkpoint, weights_only=True).get("samplers")
     train("--resume", checkpoint, *resume)
-    kinds = {"gmm", "diffusion"} if "--diffusion-prior-steps" in resume[:1] else {"gmm"}
+    kinds = {"gmm", "diffusion", "kind"} if "--diffusion-prior-steps" in resume[:1] else {"gmm"}
     assert set(torch.load(checkpoint, weights_only=True)["samplers"]) == kinds
 
 

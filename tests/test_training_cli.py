@@ -114,3 +114,12 @@ def test_a_new_run_never_overwrites_an_existing_one(tiny_run, flowers_root):
                           run_dir.name, check=False)
     assert result.returncode == 2 and "--resume auto" in result.stderr and "Traceback" not in result.stderr
     assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_long_run_writes_about_thirty_frames_of_each_grid():
+    from vae_training import writes_grids
+
+    for epochs in (3, 100, 500, 5000):
+        frames = [epoch for epoch in range(epochs) if writes_grids(epoch, epochs)]
+        assert frames[:min(5, epochs)] == list(range(min(5, epochs))) and frames[-1] == epochs - 1
+        assert len(frames) <= 31 and (epochs < 31 or len(frames) >= 25)

@@ -33,6 +33,7 @@ RANGES = {
     "diffusion_prior_steps": (0, 1_000_000),
     # inference
     "num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64), "dims": (0, 100_000),
+    "class_": (1, 100_000),  # sample --class (class_: "class" is Python's)
     "temperature": (0.0, 100.0), "range": (0.0, 100.0), "holdout_seed": (0, 2 ** 32 - 1),
     "iw_samples": (1, 100_000), "variations": (0, 1_000), "strength": (0.0, 1.0), "diffusion_steps": (1, 1_000_000),
 }
@@ -187,7 +188,7 @@ def config_file_arguments(parser, path, config_class=TrainConfig):
 
 
 def flag_name(name):
-    return "--" + name.replace("_", "-")
+    return "--" + name.strip("_").replace("_", "-")
 
 
 def check_range(label, value, bounds):

@@ -138,6 +138,7 @@ class UNetDenoiser(nn.Module):
     level and nearest up-sampling with a 3x3 convolution comes back. The coarsest level adds self-attention
     between two blocks, so every position sees the whole latent. unet_levels() decides how many levels a latent
     has: an 8x8 latent gets 8x8, 4x4 and 2x2; a dense one none (then the network is flat, of 1x1 convolutions).
+    A condition vector, when given, joins the time embedding, so every block is scaled and shifted by both.
     """
 
     def __init__(self, channels, spatial_size=(8, 8), width=64, num_blocks=2, multipliers=(1, 2, 2)):
@@ -146,7 +147,7 @@ class UNetDenoiser(nn.Module):
         kernel_size = 1 if tuple(spatial_size) == (1, 1) else 3
         padding = kernel_size // 2
         widths = [width * multiplier for multiplier in multipliers[:levels + 1]]
-        embedding_width = 4 * width
+        self.embedding_width = embedding_width = 4 * width  # of the time embedding, and of a condition added to it
         self.time = nn.Sequential(TimeEmbedding(width), nn.Linear(width, embedding_width))
         self.stem = nn.Conv2d(channels, width, kernel_size, padding=padding)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
@@ -179,8 +180,9 @@ class UNetDenoiser(nn.Module):
         nn.init.zeros_(self.out[-1].weight)  # the network starts by predicting v = 0
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, u, t):
-        embedding = self.time(t)
+    def forward(self, u, t, condition=None):
+        """condition: None, or (B, embedding_width) added to the time embedding (vae/kind_prior.py's code)."""
+        embedding = self.time(t) if condition is None else self.time(t) + condition
         h = self.stem(u)
         skips = [h]
         for level, blocks in enumerate(self.down):

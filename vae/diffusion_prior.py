@@ -70,12 +70,23 @@ def _network_options(state):
     return architecture, options
 
 
-def _standardise(latents, state):
+def standardise(latents, state):
     return (latents - state["shift"].to(latents.device)) / state["scale"].to(latents.device)
 
 
-def _unstandardise(u, state):
+def unstandardise(u, state):
     return u * state["scale"].to(u.device) + state["shift"].to(u.device)
+
+
+def standardised_posteriors(means, stds, latent_shape, device):
+    """({"shift", "scale"}, means, stds) of posteriors (N, *latent_shape) as (N, C, H, W) maps on device, in units
+    where the aggregate posterior has mean 0 and variance 1 per dimension: Var z = Var(mean) + E[std^2]."""
+    means = means.detach().float().reshape(len(means), *map_shape(latent_shape))
+    stds = stds.detach().float().reshape(means.shape)
+    shift = means.mean(0)
+    scale = (means.var(0, unbiased=False) + stds.pow(2).mean(0)).sqrt().clamp(min=1e-6)
+    state = {"shift": shift, "scale": scale}
+    return state, standardise(means, state).to(device), (stds / scale).to(device)
 
 
 def min_snr_weight(a, gamma=MIN_SNR_GAMMA):
@@ -132,13 +143,8 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=DEFAULT_STEPS, batch_si
     lr = lr or defaults["lr"]
     if amp is None:
         amp = device.type == "cuda" or (device.type == "cpu" and native_bf16())
-    means = means.detach().float().reshape(len(means), *map_shape(latent_shape))
-    stds = stds.detach().float().reshape(means.shape)
-    # The aggregate posterior's moments: Var z = Var(mean) + E[std^2].
-    shift = means.mean(0)
-    scale = (means.var(0, unbiased=False) + stds.pow(2).mean(0)).sqrt().clamp(min=1e-6)
-    state = {"shift": shift, "scale": scale}
-    means_u, stds_u = _standardise(means, state).to(device), (stds / scale).to(device)
+    state, means_u, stds_u = standardised_posteriors(means, stds, latent_shape, device)
+    shift, scale = state["shift"], state["scale"]
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def loss(network):
@@ -152,7 +158,7 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=DEFAULT_STEPS, batch_si
     if multipliers is not None:
         options["multipliers"] = [int(multiplier) for multiplier in multipliers]
     network, final_loss = fit_network(
-        lambda: build_denoiser(architecture, means.shape[1], means.shape[2:], **options), loss, steps, lr,
+        lambda: build_denoiser(architecture, means_u.shape[1], means_u.shape[2:], **options), loss, steps, lr,
         seed=seed, device=device, warmup_steps=max(1, steps // 20), ema_decay=EMA_DECAY,
         description="diffusion prior", progress=progress)
     return {
@@ -170,7 +176,7 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=DEFAULT_STEPS, batch_si
     }
 
 
-def _noise(shape, generator, device):
+def draw_noise(shape, generator, device):
     """Standard normal noise on `device`, drawn from the generator (on its own device) when one is given."""
     return torch.randn(shape, generator=generator,
                        device=generator.device if generator is not None else device).to(device)
@@ -211,7 +217,23 @@ def denoise(network, u, t_start, generator=None, temperature=1.0, method="ddpm",
         alpha = a_t / a_s  # signal kept from s to t
         variance = (1 - alpha) * (1 - a_s) / (1 - a_t)
         mean = (math.sqrt(a_s) * (1 - alpha) * u0 + math.sqrt(alpha) * (1 - a_s) * u) / (1 - a_t)
-        u = mean + temperature * math.sqrt(variance) * _noise(u.shape, generator, u.device)
+        u = mean + temperature * math.sqrt(variance) * draw_noise(u.shape, generator, u.device)
+    return u
+
+
+@torch.no_grad()
+def invert(network, u0, steps=DDIM_STEPS):
+    """The deterministic DDIM path run forwards: standardised latents u0 (B, C, H, W) -> the noise at t = MAX_T that
+    denoise(network, noise, MAX_T, method="ddim", steps=steps) maps back to about u0 (DDIM inversion, Song et al.
+    2021; exact as the steps become small). Same time grid as denoise, walked from 0 up."""
+    times = torch.linspace(MAX_T, 0.0, max(1, round(steps * MAX_T)) + 1).flip(0).tolist()
+    u = u0
+    for s, t in zip(times[:-1], times[1:]):
+        a_s, a_t = float(signal_level(s)), float(signal_level(t))
+        v = network(u, torch.full((len(u),), s, device=u.device))
+        predicted_u0 = math.sqrt(a_s) * u - math.sqrt(1 - a_s) * v
+        eps = math.sqrt(a_s) * v + math.sqrt(1 - a_s) * u
+        u = math.sqrt(a_t) * predicted_u0 + math.sqrt(1 - a_t) * eps
     return u
 
 
@@ -242,18 +264,22 @@ class DiffusionPrior(Sampler):
         return self.state.get("sampling", "ddpm")
 
     def network(self, device):
+        """The fitted network on `device`, built once per device."""
         device = torch.device(device)
         if device not in self._networks:
-            self._networks[device] = load_denoiser(self.state, device)
+            self._networks[device] = self.load_network(device)
         return self._networks[device]
+
+    def load_network(self, device):
+        return load_denoiser(self.state, device)
 
     @torch.no_grad()
     def sample(self, num, temperature=1.0, generator=None):
         """Pure noise at t = MAX_T, scaled by the temperature (as is every ancestral step's noise), denoised."""
         device = generator.device if generator is not None else torch.device("cpu")
-        u = temperature * _noise((num, *map_shape(self.state["latent_shape"])), generator, device)
+        u = temperature * draw_noise((num, *map_shape(self.state["latent_shape"])), generator, device)
         u = denoise(self.network(device), u, MAX_T, generator, temperature, method=self.method)
-        return _unstandardise(u, self.state).flatten(1)
+        return unstandardise(u, self.state).flatten(1)
 
     @torch.no_grad()
     def vary(self, latents, strength, generator=None):
@@ -262,8 +288,8 @@ class DiffusionPrior(Sampler):
         if strength <= 0:
             return latents.clone()
         t = min(float(strength), MAX_T)
-        u = _standardise(latents.reshape(len(latents), *map_shape(self.state["latent_shape"])), self.state)
+        u = standardise(latents.reshape(len(latents), *map_shape(self.state["latent_shape"])), self.state)
         a = float(signal_level(t))
-        u = math.sqrt(a) * u + math.sqrt(1 - a) * _noise(u.shape, generator, u.device)
-        return _unstandardise(denoise(self.network(u.device), u, t, generator, method=self.method),
+        u = math.sqrt(a) * u + math.sqrt(1 - a) * draw_noise(u.shape, generator, u.device)
+        return unstandardise(denoise(self.network(u.device), u, t, generator, method=self.method),
                               self.state).flatten(1)

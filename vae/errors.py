@@ -27,6 +27,10 @@ class MissingSampler(UserError):
         self.name, self.path = name, path
 
 
+class MissingData(UserError):
+    """The data set is not on disk and could not be downloaded; the inference script adds what works without it."""
+
+
 class ResumableError(UserError):
     """The run stopped with its last good checkpoint kept at `checkpoint` (None: nothing was saved yet); the
     training script adds the command that resumes it."""

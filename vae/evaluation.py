@@ -19,7 +19,7 @@ from vae.checkpoint import unwrap
 from vae.losses import kl_per_dimension
 from vae.metrics import active_units, bits_per_dim, iwae_log_likelihood, psnr_db
 from vae.vae import eval_mode
-from vae.fid import fid_kid, frechet_distance, inception_features, load_inception
+from vae.fid import cached_inception_features, fid_kid, frechet_distance, inception_features, load_inception
 from vae.inference import reconstruct, sample_images, variations
 from vae.metrics import mean_pairwise_rmse, same_class_pairwise_rmse
 
@@ -274,14 +274,15 @@ class VariationJudge:
         self.classes, training_classes = torch.as_tensor(classes), torch.as_tensor(training_classes)
         self.batch_size = batch_size
         self.extractor = load_inception(model_device(model))
-        self.real = inception_features(images_uint8, self.extractor, batch_size)
+        self.real = cached_inception_features(images_uint8, self.extractor, batch_size)
         self.reconstructions = inception_features(reconstruct_in_batches(model, images_uint8), self.extractor,
                                                   batch_size)
         known = training_classes > 0
         self.predict = None
         if (self.classes > 0).all() and len(training_classes[known].unique()) >= 2:
             self.predict = fit_species_classifier(
-                inception_features(training_uint8[known], self.extractor, batch_size), training_classes[known].numpy())
+                cached_inception_features(training_uint8[known], self.extractor, batch_size),
+                training_classes[known].numpy())
         self.real_spread, self.pairs = same_class_pairwise_rmse(to_float(images_uint8), self.classes) \
             if (self.classes > 0).all() else (None, 0)
         self.input_to_training = sum(nearest_distances(to_float(images_uint8), training_uint8)[0].tolist()) / \

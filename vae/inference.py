@@ -7,8 +7,6 @@ dense latent, (N, C, H, W) for a spatial one. Every function that draws noise ta
 seed reproduces its output exactly.
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from datasets.batches import to_float
 from datasets.decoding import load_image
 from vae.device import model_device
 from vae.errors import MissingSampler, UserError
+from vae.files import replace_atomically
 from vae.samplers import SAMPLERS, ranked
 from vae.vae import posterior_mean_std
 
@@ -37,6 +36,21 @@ def load_images(paths, model, device, resize="squash"):
 def sample_images(model, sampler, num_images, temperature, generator):
     """num_images decoded draws from a latent sampler (a vae.samplers.Sampler); returns (images, z)."""
     z = sampler.sample(num_images, temperature, generator).view(num_images, *model.latent_shape)
+    z = z.to(model_device(model))
+    return model.decode(z), z
+
+
+@torch.no_grad()
+def kind_codes(model, kind, x):
+    """The codes (N, code_size) of the kind sampler `kind` (vae.kind_prior.KindPrior) for photos x (N, 3, H, W)."""
+    return kind.codes(posterior_mean_std(model, x)[0].flatten(1))
+
+
+@torch.no_grad()
+def samples_of_kind(model, kind, code, num_images, temperature, generator):
+    """num_images decoded draws of the kind sampler given one code (1, code_size): new flowers of that kind
+    (sample --like, --class). Returns (images, z)."""
+    z = kind.draw(code.expand(num_images, -1), generator, temperature).view(num_images, *model.latent_shape)
     z = z.to(model_device(model))
     return model.decode(z), z
 
@@ -149,6 +163,24 @@ def traverse(model, center, value_range, steps, dims=None):
     return model.decode(z.view(-1, *model.latent_shape))
 
 
+@torch.no_grad()
+def walk_code(model, kind, code, value_range, steps, rows, generator):
+    """A traversal of the kind sampler's code around `code` (1, code_size): one row per principal direction of the
+    training codes (rows of them), each from -value_range to +value_range of their spread along it, all drawn
+    from the same noise. Returns images (rows * steps, 3, H, W)."""
+    z = kind.walk(code, rows, value_range, steps, generator)
+    return model.decode(z.view(-1, *model.latent_shape).to(model_device(model)))
+
+
+@torch.no_grad()
+def interpolate_codes(model, kind, x_a, x_b, steps):
+    """Decoded points between two photos (1, 3, H, W) through the kind sampler: their codes and their noises (found
+    by DDIM inversion) walked together, endpoints included. Returns images (steps, 3, H, W)."""
+    mean_a, mean_b = posterior_mean_std(model, x_a)[0], posterior_mean_std(model, x_b)[0]
+    z = kind.interpolate(mean_a.flatten(1), mean_b.flatten(1), steps)
+    return model.decode(z.view(-1, *model.latent_shape))
+
+
 def most_active_dims(checkpoint, latent_size, count):
     """The `count` latent dimensions with the largest KL in the checkpoint's last held-out evaluation, most active
     first (the ones whose sweep changes the image); the first `count` when it has none. count 0: all of them."""
@@ -180,17 +212,11 @@ def save_grid(images, path, nrow, scale=1):
     (nearest neighbour, so 32x32 pixels stay visible). Written to a temporary file beside it, then renamed, so a
     failed write leaves a file it replaces whole. Returns the path."""
     path = Path(path)
-    images = enlarge(images, scale)
-    temporary = None
+    images = enlarge(images, scale).cpu()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-        os.close(handle)
-        save_image(images.cpu(), temporary, nrow=nrow, padding=2, pad_value=1.0)
-        os.replace(temporary, path)
+        replace_atomically(path, lambda temporary: save_image(images, temporary, nrow=nrow, padding=2, pad_value=1.0,
+                                                              format="png"))
     except (OSError, ValueError) as error:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
         raise UserError(f"cannot write {path} ({error}); write it to a writable .png path") from None
     return path
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vae.checkpoint import git_sha, library_versions
 from vae.errors import UserError
+from vae.files import write_text_atomically
 
 try:
     import fcntl
@@ -111,4 +112,4 @@ def write_manifest(run_dir, config, resumed_from=None):
                 "command": sys.argv, "started": datetime.now().astimezone().isoformat(timespec="seconds"),
                 "resumed_from": str(resumed_from) if resumed_from else None}
     name = "run.json" if not resumed_from else f"run-resumed-{datetime.now():%Y%m%d-%H%M%S}.json"
-    (run_dir / name).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomically(run_dir / name, json.dumps(manifest, indent=2) + "\n")

@@ -5,6 +5,8 @@ variations of it. One class each, registered by its --sampler name:
     "gmm"        a Gaussian mixture (Ghosh et al. 2020)             GaussianMixture
     "two-stage"  a second, small VAE on the latents (Dai & Wipf)   TwoStage
     "diffusion"  a diffusion model on the latents (LSGM's prior)    vae.diffusion_prior.DiffusionPrior
+    "kind"       a code of the flower's kind, and a diffusion prior   vae.kind_prior.KindPrior
+                 over the rest conditioned on it
 
 A VAE's aggregate posterior q(z) = E_x q(z|x) rarely matches its prior N(0, I): there are holes where the
 prior puts mass but no image's posterior does, and decoding from them gives the blurry or odd samples that
@@ -49,18 +51,26 @@ class Posteriors:
     stds: torch.Tensor
     latent_shape: tuple
     mirrored: tuple = None  # (means, stds) of the mirror images, or None
+    classes: torch.Tensor = None  # (N,) class of each image (0: unknown), or None
 
     @classmethod
-    def of(cls, model, images_uint8, hflip=False):
+    def of(cls, model, images_uint8, hflip=False, classes=None):
         means, stds = posterior_moments(model, images_uint8)
         mirrored = posterior_moments(model, images_uint8.flip(-1)) if hflip else None
-        return cls(means, stds, tuple(model.latent_shape), mirrored)
+        classes = None if classes is None else torch.as_tensor(classes, dtype=torch.long)
+        return cls(means, stds, tuple(model.latent_shape), mirrored, classes)
 
     def all(self):
         """(means, stds) of every image the VAE trained on: the photos, then their mirror images if any."""
         if self.mirrored is None:
             return self.means, self.stds
         return torch.cat([self.means, self.mirrored[0]]), torch.cat([self.stds, self.mirrored[1]])
+
+    def all_classes(self):
+        """The classes of all(): a mirror image has its photo's class. None when the classes are unknown."""
+        if self.classes is None or self.mirrored is None:
+            return self.classes
+        return torch.cat([self.classes, self.classes])
 
 
 class Sampler:
@@ -117,11 +127,12 @@ def load_sampler(state):
     return SAMPLERS[kind](state)
 
 
-def fit_samplers(model, images_uint8, names, seed=0, hflip=False, steps=None, progress=False):
+def fit_samplers(model, images_uint8, names, seed=0, hflip=False, steps=None, progress=False, classes=None):
     """{name: state} of the samplers `names`, fitted to the posteriors of the training images (and their mirror
     images with hflip, for the samplers that use them). steps: {name: training steps} for those that train a
-    network; the others take their defaults."""
-    posteriors = Posteriors.of(model, images_uint8, hflip)
+    network; the others take their defaults. classes: each image's class (0: unknown), for the samplers that
+    learn from them."""
+    posteriors = Posteriors.of(model, images_uint8, hflip, classes)
     device = next(model.parameters()).device
     return {name: SAMPLERS[name].fit(posteriors, seed=seed, steps=(steps or {}).get(name), device=device,
                                      progress=progress).state for name in names}
@@ -384,5 +395,5 @@ class TwoStage(Sampler):
         return z * state["scale"].to(device) + state["shift"].to(device)
 
 
-# The diffusion prior registers itself; importing it here makes every built-in sampler known to the registry.
-from vae import diffusion_prior  # noqa: E402, F401
+# The diffusion priors register themselves; importing them here makes every built-in sampler known to the registry.
+from vae import diffusion_prior, kind_prior  # noqa: E402, F401

@@ -1,0 +1,241 @@
+"""The kind sampler (vae/kind_prior.py): a code of a flower's kind learned from pairs of photos of one kind, a
+prior conditioned on it, the one strength knob of its variations, and the commands that use it."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import real_flower_files
+
+from vae.kind_prior import (KIND_STRENGTH, KindDenoiser, KindPrior, Partners, fit_kind_prior, guided,
+                            nearest_neighbours, on_sphere)
+from vae.samplers import Posteriors
+from vae.trained import load_model
+from vae_inference import main
+
+SHAPE = (4, 4, 4)
+
+
+def two_kinds_of_latents(count, seed=0, kinds=4):
+    """(latents (count, 4, 4, 4), classes 1..kinds): each kind is a global offset of every channel (what photos of
+    one kind share), each latent adds its own noise at every position (its layout)."""
+    offsets = 2.0 * torch.randn(kinds, SHAPE[0], 1, 1, generator=torch.Generator().manual_seed(0))  # the kinds
+    classes = torch.arange(count) % kinds
+    latents = offsets[classes] + torch.randn(count, *SHAPE, generator=torch.Generator().manual_seed(seed + 1))
+    return latents, classes + 1
+
+
+def test_partners_are_of_the_same_class_or_near_neighbours_or_the_latent_itself():
+    latents, classes = two_kinds_of_latents(64)
+    index = torch.arange(64).repeat(20)
+    generator = torch.Generator().manual_seed(0)
+    by_class = Partners(latents, classes, "neighbour")
+    assert by_class.by == "classes"
+    partners = by_class.draw(index, generator)
+    assert torch.equal(classes[partners], classes[index]) and (partners != index).float().mean() > 0.5
+    unlabelled = Partners(latents, torch.zeros(64, dtype=torch.long), "neighbour")  # classes unknown
+    assert unlabelled.by == "neighbours"
+    neighbours = nearest_neighbours(latents.flatten(1), 8)
+    partners = unlabelled.draw(index, generator)
+    assert all(partner in neighbours[i] for i, partner in zip(index.tolist(), partners.tolist()))
+    assert torch.equal(Partners(latents, classes, "self").draw(index, generator), index)
+    # One latent per class teaches nothing a class shares: nearest neighbours instead.
+    assert Partners(latents, torch.arange(1, 65), "neighbour").by == "neighbours"
+
+
+def test_nearest_neighbours_match_a_full_sort_and_leave_each_point_out():
+    points = torch.randn(300, 5, generator=torch.Generator().manual_seed(1))
+    found = nearest_neighbours(points, 3, chunk=64)
+    distances = torch.cdist(points, points).fill_diagonal_(float("inf"))
+    assert torch.equal(found, distances.argsort(dim=1)[:, :3])
+
+
+def test_guidance_mixes_the_conditional_and_unconditional_predictions():
+    torch.manual_seed(0)
+    network = KindDenoiser(4, (4, 4), code_size=8, width=8, multipliers=(1, 2))
+    for parameter in network.parameters():  # the zero-initialised layers would hide the condition
+        torch.nn.init.normal_(parameter, std=0.2)
+    u, t = torch.randn(3, *SHAPE), torch.rand(3)
+    codes = on_sphere(torch.randn(3, 8))
+    conditional, unconditional = network(u, t, codes), network(u, t)
+    assert not torch.allclose(conditional, unconditional)
+    assert torch.allclose(guided(network, codes, 1.0)(u, t), conditional)
+    assert torch.allclose(guided(network, codes, 0.0)(u, t), unconditional)
+    expected = unconditional + 2.5 * (conditional - unconditional)
+    assert torch.allclose(guided(network, codes, 2.5)(u, t), expected, atol=1e-5)
+    # Dropping a code (keep False) is the unconditional prediction for that row alone.
+    mixed = network(u, t, codes, keep=torch.tensor([True, False, True]))
+    assert torch.allclose(mixed[1], unconditional[1], atol=1e-6) and torch.allclose(mixed[0], conditional[0], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A kind prior fitted briefly to latents of four kinds."""
+    latents, classes = two_kinds_of_latents(256)
+    state = fit_kind_prior(latents, 0.1 * torch.ones_like(latents), SHAPE, classes, steps=300, batch_size=64,
+                           amp=False)
+    return KindPrior(state), latents, classes
+
+
+@pytest.mark.slow  # fits a kind prior for 300 steps
+def test_the_code_holds_the_kind_and_sampling_needs_only_plain_tensors(fitted):
+    kind, latents, classes = fitted
+    state = kind.state
+    assert state["partners"] == "classes" and state["classes"] == [1, 2, 3, 4]
+    assert all(isinstance(value, (torch.Tensor, int, float, str, list, dict)) for value in state.values())
+    # Fresh latents of the four kinds: the nearest class code is their own kind's.
+    fresh, fresh_classes = two_kinds_of_latents(200, seed=5)
+    codes = kind.codes(fresh.flatten(1))
+    assert codes.norm(dim=1).allclose(torch.full((200,), 16 ** 0.5))
+    nearest = torch.cdist(codes, state["class_codes"]).argmin(dim=1) + 1
+    assert (nearest == fresh_classes).float().mean() > 0.9
+    # A sample of class k lies nearer to kind k's offsets than to the others'.
+    offsets = torch.stack([latents[classes == k].mean((0, 2, 3)) for k in (1, 2, 3, 4)])
+    drawn = kind.draw(kind.class_code(3).expand(32, -1), torch.Generator().manual_seed(0))
+    channel_means = drawn.view(32, *SHAPE).mean((2, 3))
+    assert (torch.cdist(channel_means, offsets).argmin(dim=1) == 2).float().mean() > 0.8
+    assert kind.sample(5, generator=torch.Generator().manual_seed(0)).shape == (5, 64)
+
+
+@pytest.mark.slow  # fits a kind prior for 300 steps
+def test_one_strength_goes_from_the_photo_through_its_kind_to_any_flower(fitted):
+    kind, latents, _ = fitted
+    photos = latents[:4].flatten(1)
+    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(kind.vary(photos, 0.0, generator()), photos)
+    near, kept = kind.vary(photos, 0.05, generator()), kind.vary(photos, KIND_STRENGTH, generator())
+    assert (near - photos).norm() < 0.7 * (kept - photos).norm()
+    # At strength 1 the code is ignored: two different photos with the same noise give the same new flower.
+    free = [kind.vary(photo[None], 1.0, generator()) for photo in photos]
+    assert all(torch.allclose(free[0], other, atol=1e-5) for other in free[1:])
+    kept = [kind.vary(photo[None], KIND_STRENGTH, generator()) for photo in photos]
+    assert not any(torch.allclose(kept[0], other, atol=1e-3) for other in kept[1:])
+    assert torch.equal(kind.vary(photos, 0.2, generator()), kind.vary(photos, 0.2, generator()))  # seeded
+
+
+@pytest.mark.slow  # fits a kind prior for 300 steps
+def test_the_interpolation_starts_and_ends_near_the_photos(fitted):
+    kind, latents, _ = fitted
+    a, b = latents[:1].flatten(1), latents[1:2].flatten(1)
+    path = kind.interpolate(a, b, 5)
+    assert path.shape == (5, 64)
+    distance = (a - b).norm()
+    assert (path[0] - a).norm() < 0.25 * distance and (path[-1] - b).norm() < 0.25 * distance
+
+
+@pytest.mark.slow  # fits a kind prior for 300 steps
+def test_the_walk_changes_only_the_code(fitted):
+    kind, _, _ = fitted
+    walk = kind.walk(kind.state["code_mean"][None], 3, 2.0, 5, torch.Generator().manual_seed(0))
+    assert walk.shape == (15, 64)
+    rows = walk.view(3, 5, -1)
+    assert all(not torch.allclose(row[0], row[-1], atol=1e-3) for row in rows)
+
+
+# ----------------------------------------------------------------------------------------- through the CLI
+
+@pytest.fixture(scope="module")
+def with_kind(checkpoint, flowers_root, tmp_path_factory):
+    """The conftest run exported with a briefly fitted kind sampler, through the CLI."""
+    exported = tmp_path_factory.mktemp("kind") / "kind.pt"
+    assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "kind", "--diffusion-steps", "30",
+                 "--data-dir", str(flowers_root), "--out", str(exported)]) == 0
+    return exported
+
+
+def test_kind_is_the_default_of_variations_and_samples(with_kind, flowers_root, tmp_path, capsys):
+    photo = sorted((flowers_root / "flowers-102" / "jpg").glob("*.jpg"))[0]
+    stored = torch.load(with_kind, weights_only=True)["samplers"]["kind"]
+    assert stored["kind"] == "kind" and stored["code_size"] == 16
+    capsys.readouterr()
+    assert main(["variations", "--checkpoint", str(with_kind), "--images", str(photo), "--num", "3", "--out",
+                 str(tmp_path / "v.png")]) == 0
+    assert f"3 kind variations at strength {KIND_STRENGTH:g}" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(with_kind), "--num", "4", "--out", str(tmp_path / "s.png")]) == 0
+    assert "kind samples" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(with_kind), "--like", str(photo), "--num", "4", "--out",
+                 str(tmp_path / "like.png")]) == 0
+    assert f"new flowers of the kind of {photo}" in capsys.readouterr().out
+    assert (tmp_path / "like.png").stat().st_size > 0
+
+
+def test_sample_of_a_class_and_its_errors(with_kind, checkpoint, tmp_path, capsys):
+    trained = load_model(with_kind, "cpu")
+    known = trained.sampler("kind").state["classes"]
+    capsys.readouterr()
+    if trained.sampler("kind").state["class_codes"].shape[0]:
+        assert main(["sample", "--checkpoint", str(with_kind), "--class", str(known[0]), "--num", "2", "--out",
+                     str(tmp_path / "c.png")]) == 0
+        assert f"new flowers of class {known[0]}" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(with_kind), "--class", "999", "--out", str(tmp_path / "c.png")]) == 2
+    assert "class 999 is not one this model trained on" in capsys.readouterr().err
+    # A checkpoint without the kind sampler says how to fit one, and what works without it.
+    assert main(["sample", "--checkpoint", str(checkpoint), "--class", "1", "--out", str(tmp_path / "c.png")]) == 2
+    error = capsys.readouterr().err
+    assert "no kind sampler" in error and "--fit-samplers kind" in error and "drop --like and --class" in error
+    assert main(["traverse", "--checkpoint", str(checkpoint), "--walk", "code", "--out", str(tmp_path / "t.png")]) == 2
+    assert "pass --walk latent" in capsys.readouterr().err
+
+
+def test_traverse_and_interpolate_walk_the_code_by_default(with_kind, checkpoint, flowers_root, tmp_path, capsys):
+    photos = sorted((flowers_root / "flowers-102" / "jpg").glob("*.jpg"))[:2]
+    capsys.readouterr()
+    assert main(["traverse", "--checkpoint", str(with_kind), "--steps", "5", "--dims", "3", "--out",
+                 str(tmp_path / "t.png")]) == 0
+    out = capsys.readouterr().out
+    assert "a row per principal direction of the code" in out and "(15 images, 5 per row)" in out
+    assert main(["traverse", "--checkpoint", str(with_kind), "--walk", "latent", "--steps", "5", "--dims", "3",
+                 "--out", str(tmp_path / "t.png")]) == 0
+    assert "a row per latent dimension" in capsys.readouterr().out
+    assert main(["interpolate", "--checkpoint", str(with_kind), "--images", *map(str, photos), "--steps", "4",
+                 "--out", str(tmp_path / "i.png")]) == 0
+    assert "the path between the codes of their kinds" in capsys.readouterr().out
+    assert main(["interpolate", "--checkpoint", str(checkpoint), "--images", *map(str, photos), "--steps", "4",
+                 "--out", str(tmp_path / "i.png")]) == 0  # no kind sampler: the posterior means, as before
+    assert "linear path between the posterior means" in capsys.readouterr().out
+
+
+def test_export_learns_the_kind_from_class_sub_folders(checkpoint, tmp_path):
+    """Photos sorted into class folders: the code learns from photos of the same folder."""
+    for i, source in enumerate(real_flower_files(16)):
+        folder = tmp_path / "photos" / ("roses" if i % 2 else "tulips")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, folder / f"{i}.jpg")
+    out = tmp_path / "kind.pt"
+    assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "kind", "--diffusion-steps", "10",
+                 "--data-dir", str(tmp_path / "photos"), "--out", str(out)]) == 0
+    state = torch.load(out, weights_only=True)["samplers"]["kind"]
+    assert state["partners"] == "classes" and state["classes"] == [1, 2]
+
+
+def test_posteriors_give_mirror_images_their_photos_classes():
+    means = torch.randn(3, 4)
+    posteriors = Posteriors(means, means.abs(), (4,), (means, means.abs()), torch.tensor([2, 5, 7]))
+    assert posteriors.all_classes().tolist() == [2, 5, 7, 2, 5, 7]
+
+
+# ------------------------------------------------------------------------------------------------ the page
+
+def test_the_page_draws_more_like_the_photo_and_walks_the_code(with_kind, checkpoint, flowers_root):
+    import vae_demo
+
+    photo = str(sorted((flowers_root / "flowers-102" / "jpg").glob("*.jpg"))[0])
+    demo = vae_demo.Demo(with_kind, torch.device("cpu"), scale=2)
+    pictures, note, seed = demo.more_like(photo, 6, 1.0, 7, True)
+    assert len(pictures) == 6 and note == "" and seed == 7
+    again, _, _ = demo.more_like(photo, 6, 1.0, 7, True)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(pictures, again))  # a fixed seed repeats its draw
+    pictures, note, _ = demo.more_like(None, 6, 1.0, 7, True)
+    assert pictures == [] and "upload a photo" in note
+    walk, note, _ = demo.walk(photo, 3, 0, True)
+    assert len(walk) == 3 * vae_demo.WALK_STEPS and note == ""
+    assert len(demo.walk(None, 2, 0, True)[0]) == 2 * vae_demo.WALK_STEPS  # around the mean code
+    assert "the number of rows" in demo.walk(photo, 99, 0, True)[1]
+    without = vae_demo.Demo(checkpoint, torch.device("cpu"), scale=2)
+    assert "no kind sampler" in without.walk(photo, 2, 0, True)[1]
+
+
+def test_the_default_strength_is_where_all_but_the_kind_is_drawn_anew():
+    from vae.inference import DEFAULT_STRENGTH
+
+    assert KIND_STRENGTH == DEFAULT_STRENGTH

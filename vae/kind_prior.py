@@ -1,0 +1,382 @@
+"""The "kind" sampler: a small global code that holds a flower's kind, and a diffusion prior over the spatial
+latent conditioned on it. It makes new flowers of a photo's kind, samples of a class, and a latent space with
+attributes to walk.
+
+A spatial latent of 8x8x8 numbers holds a photo's layout, colours and kind together, and noising it (SDEdit, the
+"diffusion" mode) loses the kind, carried by petal shape and texture, before the variations become varied. Here a
+small encoder maps a photo's latent to a code of CODE_SIZE numbers, on a sphere, and the U-Net denoiser of
+vae/denoisers.py is conditioned on it (its embedding added to the time embedding). Both are trained together by
+the denoising loss alone, in one of two designs ("pairing"):
+
+  neighbour  the code comes from another photo of the same class (Flowers102's labels, class sub-folders), or,
+             without classes, from one of the photo's NEIGHBOURS nearest neighbours in the VAE's latent space.
+             What the code can tell the denoiser is what two photos of a kind share, so that is what it learns
+             (IC-GAN, Casanova et al., NeurIPS 2021, conditions on neighbours for the same reason).
+  self       the code comes from the photo itself: a diffusion autoencoder over the latent (Preechakul et al.,
+             CVPR 2022). The code holds whatever helps to denoise that photo, layout included.
+
+docs/kind.md measures both; new fits use "neighbour". The code is dropped (the condition zeroed) for DROP_CODE of
+the training examples, so the same network is also the unconditional prior, and classifier-free guidance (Ho &
+Salimans 2021) sets how strongly a code is followed: v = v_uncond + w (v_cond - v_uncond).
+
+One strength knob makes variations, from the photo to any flower:
+  0 .. KIND_STRENGTH   the photo's code is kept, its latent noised to depth t = strength / KIND_STRENGTH and
+                       denoised under guidance GUIDANCE (SDEdit): at KIND_STRENGTH, the default, everything but
+                       the code is drawn anew, a new flower of the photo's kind;
+  KIND_STRENGTH .. 1   the guidance falls from GUIDANCE to 0: at 1 the code is ignored, a sample of any flower.
+Samples draw a code from a Gaussian mixture fitted to the training photos' codes, then the rest. The fitted state
+is plain tensors and numbers, stored in a checkpoint under "samplers"; sampling needs no data, and the Inception
+network of the measurements is nowhere in it.
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vae.denoisers import UNetDenoiser, unet_levels
+from vae.device import native_bf16
+from vae import diffusion_prior as diffusion  # its names are read when used: it imports this module's registry
+from vae.errors import UserError
+from vae.fitting import fit_network
+from vae.samplers import GaussianMixture, Sampler, fit_gmm, register
+
+CODE_SIZE = 16
+PAIRINGS = ("neighbour", "self")
+MIN_CLASS_SIZE = 4  # latents per class on average (a photo and its mirror image are two) for classes to be used
+NEIGHBOURS = 8  # without classes, a photo's partners are its 8 nearest neighbours (its mirror image among them)
+DROP_CODE = 0.1  # share of training examples whose code is dropped: the unconditional prior is learned with it
+GUIDANCE = 1.5  # classifier-free guidance scale of variations and samples (1: the conditional model as trained)
+KIND_STRENGTH = 0.35  # all but the photo's code drawn anew: the default strength of variations (vae.inference)
+CODE_COMPONENTS = 16  # Gaussian mixture components of the codes' prior
+DEFAULT_STEPS = 4000
+
+
+class CodeEncoder(nn.Module):
+    """A standardised latent map (B, C, H, W) -> its code (B, code_size), on the sphere of radius sqrt(code_size):
+    three convolutions (the last two halving the map where it is large enough, as the U-Net's levels do), an
+    average over positions, and a linear map. The average makes the code blind to where on the map a feature is;
+    the sphere keeps codes of one scale, so that a mixture fits them and guidance means the same for every photo.
+    A dense latent, a (D, 1, 1) map, gets 1x1 convolutions: an MLP."""
+
+    def __init__(self, channels, spatial_size=(8, 8), code_size=CODE_SIZE, width=64):
+        super().__init__()
+        kernel_size = 1 if tuple(spatial_size) == (1, 1) else 3
+        halvings = unet_levels(spatial_size)
+        layers, current = [], channels
+        for layer, out_width in enumerate((width, 2 * width, 2 * width)):
+            stride = 2 if 0 < layer <= halvings else 1
+            layers += [nn.Conv2d(current, out_width, kernel_size, stride=stride, padding=kernel_size // 2), nn.SiLU()]
+            current = out_width
+        self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(current, code_size))
+
+    def forward(self, u):
+        return on_sphere(self.layers(u).float())
+
+
+def on_sphere(codes):
+    """Codes (B, K) scaled to norm sqrt(K): the norm of a standard normal vector of K numbers, on average."""
+    return math.sqrt(codes.shape[1]) * F.normalize(codes, dim=1)
+
+
+class KindDenoiser(nn.Module):
+    """The code encoder and a U-Net whose v-prediction is conditioned on a code: (u_t, t, code) -> v."""
+
+    def __init__(self, channels, spatial_size, code_size=CODE_SIZE, width=32, num_blocks=1, multipliers=(1, 2, 4)):
+        super().__init__()
+        self.encoder = CodeEncoder(channels, spatial_size, code_size)
+        self.denoiser = UNetDenoiser(channels, spatial_size, width, num_blocks, multipliers)
+        embedding_width = self.denoiser.embedding_width
+        self.condition = nn.Sequential(nn.Linear(code_size, embedding_width), nn.SiLU(),
+                                       nn.Linear(embedding_width, embedding_width))
+
+    def forward(self, u, t, code=None, keep=None):
+        """v predicted from u_t (B, C, H, W) at times t (B,) given codes (B, code_size). Without a code, and for
+        the rows where keep (B,) is False, the unconditional prediction."""
+        if code is None:
+            return self.denoiser(u, t)
+        condition = self.condition(code)
+        if keep is not None:
+            condition = condition * keep[:, None].to(condition.dtype)
+        return self.denoiser(u, t, condition)
+
+
+def guided(network, codes, guidance):
+    """(u, t) -> v under classifier-free guidance: v_uncond + w (v_cond - v_uncond) with w = guidance (1: the
+    conditional network, 0: the unconditional one); otherwise both in one batch."""
+    def predict(u, t):
+        if guidance == 1:
+            return network(u, t, codes)
+        if guidance == 0:
+            return network(u, t)
+        keep = torch.cat([torch.ones(len(u), dtype=torch.bool), torch.zeros(len(u), dtype=torch.bool)])
+        both = network(torch.cat([u, u]), torch.cat([t, t]), torch.cat([codes, codes]), keep.to(u.device))
+        conditional, unconditional = both.chunk(2)
+        return unconditional + guidance * (conditional - unconditional)
+    return predict
+
+
+# ------------------------------------------------------------------------------------------------ partners
+
+class Partners:
+    """Whose code each training latent is denoised with: `self.draw(index, generator)` gives a partner per index.
+
+    pairing "self": the latent itself. "neighbour": with classes (all known, at least two, MIN_CLASS_SIZE latents
+    each on average), a latent of the same class drawn uniformly (itself included, one chance in the class's size);
+    otherwise one of its NEIGHBOURS nearest neighbours (Euclidean, in the standardised latent space)."""
+
+    def __init__(self, means_u, classes, pairing):
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        self.pairing, self.device = pairing, means_u.device
+        labelled = classes is not None and bool((classes > 0).all()) and \
+            2 <= len(classes.unique()) <= len(classes) / MIN_CLASS_SIZE
+        self.by = "self" if pairing == "self" else "classes" if labelled else "neighbours"
+        if self.by == "classes":
+            classes = classes.to(self.device)
+            self.classes = classes
+            self.order = torch.argsort(classes, stable=True)
+            counts = torch.bincount(classes)
+            self.counts = counts
+            self.starts = torch.cumsum(counts, 0) - counts
+        elif self.by == "neighbours":
+            self.neighbours = nearest_neighbours(means_u.flatten(1), min(NEIGHBOURS, len(means_u) - 1))
+
+    def draw(self, index, generator):
+        if self.by == "self":
+            return index
+        if self.by == "classes":
+            cls = self.classes[index]
+            offset = (torch.rand(len(index), generator=generator, device=self.device) * self.counts[cls]).long()
+            return self.order[self.starts[cls] + offset]
+        column = torch.randint(self.neighbours.shape[1], (len(index),), generator=generator, device=self.device)
+        return self.neighbours[index, column]
+
+
+def nearest_neighbours(points, count, chunk=1024):
+    """(N, count) indices of each point's nearest other points (Euclidean), nearest first; count 0: itself."""
+    if count < 1:
+        return torch.arange(len(points), device=points.device)[:, None]
+    found = []
+    for start in range(0, len(points), chunk):
+        distances = torch.cdist(points[start:start + chunk], points)
+        rows = torch.arange(start, min(start + chunk, len(points)), device=points.device)
+        distances[rows - start, rows] = float("inf")
+        found.append(distances.topk(count, largest=False).indices)
+    return torch.cat(found)
+
+
+# --------------------------------------------------------------------------------------------------- fitting
+
+def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="neighbour", code_size=CODE_SIZE,
+                   steps=DEFAULT_STEPS, batch_size=128, lr=None, amp=None, seed=0, device="cpu", progress=False):
+    """Fit the code encoder and the conditional denoiser together to the training images' posteriors.
+
+    means, stds: (N, *latent_shape) posteriors (mirror images included when the VAE trained with --hflip);
+    classes: (N,) their classes (0: unknown) or None. Each step draws fresh z ~ q(z|x) for a batch, noises them
+    and trains the diffusion prior's U-Net (its ARCHITECTURE_DEFAULTS["unet"]) to predict v given the code of a
+    partner's posterior mean (Partners), under min-SNR weighting, bf16 autocast where native (amp None), with
+    DROP_CODE of the codes dropped. Adam, warm-up and cosine decay, a moving average of the weights
+    (vae.fitting.fit_network). Then the codes of all training latents are fitted by a Gaussian mixture (sampling),
+    averaged per class (sample --class) and their principal directions kept (traverse).
+
+    Returns the state: {"kind": "kind", "latent_shape", "latent_dim", "code_size", "pairing", "partners" (how
+    partners were chosen: classes, neighbours or self), "width", "num_blocks", "multipliers", "guidance",
+    "network", "shift", "scale", "code_prior" (a gmm state), "classes", "class_codes", "code_mean",
+    "code_directions", "code_spread", "steps", "loss"}.
+    """
+    device = torch.device(device)
+    defaults = diffusion.ARCHITECTURE_DEFAULTS["unet"]
+    lr = lr or defaults["lr"]
+    if amp is None:
+        amp = device.type == "cuda" or (device.type == "cpu" and native_bf16())
+    state, means_u, stds_u = diffusion.standardised_posteriors(means, stds, latent_shape, device)
+    classes = None if classes is None else torch.as_tensor(classes, dtype=torch.long)
+    partners = Partners(means_u, classes, pairing)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    options = {"code_size": int(code_size), "width": defaults["width"], "num_blocks": defaults["num_blocks"],
+               "multipliers": list(defaults["multipliers"])}
+
+    def loss(network):
+        index = torch.randint(len(means_u), (min(batch_size, len(means_u)),), generator=generator, device=device)
+        u0 = means_u[index] + stds_u[index] * torch.randn(means_u[index].shape, generator=generator, device=device)
+        partner = means_u[partners.draw(index, generator)]
+        keep = torch.rand(len(index), generator=generator, device=device) >= DROP_CODE
+        t = torch.rand(len(u0), generator=generator, device=device) * diffusion.MAX_T
+        eps = torch.randn(u0.shape, generator=generator, device=device)
+        return diffusion.denoising_loss(lambda noisy, times: network(noisy, times, network.encoder(partner), keep),
+                                        u0, t, eps, amp)
+
+    network, final_loss = fit_network(
+        lambda: KindDenoiser(means_u.shape[1], means_u.shape[2:], **options), loss, steps, lr, seed=seed,
+        device=device, warmup_steps=max(1, steps // 20), ema_decay=diffusion.EMA_DECAY, description="kind prior",
+        progress=progress)
+    with torch.no_grad():
+        codes = torch.cat([network.encoder(batch) for batch in means_u.split(512)]).cpu()
+    return {
+        "kind": KindPrior.name,
+        "latent_shape": [int(size) for size in latent_shape],
+        "latent_dim": int(math.prod(latent_shape)),
+        "pairing": pairing,
+        "partners": partners.by,
+        **options,
+        "guidance": GUIDANCE,
+        "network": {name: value.detach().cpu().clone() for name, value in network.state_dict().items()},
+        "shift": state["shift"].cpu(),
+        "scale": state["scale"].cpu(),
+        **code_statistics(codes, classes, seed),
+        "steps": int(steps),
+        "loss": final_loss,
+    }
+
+
+def code_statistics(codes, classes, seed=0):
+    """What sampling and walking the codes need, from the training latents' codes (N, K): a Gaussian mixture of
+    them ("code_prior"), each class's mean code on the sphere ("classes", "class_codes"), and their mean, principal
+    directions (rows, largest spread first) and spread (standard deviation) along each."""
+    components = max(1, min(CODE_COMPONENTS, len(codes) // (4 * codes.shape[1])))
+    known = sorted(set(classes.tolist()) - {0}) if classes is not None else []
+    class_codes = torch.stack([on_sphere(codes[classes == c].mean(0, keepdim=True))[0] for c in known]) \
+        if known else torch.zeros(0, codes.shape[1])
+    mean = codes.mean(0)
+    _, singular, directions = torch.linalg.svd(codes - mean, full_matrices=False)
+    return {
+        "code_prior": fit_gmm(codes, components, seed=seed),
+        "classes": [int(c) for c in known],
+        "class_codes": class_codes,
+        "code_mean": mean,
+        "code_directions": directions.contiguous(),
+        "code_spread": singular / max(1, len(codes) - 1) ** 0.5,
+    }
+
+
+# -------------------------------------------------------------------------------------------------- sampler
+
+@register
+class KindPrior(Sampler):
+    name = "kind"
+    description = f"keep the photo's code of its kind ({CODE_SIZE} numbers) and draw the rest from a prior " \
+                  f"conditioned on it: up to strength {KIND_STRENGTH:g} its details are redrawn, above it its kind " \
+                  f"loosens"
+    rank = 5
+
+    def __init__(self, state):
+        super().__init__(state)
+        self._networks = {}  # the network, built once per device
+
+    @classmethod
+    def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
+        means, stds = posteriors.all()
+        return cls(fit_kind_prior(means, stds, posteriors.latent_shape, posteriors.all_classes(),
+                                  steps=steps or DEFAULT_STEPS, seed=seed, device=device, progress=progress))
+
+    @classmethod
+    def after_training(cls, config):  # fitted at the end of training with the diffusion prior, as many steps
+        return {"steps": config.diffusion_prior_steps} if config.diffusion_prior_steps else None
+
+    def network(self, device):
+        """The code encoder and conditional denoiser on `device`."""
+        device = torch.device(device)
+        if device not in self._networks:
+            self._networks[device] = self.load_network(device)
+        return self._networks[device]
+
+    def load_network(self, device):
+        state = self.state
+        shape = diffusion.map_shape(state["latent_shape"])
+        network = KindDenoiser(shape[0], shape[1:], state["code_size"], state["width"], state["num_blocks"],
+                               tuple(state["multipliers"]))
+        network.load_state_dict(state["network"])
+        return network.to(device).eval()
+
+    @property
+    def guidance(self):
+        return self.state["guidance"]
+
+    @property
+    def map_shape(self):
+        """(C, H, W) of the maps the denoiser sees."""
+        return diffusion.map_shape(self.state["latent_shape"])
+
+    def _map(self, latents):
+        return diffusion.standardise(latents.reshape(len(latents), *self.map_shape), self.state)
+
+    @torch.no_grad()
+    def codes(self, latents):
+        """The codes (B, code_size) of flattened latents (B, latent_dim), on their device."""
+        return self.network(latents.device).encoder(self._map(latents))
+
+    def sample_codes(self, num, generator=None):
+        """num codes drawn from the mixture fitted to the training photos' codes, put back on the sphere."""
+        return on_sphere(GaussianMixture(self.state["code_prior"]).sample(num, 1.0, generator))
+
+    def class_code(self, label):
+        """The mean code of the training photos of class `label`, on the sphere (1, code_size)."""
+        if label not in self.state["classes"]:
+            known = self.state["classes"]
+            raise UserError(f"class {label} is not one this model trained on; its classes are "
+                            + (f"{known[0]} to {known[-1]}" if known else "unknown (its data had none)")
+                            + ("" if known else ": use --like PHOTO instead"))
+        return self.state["class_codes"][self.state["classes"].index(label)][None]
+
+    @torch.no_grad()
+    def draw(self, codes, generator=None, temperature=1.0, guidance=None, noise=None):
+        """Latents (B, latent_dim) drawn given codes (B, code_size): noise (drawn unless given, scaled by the
+        temperature) denoised by DDIM under `guidance` (default the fitted one), on the generator's device."""
+        device = noise.device if noise is not None else generator.device if generator is not None else \
+            torch.device("cpu")
+        if noise is None:
+            noise = temperature * diffusion.draw_noise((len(codes), *self.map_shape), generator, device)
+        guidance = self.guidance if guidance is None else guidance
+        u = diffusion.denoise(guided(self.network(device), codes.to(device), guidance), noise.to(device),
+                              diffusion.MAX_T, method="ddim")
+        return diffusion.unstandardise(u, self.state).flatten(1)
+
+    def sample(self, num, temperature=1.0, generator=None):
+        """A code from the codes' prior, then the rest given it."""
+        return self.draw(self.sample_codes(num, generator), generator, temperature)
+
+    @torch.no_grad()
+    def vary(self, latents, strength, generator=None):
+        """Up to KIND_STRENGTH: SDEdit to depth strength / KIND_STRENGTH under the photo's code; above it, a new
+        draw whose guidance falls linearly to 0 at strength 1 (see the module's docstring)."""
+        if strength <= 0:
+            return latents.clone()
+        codes = self.codes(latents)
+        if strength >= KIND_STRENGTH:
+            loosened = (float(strength) - KIND_STRENGTH) / (1 - KIND_STRENGTH)
+            return self.draw(codes, generator, guidance=self.guidance * (1 - loosened)).to(latents.device)
+        t = min(float(strength) / KIND_STRENGTH, 1.0) * diffusion.MAX_T
+        a = float(diffusion.signal_level(t))
+        u = self._map(latents)
+        u = math.sqrt(a) * u + math.sqrt(1 - a) * diffusion.draw_noise(u.shape, generator, u.device)
+        u = diffusion.denoise(guided(self.network(u.device), codes, self.guidance), u, t, method="ddim")
+        return diffusion.unstandardise(u, self.state).flatten(1)
+
+    @torch.no_grad()
+    def walk(self, center, rows, value_range, steps, generator=None):
+        """Latents (rows * steps, latent_dim) of a traversal of the code: row r moves the code `center`
+        (1, code_size) along the r-th principal direction of the training codes, from -value_range to
+        +value_range of their spread along it; every image starts from the same noise, so only the code changes."""
+        directions, spread = self.state["code_directions"], self.state["code_spread"]
+        rows = min(rows, len(directions))
+        values = torch.linspace(-value_range, value_range, steps)
+        codes = torch.cat([on_sphere(center + values[:, None] * spread[r] * directions[r]) for r in range(rows)])
+        noise = diffusion.draw_noise((1, *self.map_shape), generator, torch.device("cpu"))
+        return self.draw(codes, generator, noise=noise.expand(len(codes), -1, -1, -1))
+
+    @torch.no_grad()
+    def interpolate(self, latent_a, latent_b, steps):
+        """Latents (steps, latent_dim) between two photos' latents (1, latent_dim): each is inverted to its noise
+        under its own code (DDIM inversion), then both the codes and the noises are walked along great circles and
+        denoised again. The ends come back to about the photos' own latents."""
+        network = self.network(latent_a.device)
+        ends = torch.cat([latent_a, latent_b])
+        codes = self.codes(ends)
+        noise = diffusion.invert(guided(network, codes, 1.0), self._map(ends))
+        from vae.inference import slerp
+        times = torch.linspace(0, 1, steps).tolist()
+        path_codes = torch.stack([on_sphere(slerp(codes[0], codes[1], t)[None])[0] for t in times])
+        path_noise = torch.stack([slerp(noise[0], noise[1], t) for t in times])
+        return self.draw(path_codes, guidance=1.0, noise=path_noise).to(latent_a.device)
