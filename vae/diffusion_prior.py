@@ -28,7 +28,7 @@ import torch
 from vae.denoisers import build_denoiser
 from vae.device import native_bf16
 from vae.fitting import fit_network
-from vae.samplers import Sampler, register
+from vae.samplers import NetworkSampler, register
 
 
 SCHEDULE_OFFSET = 0.008  # s of the cosine schedule: keeps a(0) just below 1 so eps is defined at t = 0
@@ -238,15 +238,11 @@ def invert(network, u0, steps=DDIM_STEPS):
 
 
 @register
-class DiffusionPrior(Sampler):
+class DiffusionPrior(NetworkSampler):
     name = "diffusion"
     description = "noise the photo's code part of the way and denoise it with the learned diffusion prior " \
-                  "(SDEdit): new flowers of the photo's kind"
+                  "(SDEdit): new flowers of the photo's colours and layout"
     rank = 10
-
-    def __init__(self, state):
-        super().__init__(state)
-        self._networks = {}  # the denoiser, built once per device
 
     @classmethod
     def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
@@ -262,13 +258,6 @@ class DiffusionPrior(Sampler):
     def method(self):
         """How this prior samples: fits before DDIM sampled with DDPM's ancestral steps, and still do."""
         return self.state.get("sampling", "ddpm")
-
-    def network(self, device):
-        """The fitted network on `device`, built once per device."""
-        device = torch.device(device)
-        if device not in self._networks:
-            self._networks[device] = self.load_network(device)
-        return self._networks[device]
 
     def load_network(self, device):
         return load_denoiser(self.state, device)

@@ -40,7 +40,7 @@ from vae.device import native_bf16
 from vae import diffusion_prior as diffusion  # its names are read when used: it imports this module's registry
 from vae.errors import UserError
 from vae.fitting import fit_network
-from vae.samplers import GaussianMixture, Sampler, fit_gmm, register
+from vae.samplers import GaussianMixture, NetworkSampler, fit_gmm, register
 
 CODE_SIZE = 16
 PAIRINGS = ("neighbour", "self")
@@ -129,17 +129,15 @@ class Partners:
     def __init__(self, means_u, classes, pairing):
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-        self.pairing, self.device = pairing, means_u.device
+        self.device = means_u.device
         labelled = classes is not None and bool((classes > 0).all()) and \
             2 <= len(classes.unique()) <= len(classes) / MIN_CLASS_SIZE
         self.by = "self" if pairing == "self" else "classes" if labelled else "neighbours"
-        if self.by == "classes":
-            classes = classes.to(self.device)
-            self.classes = classes
-            self.order = torch.argsort(classes, stable=True)
-            counts = torch.bincount(classes)
-            self.counts = counts
-            self.starts = torch.cumsum(counts, 0) - counts
+        if self.by == "classes":  # the latents sorted by class: class c's are order[starts[c]:starts[c] + counts[c]]
+            self.classes = classes.to(self.device)
+            self.order = torch.argsort(self.classes, stable=True)
+            self.counts = torch.bincount(self.classes)
+            self.starts = torch.cumsum(self.counts, 0) - self.counts
         elif self.by == "neighbours":
             self.neighbours = nearest_neighbours(means_u.flatten(1), min(NEIGHBOURS, len(means_u) - 1))
 
@@ -254,16 +252,12 @@ def code_statistics(codes, classes, seed=0):
 # -------------------------------------------------------------------------------------------------- sampler
 
 @register
-class KindPrior(Sampler):
+class KindPrior(NetworkSampler):
     name = "kind"
     description = f"keep the photo's code of its kind ({CODE_SIZE} numbers) and draw the rest from a prior " \
                   f"conditioned on it: up to strength {KIND_STRENGTH:g} its details are redrawn, above it its kind " \
                   f"loosens"
     rank = 5
-
-    def __init__(self, state):
-        super().__init__(state)
-        self._networks = {}  # the network, built once per device
 
     @classmethod
     def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
@@ -275,14 +269,8 @@ class KindPrior(Sampler):
     def after_training(cls, config):  # fitted at the end of training with the diffusion prior, as many steps
         return {"steps": config.diffusion_prior_steps} if config.diffusion_prior_steps else None
 
-    def network(self, device):
-        """The code encoder and conditional denoiser on `device`."""
-        device = torch.device(device)
-        if device not in self._networks:
-            self._networks[device] = self.load_network(device)
-        return self._networks[device]
-
     def load_network(self, device):
+        """The code encoder and the conditional denoiser."""
         state = self.state
         shape = diffusion.map_shape(state["latent_shape"])
         network = KindDenoiser(shape[0], shape[1:], state["code_size"], state["width"], state["num_blocks"],

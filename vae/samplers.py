@@ -114,6 +114,25 @@ class Sampler:
         return cls.vary is not Sampler.vary
 
 
+class NetworkSampler(Sampler):
+    """A sampler whose state holds a network's weights: network(device) builds it from the state (load_network)
+    once per device and keeps it."""
+
+    def __init__(self, state):
+        super().__init__(state)
+        self._networks = {}
+
+    def network(self, device):
+        device = torch.device(device)
+        if device not in self._networks:
+            self._networks[device] = self.load_network(device)
+        return self._networks[device]
+
+    def load_network(self, device):
+        """The network the state holds, in eval mode on device."""
+        raise NotImplementedError
+
+
 def ranked(names):
     """Names of registered samplers, best (lowest rank) first."""
     return sorted(names, key=lambda name: SAMPLERS[name].rank)
