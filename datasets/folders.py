@@ -1,8 +1,9 @@
 """Which images a data set holds, and how they are named and classed.
 
 A data set is a Flowers102 root (DATA_DIR/flowers-102 in torchvision's layout, with its train, val and test
-splits) or any folder of images: flat, or one sub-folder per class (torchvision's ImageFolder layout), whose one
-split is all of it ("all"; --holdout carves an evaluation set out of it).
+splits) or any folder of images: flat, or one sub-folder per class (torchvision's ImageFolder layout; photos
+deeper down belong to the class of their top-level sub-folder), whose one split is all of it ("all"; --holdout
+carves an evaluation set out of it).
 """
 
 import os
@@ -21,18 +22,16 @@ def is_image_folder(data_dir):
 
 
 def folder_files(data_dir):
-    """The image files of a folder, sorted: those at its top level and those of its sub-folders (one per class).
-    Hidden files and folders (the image cache's .vae-cache among them) are left out."""
+    """The image files of a folder, sorted: those at its top level and those of its sub-folders at any depth, each
+    sub-folder of the top level being a class (roses/2024/a.jpg is a rose). Hidden files and folders (the image
+    cache's .vae-cache among them) are left out."""
     root = Path(data_dir)
-
-    def images_in(folder):
-        return [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
-                and f.is_file()]
-    files = images_in(root)
-    for folder in root.iterdir():
-        if folder.is_dir() and not folder.name.startswith("."):
-            files += images_in(folder)
-    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [Path(folder) / name for name in names
+                  if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")]
+    return sorted((f for f in files if f.is_file()), key=lambda f: f.relative_to(root).as_posix())
 
 
 def dataset_files(data_dir, split, download=True):
@@ -64,7 +63,8 @@ def inside_images_folder(data_dir, path):
 
 def flower_classes(data_dir, names):
     """The class of each image name: in Flowers102 its class (1-102, from imagelabels.mat; 0 for a name that is not
-    one of its files), in a folder of images its sub-folder's (1, 2, ... in sorted order; 0 at the top level)."""
+    one of its files), in a folder of images its top-level sub-folder's (1, 2, ... in sorted order; 0 at the top
+    level)."""
     if is_image_folder(data_dir):
         root = Path(data_dir)
         folders = sorted({f.relative_to(root).parts[0] for f in folder_files(root) if f.parent != root})

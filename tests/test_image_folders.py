@@ -154,3 +154,22 @@ def test_a_moved_photo_or_a_renamed_class_folder_gives_the_new_classes(tmp_path)
     (garden / "daisy").rename(garden / "tulip")  # now after rose: rose is class 1, tulip 2
     renamed = classes()
     assert renamed["tulip/rose-0"] == 2 and renamed["rose/rose-1"] == 1
+
+
+def test_photos_deeper_down_belong_to_their_top_level_class(tmp_path):
+    """roses/2024/a.jpg is a rose; a folder whose photos all lie two levels down is a folder of photos, never a
+    missing Flowers102 root to download into."""
+    garden = make_image_folder(tmp_path / "garden", classes=("daisy", "rose"), per_class=3)
+    deeper = garden / "rose" / "2024"
+    deeper.mkdir()
+    next((garden / "daisy").glob("daisy-1.*")).rename(deeper / "was-a-daisy.png")
+    hidden = garden / "rose" / ".thumbnails"
+    hidden.mkdir()
+    (hidden / "thumb.png").write_bytes((deeper / "was-a-daisy.png").read_bytes())
+    names = [file.relative_to(garden).as_posix() for file in folder_files(garden)]
+    assert "rose/2024/was-a-daisy.png" in names and len(names) == 6 and not any(".thumbnails" in n for n in names)
+    assert flower_classes(garden, ["rose/2024/was-a-daisy.png", "daisy/x.jpg"]) == [2, 1]
+    nested = tmp_path / "by-year"
+    (nested / "2024").mkdir(parents=True)
+    (garden / "rose").rename(nested / "2024" / "rose")
+    assert is_image_folder(nested) and len(folder_files(nested)) == 4
