@@ -147,6 +147,9 @@ def test_kind_is_the_default_of_variations_and_samples(with_kind, flowers_root, 
     photo = sorted((flowers_root / "flowers-102" / "jpg").glob("*.jpg"))[0]
     stored = torch.load(with_kind, weights_only=True)["samplers"]["kind"]
     assert stored["kind"] == "kind" and stored["code_size"] == 16
+    # An export stores the samplers' networks in float16: half the bytes, loaded into float32 networks.
+    assert all(value.dtype == torch.float16 for value in stored["network"].values() if value.is_floating_point())
+    assert all(p.dtype == torch.float32 for p in load_model(with_kind, "cpu").sampler("kind").network("cpu").parameters())
     capsys.readouterr()
     assert main(["variations", "--checkpoint", str(with_kind), "--images", str(photo), "--num", "3", "--out",
                  str(tmp_path / "v.png")]) == 0
