@@ -53,6 +53,10 @@ def main(argv=None):
     parser.add_argument("--fid-samples", type=int, default=1000, help="samples per FID (0: none)")
     parser.add_argument("--reference-images", type=int, default=1000, help="photos of --split the FID compares with")
     parser.add_argument("--save-dir", default="", help="keep each fitted checkpoint here")
+    parser.add_argument("--reuse", action="store_true", help="judge the checkpoints --save-dir holds from an earlier "
+                        "run (kind-<design>.pt) instead of fitting again")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the checkpoint's own diffusion mode at the default strength")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -82,10 +86,16 @@ def main(argv=None):
             results["points"].append(point)
             print(json.dumps(point), flush=True)
 
-    if "diffusion" in trained.samplers:
+    if args.baseline and "diffusion" in trained.samplers:
         measure("diffusion (the checkpoint's)", trained.samplers, "diffusion", [DEFAULT_STRENGTH],
                 trained.samplers["diffusion"], {})
     for design in args.designs:
+        path = Path(args.save_dir) / f"kind-{design}.pt"
+        if args.reuse:
+            prior = load_model(path, "cpu").sampler("kind")
+            measure(design, {"kind": prior}, "kind", args.strengths, prior,
+                    {"steps": prior.state["steps"], "partners": prior.state["partners"]})
+            continue
         means, stds = posteriors.all()
         start = time.perf_counter()
         state = fit_kind_prior(means, stds, posteriors.latent_shape, posteriors.all_classes(), pairing=design,
@@ -93,7 +103,6 @@ def main(argv=None):
         minutes = round((time.perf_counter() - start) / 60, 2)
         prior = KindPrior(state)
         if args.save_dir:
-            path = Path(args.save_dir) / f"kind-{design}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             checkpoint = trained.checkpoint
             export_for_inference({**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), "kind": state}},

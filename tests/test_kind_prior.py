@@ -70,10 +70,11 @@ def test_guidance_mixes_the_conditional_and_unconditional_predictions():
 
 @pytest.fixture(scope="module")
 def fitted():
-    """A kind prior fitted briefly to latents of four kinds."""
+    """A kind prior of the neighbour design, fitted briefly to latents of four kinds: its code must learn the kind
+    from pairs of one class alone."""
     latents, classes = two_kinds_of_latents(256)
-    state = fit_kind_prior(latents, 0.1 * torch.ones_like(latents), SHAPE, classes, steps=300, batch_size=64,
-                           amp=False)
+    state = fit_kind_prior(latents, 0.1 * torch.ones_like(latents), SHAPE, classes, pairing="neighbour", steps=300,
+                           batch_size=64, amp=False)
     return KindPrior(state), latents, classes
 
 
@@ -198,8 +199,9 @@ def test_traverse_and_interpolate_walk_the_code_by_default(with_kind, checkpoint
     assert "linear path between the posterior means" in capsys.readouterr().out
 
 
-def test_export_learns_the_kind_from_class_sub_folders(checkpoint, tmp_path):
-    """Photos sorted into class folders: the code learns from photos of the same folder."""
+def test_export_keeps_a_code_per_class_of_class_sub_folders(checkpoint, tmp_path):
+    """Photos sorted into class folders: the fit (of the default design, the photo's own code) keeps each folder's
+    mean code, for sample --class."""
     for i, source in enumerate(real_flower_files(16)):
         folder = tmp_path / "photos" / ("roses" if i % 2 else "tulips")
         folder.mkdir(parents=True, exist_ok=True)
@@ -208,7 +210,7 @@ def test_export_learns_the_kind_from_class_sub_folders(checkpoint, tmp_path):
     assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "kind", "--diffusion-steps", "10",
                  "--data-dir", str(tmp_path / "photos"), "--out", str(out)]) == 0
     state = torch.load(out, weights_only=True)["samplers"]["kind"]
-    assert state["partners"] == "classes" and state["classes"] == [1, 2]
+    assert state["pairing"] == "self" and state["classes"] == [1, 2] and state["class_codes"].shape == (2, 16)
 
 
 def test_posteriors_give_mirror_images_their_photos_classes():

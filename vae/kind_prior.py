@@ -15,9 +15,11 @@ the denoising loss alone, in one of two designs ("pairing"):
   self       the code comes from the photo itself: a diffusion autoencoder over the latent (Preechakul et al.,
              CVPR 2022). The code holds whatever helps to denoise that photo, layout included.
 
-docs/kind.md measures both; new fits use "neighbour". The code is dropped (the condition zeroed) for DROP_CODE of
-the training examples, so the same network is also the unconditional prior, and classifier-free guidance (Ho &
-Salimans 2021) sets how strongly a code is followed: v = v_uncond + w (v_cond - v_uncond).
+docs/kind.md measures both: "self" kept a photo's species twice as often and gave better samples, so new fits use
+it; "neighbour" stays a choice of fit_kind_prior and of benchmarks/kind_designs.py. The code is dropped (the
+condition zeroed) for DROP_CODE of the training examples, so the same network is also the unconditional prior,
+and classifier-free guidance (Ho & Salimans 2021) sets how strongly a code is followed:
+v = v_uncond + w (v_cond - v_uncond).
 
 One strength knob makes variations, from the photo to any flower:
   0 .. KIND_STRENGTH   the photo's code is kept, its latent noised to depth t = strength / KIND_STRENGTH and
@@ -43,7 +45,7 @@ from vae.fitting import fit_network
 from vae.samplers import GaussianMixture, NetworkSampler, fit_gmm, register
 
 CODE_SIZE = 16
-PAIRINGS = ("neighbour", "self")
+PAIRINGS = ("self", "neighbour")  # the first is the default
 MIN_CLASS_SIZE = 4  # latents per class on average (a photo and its mirror image are two) for classes to be used
 NEIGHBOURS = 8  # without classes, a photo's partners are its 8 nearest neighbours (its mirror image among them)
 DROP_CODE = 0.1  # share of training examples whose code is dropped: the unconditional prior is learned with it
@@ -167,7 +169,7 @@ def nearest_neighbours(points, count, chunk=1024):
 
 # --------------------------------------------------------------------------------------------------- fitting
 
-def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="neighbour", code_size=CODE_SIZE,
+def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code_size=CODE_SIZE,
                    steps=DEFAULT_STEPS, batch_size=128, lr=None, amp=None, seed=0, device="cpu", progress=False):
     """Fit the code encoder and the conditional denoiser together to the training images' posteriors.
 
