@@ -601,8 +601,9 @@ def test_variations_of_a_users_photo_need_no_checkpoint_no_data_and_no_training(
     out = tmp_path / "v.png"
     result = run_script("vae_inference.py", "variations", "--image", photo, "--out", out)
     assert result.returncode == 0, result.stderr
-    assert png_size(out) == expected_grid(16, 16, scale=3) and "pretrained" not in result.stderr
-    assert "14 diffusion variations at strength" in result.stdout  # the shipped model's default mode
+    # One photo: a square of 4 x 4 (the photo, its reconstruction, 14 variations), not a strip.
+    assert png_size(out) == expected_grid(16, 4, scale=3) and "pretrained" not in result.stderr
+    assert "14 kind variations at strength" in result.stdout  # the shipped model's default mode
 
 
 def test_posterior_means_encode_in_eval_mode_and_leave_the_model_as_it_was():

@@ -58,7 +58,7 @@ def test_ema_weights_differ_from_the_trained_ones_and_inference_uses_them(recipe
 
 
 @pytest.mark.slow  # three whole runs of the recipe (the fixture)
-def test_a_finished_run_stores_a_gmm_and_the_diffusion_prior_of_its_training_posteriors(recipe_runs, tmp_path):
+def test_a_finished_run_stores_a_gmm_the_diffusion_prior_and_the_kind_sampler(recipe_runs, tmp_path):
     gmm = recipe_runs["straight"]["samplers"]["gmm"]
     assert gmm["kind"] == "gmm" and gmm["means"].shape[1] == 4 * 4 * 4
     assert gmm["weights"].sum().item() == pytest.approx(1.0, abs=1e-5)
@@ -66,11 +66,14 @@ def test_a_finished_run_stores_a_gmm_and_the_diffusion_prior_of_its_training_pos
     assert prior["kind"] == "diffusion" and prior["latent_shape"] == [4, 4, 4] and prior["steps"] == 20
     path = tmp_path / "c.pt"
     torch.save(recipe_runs["straight"], path)
+    kind = recipe_runs["straight"]["samplers"]["kind"]  # fitted with the diffusion prior, for as many steps
+    assert kind["kind"] == "kind" and kind["latent_shape"] == [4, 4, 4] and kind["steps"] == 20
     trained = load_model(path, "cpu")
-    assert trained.best_sampler() == "diffusion" and inference.variation_mode(trained.samplers) == "diffusion"
+    assert trained.best_sampler() == "kind" and inference.variation_mode(trained.samplers) == "kind"
     generator = torch.Generator().manual_seed(0)
-    images, z = inference.sample_images(trained.model, trained.samplers["diffusion"], 3, 1.0, generator)
-    assert images.shape == (3, 3, 32, 32) and z.shape == (3, 4, 4, 4)
+    for name in ("diffusion", "kind"):
+        images, z = inference.sample_images(trained.model, trained.samplers[name], 3, 1.0, generator)
+        assert images.shape == (3, 3, 32, 32) and z.shape == (3, 4, 4, 4)
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine_to_zero():

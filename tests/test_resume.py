@@ -134,7 +134,8 @@ def test_a_signal_at_the_end_of_a_run_stops_it_and_a_resume_finishes_it(during, 
     assert process.returncode == 128 + getattr(signal, signal_name), err[-2000:]
     assert time.monotonic() - sent < 30, during  # promptly, not after the whole step
     assert "stopped at the end of the run" in err and "--resume" in err and "Traceback" not in err, err[-2000:]
-    assert {"the prior's fit": "diffusion prior", "FID": "inception features"}[during] in err  # its progress bar
+    assert {"the prior's fit": "kind prior", "FID": "inception features"}[during] in err  # its progress bar (the
+    # kind sampler, the best one, is fitted first)
     assert not torch.load(checkpoint, weights_only=True).get("samplers")
     train("--resume", checkpoint, *resume)
     kinds = {"gmm", "diffusion", "kind"} if "--diffusion-prior-steps" in resume[:1] else {"gmm"}
