@@ -36,6 +36,9 @@ def build_parser():
                         choices=list(inference.variation_modes()), help="variation modes to sweep")
     parser.add_argument("--strengths", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.7],
                         help="strengths of the kind, diffusion and gmm modes")
+    parser.add_argument("--baseline-strengths", nargs="+", type=float, default=None,
+                        help="strengths of the modes after the first, the ones it is compared with (default: "
+                             "--strengths)")
     parser.add_argument("--posterior-strengths", nargs="+", type=float, default=[0.5, 0.75, 0.857],
                         help="strengths of the posterior mode (T = 1, 3 and 6)")
     parser.add_argument("--variations", type=int, default=8, help="variations of each photo")
@@ -103,7 +106,8 @@ def main(argv=None):
         points = []
         for mode in args.modes:
             inference.variation_mode(trained.samplers, mode, args.checkpoint)  # or a one-line error now
-            for strength in args.posterior_strengths if mode == "posterior" else args.strengths:
+            strengths = args.strengths if mode == args.modes[0] else args.baseline_strengths or args.strengths
+            for strength in args.posterior_strengths if mode == "posterior" else strengths:
                 result = judge.judge(trained.samplers, args.variations, strength, mode,
                                      torch.Generator().manual_seed(args.seed))
                 points.append(result)
