@@ -570,7 +570,8 @@ def check_outputs(args):
     folder; and an output that is a folder."""
     inputs = [("--checkpoint", Path(args.checkpoint))]
     inputs += [("--images", Path(image)) for image in getattr(args, "images", None) or []]
-    inputs += [("--image", Path(args.image))] if getattr(args, "image", None) else []
+    inputs += [(flag, Path(getattr(args, name))) for flag, name in (("--image", "image"), ("--like", "like"))
+               if getattr(args, name, None)]
     for out_flag, out in output_files(args):
         if out.is_dir():
             raise UserError(f"{out_flag} {out} is a folder; pass a file name inside it, e.g. {out / 'out.png'}")

@@ -150,7 +150,8 @@ def test_kind_is_the_default_of_variations_and_samples(with_kind, flowers_root, 
     assert stored["kind"] == "kind" and stored["code_size"] == 16
     # An export stores the samplers' networks in float16: half the bytes, loaded into float32 networks.
     assert all(value.dtype == torch.float16 for value in stored["network"].values() if value.is_floating_point())
-    assert all(p.dtype == torch.float32 for p in load_model(with_kind, "cpu").sampler("kind").network("cpu").parameters())
+    network = load_model(with_kind, "cpu").sampler("kind").network("cpu")
+    assert all(parameter.dtype == torch.float32 for parameter in network.parameters())
     capsys.readouterr()
     assert main(["variations", "--checkpoint", str(with_kind), "--images", str(photo), "--num", "3", "--out",
                  str(tmp_path / "v.png")]) == 0
@@ -161,6 +162,11 @@ def test_kind_is_the_default_of_variations_and_samples(with_kind, flowers_root, 
                  str(tmp_path / "like.png")]) == 0
     assert f"new flowers of the kind of {photo}" in capsys.readouterr().out
     assert (tmp_path / "like.png").stat().st_size > 0
+    mine = tmp_path / "mine.jpg"
+    shutil.copy(photo, mine)
+    assert main(["sample", "--checkpoint", str(with_kind), "--like", str(mine), "--out", str(mine)]) == 2
+    assert "is the --like file this command reads" in capsys.readouterr().err
+    assert mine.read_bytes() == photo.read_bytes()
 
 
 def test_sample_of_a_class_and_its_errors(with_kind, checkpoint, tmp_path, capsys):
