@@ -140,7 +140,7 @@ def test_the_reverse_process_with_an_exact_denoiser_ends_at_the_one_point_it_mod
 
 
 def test_checkpoints_fitted_before_the_unet_keep_their_network_and_sampler():
-    state = torch.load(Path(__file__).resolve().parent.parent / "pretrained" / "flowers32.pt",
+    state = torch.load(Path(__file__).resolve().parent.parent / "pretrained" / "flowers64.pt",  # fitted before it
                        weights_only=True)["samplers"]["diffusion"]
     assert "architecture" not in state
     prior = DiffusionPrior(state)
