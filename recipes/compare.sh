@@ -8,7 +8,8 @@
 #   tensorboard --logdir runs/recipes                          # then the HPARAMS tab
 #
 # FID needs requirements-metrics.txt; pass --fid-samples 0 to leave it out. ONLY="bernoulli cyclical-seed1"
-# runs just the runs named.
+# runs just the runs named. PYTHON names the interpreter (default: python on the PATH), e.g. PYTHON=.venv/bin/python
+# outside an activated virtualenv.
 set -euo pipefail
 data_dir=${1:?usage: bash recipes/compare.sh DATA_DIR [EPOCHS] [FLAGS...]}
 epochs=${2:-200}
@@ -17,7 +18,7 @@ common=(--data-dir "$data_dir" --holdout 0.1 --epochs "$epochs" --log-dir runs/r
 only=" ${ONLY:-} "
 run() {
   if [[ "$only" == "  " || "$only" == *" $1 "* ]]; then
-    python "$(dirname "$0")/../vae_training.py" "${common[@]}" --run-name "$@"
+    "${PYTHON:-python}" "$(dirname "$0")/../vae_training.py" "${common[@]}" --run-name "$@"
   fi
 }
 run seed-defaults "$@"

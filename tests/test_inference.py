@@ -716,17 +716,20 @@ def test_the_projector_is_not_written_into_a_training_run(checkpoint, flowers_ro
 
 @pytest.mark.slow  # 1,024 decoded images
 def test_traverse_on_a_large_latent_shows_its_most_active_dimensions(tmp_path, capsys):
-    """The shipped model's latent has 512 numbers: 10 rows by default, ranked by held-out KL; --dims 0 for all."""
+    """The shipped model's latent has 512 numbers: --walk latent shows 10 rows, ranked by held-out KL; --dims 0 all."""
     out = tmp_path / "traverse.png"
-    assert main(["traverse", "--steps", "3", "--scale", "1", "--out", str(out)]) == 0
+    assert main(["traverse", "--walk", "latent", "--steps", "3", "--scale", "1", "--out", str(out)]) == 0
     assert png_size(out) == expected_grid(10 * 3, 3, scale=1)
     assert "the 10 dimensions of largest held-out KL" in capsys.readouterr().out
     shipped = torch.load(PRETRAINED, weights_only=True)
     dims, _ = inference.most_active_dims(shipped, 512, 4)
     kl = shipped["eval"]["kl_per_dim"]
     assert sorted(kl, reverse=True)[:4] == [kl[d] for d in dims]
-    assert main(["traverse", "--steps", "2", "--dims", "0", "--scale", "1", "--out", str(out)]) == 0
+    assert main(["traverse", "--walk", "latent", "--steps", "2", "--dims", "0", "--scale", "1", "--out", str(out)]) == 0
     assert png_size(out) == expected_grid(512 * 2, 2, scale=1)
+    # By default it walks the code of the flower's kind instead: 8 principal directions, 16 with --dims 0.
+    assert main(["traverse", "--steps", "3", "--scale", "1", "--out", str(out)]) == 0
+    assert png_size(out) == expected_grid(8 * 3, 3, scale=1)
 
 
 def test_every_numeric_flag_of_both_scripts_has_one_range():

@@ -38,7 +38,7 @@ def test_compare_sh_fills_one_hparams_table(flowers_root, tmp_path):
     log_dir = tmp_path / "recipes"
     # One epoch of each recipe on the 32-image root, no FID (the Inception test is in test_fid.py).
     result = subprocess.run(["bash", "recipes/compare.sh", flowers_root, "1", "--log-dir", log_dir,
-                             "--fid-samples", "0", *TINY], cwd=REPO, env={**ONE_THREAD, "ONLY": " ".join(RECIPE_RUNS)},
+                             "--fid-samples", "0", *TINY], cwd=REPO, env={**ONE_THREAD, "ONLY": " ".join(RECIPE_RUNS), "PYTHON": sys.executable},
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(path.name for path in log_dir.iterdir()) == sorted(RECIPE_RUNS)
