@@ -105,13 +105,11 @@ def cached_inception_features(images_uint8, extractor, batch_size=50, cache_dir=
     images' bytes in cache_dir (default: the image cache's ~/.cache/vae-flowers/inception), so that measuring
     variations again against the same training images (thousands of Inception passes) costs nothing. A file that
     cannot be read or written is computed again, never an error."""
-    import hashlib
-
-    from datasets.cache import default_cache_dir
+    from datasets.cache import default_cache_dir, images_checksum
     from vae.files import replace_atomically
 
     images_uint8 = torch.as_tensor(images_uint8)
-    key = hashlib.sha256(images_uint8.contiguous().numpy()).hexdigest()[:32]
+    key = images_checksum(images_uint8)[:32]
     path = Path(cache_dir or default_cache_dir() / "inception") / f"{INCEPTION_FILE}-{key}.npy"
     try:
         features = np.load(path)
@@ -120,6 +118,7 @@ def cached_inception_features(images_uint8, extractor, batch_size=50, cache_dir=
     except (OSError, ValueError):
         pass
     features = inception_features(images_uint8, extractor, batch_size)
+
     def write(temporary):
         with open(temporary, "wb") as file:  # a file object: np.save would add .npy to a name
             np.save(file, features)
