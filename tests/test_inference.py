@@ -576,8 +576,6 @@ def test_projector_writes_any_checkpoints_posterior_means_with_classes(checkpoin
 
 @pytest.mark.parametrize("name", ["flowers32", "flowers64"])
 def test_each_shipped_model_is_a_plain_checkpoint_of_its_recipe(name):
-
-
     path = PRETRAINED.parent / f"{name}.pt"
     shipped = torch.load(path, weights_only=True)
     recipe = json.loads((PRETRAINED.parent.parent / "recipes" / f"{name}.json").read_text())

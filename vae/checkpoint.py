@@ -19,6 +19,7 @@ from datasets.flowers102 import flowers_folder
 from datasets.folders import is_image_folder
 from vae.config import TrainConfig, resumed_config
 from vae.errors import ResumableError, TrainingDiverged, UserError
+from vae.vae import build_model
 
 # 2: the learned log sigma is likelihood.raw_log_sigma (it was raw_log_sigma), and `schedule` holds the
 # learning-rate schedule (it held the KL schedule, which is a function of the step, beside lr_schedule).
@@ -66,11 +67,16 @@ def _process_exists(pid):
     return True
 
 
+def first_non_finite(tensors):
+    """The name of the first floating-point tensor of `tensors` (a dict) with a NaN or infinite value, or None."""
+    return next((name for name, tensor in tensors.items() if torch.is_tensor(tensor)
+                 and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+
+
 def check_finite(tensors, step, kind="parameter"):
     """Raise TrainingDiverged naming the first floating-point tensor of `tensors` (a dict, such as a state dict)
     with a NaN or infinite value: "the {kind} {name} became non-finite by step {step}"."""
-    broken = next((name for name, tensor in tensors.items() if torch.is_tensor(tensor)
-                   and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    broken = first_non_finite(tensors)
     if broken is not None:
         raise TrainingDiverged(f"the {kind} {broken} became non-finite by step {step}")
 
@@ -137,17 +143,50 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(checkpoint, dict) or checkpoint.get("model_type") != MODEL_TYPE or "config" not in checkpoint:
         raise UserError(f"{path} is not a checkpoint of this project's VAE (no model_type 'vae' and config); "
                         f"pass a checkpoint.pt written by this project's training")
-    if checkpoint.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} has checkpoint format {checkpoint['format_version']}, newer than this code "
-                        f"({FORMAT_VERSION}); update the repository")
+    version = checkpoint.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise UserError(f"{path} is damaged: its format_version is {version!r}, not a whole number; use another "
+                        f"checkpoint")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {version}, newer than this code ({FORMAT_VERSION}); update "
+                        f"the repository")
+    for key in ("model", "ema_model", "samplers"):
+        if key in checkpoint and not isinstance(checkpoint[key], dict):
+            raise UserError(f"{path} is damaged: its {key} is a {type(checkpoint[key]).__name__}, not a dict; use "
+                            f"another checkpoint")
     return checkpoint
+
+
+def check_weights(config, checkpoint, path, key="model"):
+    """Before any memory is allocated for it: checkpoint[key] holds exactly the tensors, with the shapes, of the
+    model that config builds (built on the meta device, so an absurd width costs nothing), all of them finite."""
+    if key not in checkpoint:
+        raise UserError(f"{path} has no {key} weights; pass a checkpoint written by this project's training")
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape) for name, tensor in build_model(config).state_dict().items()}
+    weights = checkpoint[key]
+    for name, shape in expected.items():
+        tensor = weights.get(name)
+        if not torch.is_tensor(tensor) or tuple(tensor.shape) != shape:
+            found = f"shape {tuple(tensor.shape)}" if torch.is_tensor(tensor) else \
+                "nothing" if tensor is None else type(tensor).__name__
+            raise UserError(f"{path} does not fit the model its config describes ({name}: {found}, expected shape "
+                            f"{shape}); it is damaged or was written by another version of the code: use another "
+                            f"checkpoint or start a new run")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise UserError(f"{path} does not fit the model its config describes (unexpected weights "
+                        f"{', '.join(unexpected[:3])}); it is damaged or was written by another version of the code: "
+                        f"use another checkpoint or start a new run")
+    broken = first_non_finite(weights)
+    if broken is not None:
+        raise UserError(f"{path} is damaged: its weight {broken} holds NaN or infinite values; use another "
+                        f"checkpoint (a run's best.pt, or an earlier export)")
 
 
 def restore_model(model, checkpoint, path, key="model"):
     """Load the checkpoint's weights (checkpoint[key]: "model", or "ema_model" for the moving average) into the
     model its config built; a mismatch is the user's to fix."""
-    if key not in checkpoint:
-        raise UserError(f"{path} has no {key} weights; pass a checkpoint written by this project's training")
     try:
         model.load_state_dict(checkpoint[key])
     except RuntimeError as error:
@@ -178,6 +217,8 @@ def checkpoint_to_resume(resume, config, explicit):
         raise UserError(f"{path} cannot be resumed: it has no {', '.join(missing)} (inference can still use it); "
                         f"start a new run")
     config = resumed_config(checkpoint["config"], config, explicit, path)
+    for key in ("model", "ema_model")[:1 + ("ema_model" in checkpoint)]:
+        check_weights(config, checkpoint, path, key)
     in_own_folder = not {"log_dir", "run_name"} & set(explicit)
     latest = path.parent / "checkpoint.pt"
     if in_own_folder and path.name != "checkpoint.pt" and latest.exists():

@@ -218,9 +218,21 @@ def check_ranges(settings):
 
 
 def validate_config(config):
-    """Reject impossible settings before any data is read, with the flag to change. The model's own settings
-    (shapes, sizes, sigma, and each architecture's options) are checked by building it, without allocating its
-    weights."""
+    """Reject impossible settings before any data is read, with the flag to change: check_settings, and what
+    depends on this machine (the processes torchrun started, the FID extractor)."""
+    check_settings(config)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size % world_size:
+        raise UserError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
+                        f"{world_size} processes torchrun started")
+    if config.fid_samples:
+        inception_path()  # now, not after hours of training: says how to install the extractor when it is absent
+
+
+def check_settings(config):
+    """Reject impossible settings, with the flag to change; training checks its flags with it, and every
+    checkpoint read checks its saved settings with it. The model's own settings (shapes, sizes, sigma, and each
+    architecture's options) are checked by building it, without allocating its weights."""
     largest = torch.finfo(torch.float32).max  # training computes in float32: --lr 1e39 overflows in Adam's step
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -239,9 +251,6 @@ def validate_config(config):
         (config.kl_warmup_epochs >= 0, f"--kl-warmup-epochs must be >= 0, got {config.kl_warmup_epochs}"),
         (config.sigma_lr > 0, f"--sigma-lr must be > 0, got {config.sigma_lr}"),
         (config.lr > 0, f"--lr must be > 0, got {config.lr}"),
-        (config.batch_size % int(os.environ.get("WORLD_SIZE", "1")) == 0,
-         f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
-         f"{os.environ.get('WORLD_SIZE')} processes torchrun started"),
         (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
         (config.max_steps >= 0, f"--max-steps must be >= 0, got {config.max_steps}"),
         (config.eval_size >= 0, f"--eval-size must be >= 0, got {config.eval_size}"),
@@ -272,8 +281,6 @@ def validate_config(config):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if config.fid_samples:
-        inception_path()  # now, not after hours of training: says how to install the extractor when it is absent
     try:
         with torch.device("meta"):
             build_model(config)
@@ -285,12 +292,44 @@ def saved_config(saved, path):
     """The TrainConfig of a checkpoint's saved settings: settings newer than the checkpoint take their defaults
     (the tutorial's), so old checkpoints describe the run they were. Settings this code does not know are an
     error: the checkpoint comes from another version or model."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(saved) - known)
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is damaged: its config is a {type(saved).__name__}, not the settings of a run; "
+                        f"use another checkpoint")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - set(fields))
     if unknown:
         raise UserError(f"{path} has settings this code does not know ({', '.join(unknown)}); it comes from "
                         f"another version or model: start a new run, or use the code that wrote it")
-    return TrainConfig(**saved)
+    for name, value in saved.items():
+        expected = _setting_type(fields[name])
+        if not _has_type(value, expected):
+            raise UserError(f"{path} is damaged: its setting {name} is {value!r}, not {expected}; use another "
+                            f"checkpoint")
+    config = TrainConfig(**saved)
+    try:
+        check_settings(config)
+    except UserError as error:
+        raise UserError(f"{path} is damaged or was edited: its settings are impossible ({error}); use another "
+                        f"checkpoint") from None
+    return config
+
+
+# What each annotation of TrainConfig allows in a saved config (JSON's types: a float setting may be stored as an
+# integer, a list setting may be unset).
+_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list of integers"}
+
+
+def _setting_type(f):
+    return _TYPES[f.type]
+
+
+def _has_type(value, expected):
+    if isinstance(value, bool):
+        return expected == _TYPES[bool]
+    if expected == _TYPES[list]:
+        return value is None or (isinstance(value, (list, tuple))
+                                 and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    return isinstance(value, {"a string": str, "an integer": int, "a number": (int, float)}.get(expected, ()))
 
 
 def resumed_config(saved, config, explicit, path):

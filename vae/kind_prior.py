@@ -280,6 +280,19 @@ class KindPrior(NetworkSampler):
         network.load_state_dict(state["network"])
         return network.to(device).eval()
 
+    def check(self, latent_dim):
+        """The network loads, and the codes' statistics have the code's size."""
+        super().check(latent_dim)
+        state, size = self.state, self.state["code_size"]
+        GaussianMixture(state["code_prior"]).check(size)
+        if len(state["classes"]) != len(state["class_codes"]) or (
+                len(state["class_codes"]) and tuple(state["class_codes"].shape[1:]) != (size,)):
+            raise ValueError(f"{len(state['classes'])} classes, class codes of shape "
+                             f"{tuple(state['class_codes'].shape)}")
+        if tuple(state["code_directions"].shape[1:]) != (size,) or \
+                len(state["code_spread"]) != len(state["code_directions"]):
+            raise ValueError(f"code directions of shape {tuple(state['code_directions'].shape)}")
+
     @property
     def guidance(self):
         return self.state["guidance"]

@@ -113,6 +113,14 @@ class Sampler:
     def can_vary(cls):
         return cls.vary is not Sampler.vary
 
+    def check(self, latent_dim):
+        """Raise if the state does not make latents of latent_dim dimensions: by default, two seeded draws must
+        have that shape and be finite (cheap for the samplers without a network)."""
+        drawn = self.sample(2, generator=torch.Generator().manual_seed(0))
+        if tuple(drawn.shape) != (2, latent_dim) or not torch.isfinite(drawn).all():
+            raise ValueError(f"its draws have shape {tuple(drawn.shape)} (expected {(2, latent_dim)})"
+                             + ("" if torch.isfinite(drawn).all() else " and are not finite"))
+
 
 class NetworkSampler(Sampler):
     """A sampler whose state holds a network's weights: network(device) builds it from the state (load_network)
@@ -132,6 +140,13 @@ class NetworkSampler(Sampler):
         """The network the state holds, in eval mode on device."""
         raise NotImplementedError
 
+    def check(self, latent_dim):
+        """The network loads from the state (its shapes fit) for latents of latent_dim dimensions; no sampling,
+        which would take a whole reverse diffusion."""
+        if self.state["latent_dim"] != latent_dim:
+            raise ValueError(f"it draws latents of {self.state['latent_dim']} dimensions, the model has {latent_dim}")
+        self.network("cpu")
+
 
 def ranked(names):
     """Names of registered samplers, best (lowest rank) first."""
@@ -144,6 +159,43 @@ def load_sampler(state):
     if kind not in SAMPLERS:
         raise UserError(f"unknown sampler {kind!r}; the registered ones are {', '.join(SAMPLERS)}")
     return SAMPLERS[kind](state)
+
+
+def checked_sampler(name, state, latent_dim, path):
+    """The Sampler stored under `name` in the checkpoint at `path`, checked before any use: its state is a
+    registered sampler of that name, every tensor in it is finite, and check() passes for a model of latent_dim
+    dimensions. A damaged one is a one-line UserError naming the file, the sampler and the problem."""
+    def damaged(problem):
+        return UserError(f"{path} is damaged: its {name} sampler {problem}; use another checkpoint, or fit it again "
+                         f"with python vae_inference.py export --checkpoint {path} --fit-samplers {name} --out NEW.pt")
+
+    if name not in SAMPLERS:
+        raise UserError(f"{path} holds an unknown sampler {name!r} (the registered ones are {', '.join(SAMPLERS)}): "
+                        f"it was written by code that registers it; use that code, or another checkpoint")
+    if not isinstance(state, dict) or state.get("kind") != name:
+        raise damaged(f"is not a stored {name} sampler (kind {state.get('kind') if isinstance(state, dict) else state!r})")
+    for where, tensor in _tensors_in(state):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise damaged(f"holds NaN or infinite values in {where}")
+    sampler = SAMPLERS[name](state)
+    try:
+        sampler.check(latent_dim)
+    except Exception as error:  # a missing key, a wrong shape or type: whatever a damaged state makes fail
+        reason = " ".join(line.strip() for line in str(error).splitlines()[:2])[:200]
+        raise damaged(f"does not fit this model ({type(error).__name__}: {reason})") from None
+    return sampler
+
+
+def _tensors_in(value, where="state"):
+    """(where, tensor) of every tensor inside nested dicts and lists."""
+    if torch.is_tensor(value):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors_in(item, f"{where}[{key!r}]" if where != "state" else repr(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors_in(item, f"{where}[{index}]")
 
 
 def fit_samplers(model, images_uint8, names, seed=0, hflip=False, steps=None, progress=False, classes=None):

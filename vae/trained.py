@@ -11,10 +11,10 @@ from pathlib import Path
 
 from datasets.folders import is_image_folder
 from datasets.preprocessing import dataset_images
-from vae.checkpoint import load_checkpoint, restore_model
+from vae.checkpoint import check_weights, load_checkpoint, restore_model
 from vae.config import TrainConfig, saved_config
 from vae.errors import MissingSampler
-from vae.samplers import SAMPLERS, Prior, load_sampler, ranked
+from vae.samplers import SAMPLERS, Prior, checked_sampler, ranked
 from vae.vae import build_model
 
 
@@ -101,7 +101,9 @@ def load_model(checkpoint_path, device):
     checkpoint = load_checkpoint(checkpoint_path)
     config = saved_config(checkpoint["config"], checkpoint_path)
     key = "ema_model" if "ema_model" in checkpoint else "model"
+    check_weights(config, checkpoint, checkpoint_path, key)
     model = restore_model(build_model(config), checkpoint, checkpoint_path, key).to(device).eval()
     samplers = {"prior": Prior.of_size(model.latent_size),
-                **{name: load_sampler(state) for name, state in (checkpoint.get("samplers") or {}).items()}}
+                **{name: checked_sampler(name, state, model.latent_size, checkpoint_path)
+                   for name, state in (checkpoint.get("samplers") or {}).items()}}
     return TrainedModel(model, config, samplers, TrainingData.of(config), checkpoint, Path(checkpoint_path))
