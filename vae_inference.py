@@ -12,6 +12,7 @@ traversals, and honest evaluation. The checkpoint's config rebuilds the model; n
 import argparse
 import math
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,8 +28,8 @@ from vae.config import check_fid_sizes, check_ranges
 from vae.device import DEVICES, model_device, pick_device
 from vae.diffusion_prior import DEFAULT_STEPS as DIFFUSION_STEPS
 from vae.errors import MissingData, MissingSampler, UserError
-from vae.files import write_text_atomically
-from vae.logs import log_projector
+from vae.files import write_failure, write_text_atomically
+from vae.logs import log_projector, writer_thread_errors
 from vae.metrics import psnr_db
 from vae.kind_prior import KindPrior
 from vae.samplers import SAMPLERS, fit_samplers, ranked
@@ -466,7 +467,8 @@ def run_evaluate(args, trained):
         try:
             write_text_atomically(args.json, json.dumps(results, indent=2) + "\n")
         except OSError as error:
-            raise UserError(f"cannot write {args.json} ({error.strerror}); pass a writable --json path") from None
+            raise UserError(f"{write_failure(error, args.json)}; nothing was written there. Free some disk space, "
+                            f"or pass another --json path") from None
         print(f"wrote {args.json}")
     return results
 
@@ -523,11 +525,18 @@ def run_projector(args, trained):
     model, checkpoint = trained.model, trained.checkpoint
     images, names, described = split_images(args, trained)
     classes = flower_classes(data_dir_of(args, trained), names)
-    try:
-        with SummaryWriter(args.log_dir) as writer:
-            log_projector(writer, model, images, classes, checkpoint.get("step") or 0)
-    except OSError as error:
-        raise UserError(f"cannot write {args.log_dir} ({error.strerror or error}); pass a writable --log-dir") from None
+    created = not Path(args.log_dir).exists()
+    with writer_thread_errors() as failures:
+        try:
+            with SummaryWriter(args.log_dir) as writer:
+                log_projector(writer, model, images, classes, checkpoint.get("step") or 0)
+        except OSError as error:
+            failures.insert(0, error)
+    if failures:
+        if created:  # nothing half-written is left behind
+            shutil.rmtree(args.log_dir, ignore_errors=True)
+        raise UserError(f"{write_failure(failures[0], args.log_dir)}; nothing was kept there. Free some disk space, "
+                        f"or pass another --log-dir")
     print(f"wrote the posterior means, thumbnails and classes of {len(images)} images ({described}) to "
           f"{args.log_dir}; see them with: tensorboard --logdir {args.log_dir} (PROJECTOR tab)")
 
@@ -664,6 +673,12 @@ def main(argv=None):
         if args.debug:
             raise
         print(f"error: {error}{how_to_fix(error, args)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a write the command's own checks could not foresee: a full disk, a folder gone
+        if args.debug:
+            raise
+        print(f"error: {write_failure(error)}; nothing was written there. Free some disk space, or pass another "
+              f"output path", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written after the last message", file=sys.stderr)

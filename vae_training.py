@@ -28,12 +28,13 @@ from vae.config import (TrainConfig, build_parser, check_fid_sizes, config_file_
                         validate_config)
 from vae.errors import EveryProcessError, ResumableError, Stopped, TrainingDiverged, UserError
 from vae.evaluation import evaluate, sample_quality
+from vae.files import write_failure
 from vae.samplers import fit_samplers, fitted_after_training, load_sampler
-from vae.logs import fixed_grids, log_run_summary, log_scalars, log_settings, open_writer
+from vae.logs import fixed_grids, log_run_summary, log_scalars, log_settings, open_writer, writer_thread_errors
 from vae.likelihoods import LIKELIHOODS
 from vae.losses import ELBOLoss
 from vae.rng import rng_state, set_rng_state
-from vae.run_folder import claim, holds_unsaved_run, release_if_empty, write_manifest
+from vae.run_folder import claim, holds_unsaved_run, release_unsaved, write_manifest
 from vae.threads import available_cores, choose_threads, describe
 from vae.training import (Optimization, StopRequest, TrainState, check_amp, every, memory_format,
                           train_one_epoch, training_step_probe)
@@ -175,29 +176,64 @@ def train(config, resume="", explicit=()):
         print(f"{checkpoint_path} is a finished run: {checkpoint['epoch']} of {config.epochs} epochs, samplers fitted; "
               f"nothing to do (pass a larger --epochs to train on)")
         return 0
-    run = setup_run(config, checkpoint, checkpoint_path, restart_unsaved=resume == "auto")
     try:
-        with StopRequest(config.max_steps) as stop:
-            stopped = run_epochs(run, stop)
-            # A session that --max-steps ended short of --epochs is not the end of the run: a resume trains on.
-            if stopped is None and run.process.is_main and run.state.epoch >= config.epochs:
-                stopped = end_of_run(run, stop)
-    except TrainingDiverged as error:
-        kept = (f"{run.run_dir / 'checkpoint.pt'} keeps the last good state"
-                if (run.run_dir / "checkpoint.pt").exists() else "no checkpoint had been saved yet")
-        raise EveryProcessError(f"{error}; training stopped and {kept}. Lower --lr or --beta, or check the data") \
-            from None
-    finally:
-        if run.writer is not None:
-            run.writer.close()
-        if run.lock is not None:
-            run.lock.close()
+        run = setup_run(config, checkpoint, checkpoint_path, restart_unsaved=resume == "auto")
+    except OSError as error:  # a write before the first step: the manifest, TensorBoard's first event
+        raise write_failed(error, saved=checkpoint_path) from None
+    with writer_thread_errors() as lost_events:  # TensorBoard writes from a thread: its failures land here
+        try:
+            with StopRequest(config.max_steps) as stop:
+                stopped = run_epochs(run, stop)
+                # A session that --max-steps ended short of --epochs is not the end of the run: a resume trains on.
+                if stopped is None and run.process.is_main and run.state.epoch >= config.epochs:
+                    stopped = end_of_run(run, stop)
+        except TrainingDiverged as error:
+            kept = (f"{run.run_dir / 'checkpoint.pt'} keeps the last good state"
+                    if (run.run_dir / "checkpoint.pt").exists() else "no checkpoint had been saved yet")
+            raise EveryProcessError(f"{error}; training stopped and {kept}. Lower --lr or --beta, or check the "
+                                    f"data") from None
+        except OSError as error:  # a write during the run: a grid, an event, the projector, the end-of-run files
+            raise write_failed(error, saved=last_checkpoint(run.run_dir)) from None
+        finally:
+            close_run(run, lost_events)
+    if lost_events:
+        print(f"warning: some TensorBoard events of {run.run_dir} were not written "
+              f"({write_failure(lost_events[0])}); the checkpoints are whole", file=sys.stderr)
     if stopped is not None:
         return stopped
     if run.process.distributed:
         in_sync = distributed.replicas_in_sync(unwrap(run.model), run.process.device)
         run.say(f"parameters {'identical' if in_sync else 'DIFFER'} on all {run.process.world_size} processes")
     return 0
+
+
+def close_run(run, lost_events):
+    """Close the run's TensorBoard writer (its last events are written now: a failure joins lost_events) and its
+    folder's lock."""
+    try:
+        if run.writer is not None:
+            run.writer.close()
+    except OSError as error:
+        lost_events.append(error)
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+
+
+def last_checkpoint(run_dir):
+    """The run's newest saved state: checkpoint.pt, else best.pt (a first save that failed half-way), else None."""
+    return next((path for path in (run_dir / "checkpoint.pt", run_dir / "best.pt") if path.is_file()), None)
+
+
+def write_failed(error, saved):
+    """The one-line error of a write that failed (a full disk, a folder gone read-only): the file, the reason, and
+    the command that goes on from `saved`, the last checkpoint kept (None: nothing was saved, and the run's
+    command starts it again: setup_run left no folder behind)."""
+    if saved is None:
+        return UserError(f"{write_failure(error)}; nothing of the run was saved. Free some disk space, then run "
+                         f"the same command again (with --resume auto if the run folder is still there)")
+    return ResumableError(f"{write_failure(error)}; the last checkpoint, {saved}, is kept. Free some disk space, "
+                          f"then resume it", saved)
 
 
 def setup_run(config, checkpoint, checkpoint_path, restart_unsaved):
@@ -209,16 +245,22 @@ def setup_run(config, checkpoint, checkpoint_path, restart_unsaved):
         check_amp(device)
     new_folder = not config.run_name or not (Path(config.log_dir) / config.run_name).exists()
     run_dir, lock, restarted = claim_run_folder(config, process, checkpoint, checkpoint_path, restart_unsaved)
-    torch.manual_seed(config.seed)
-    started = time.perf_counter()
 
     try:
-        with distributed.main_process_first(process):  # the main process builds the image cache; the others load it
-            train_images, train_classes, eval_images, eval_classes = load_data(config)
-    except UserError:
-        if lock is not None and new_folder:
-            release_if_empty(run_dir, lock)
+        return prepare_run(config, checkpoint, checkpoint_path, process, say, run_dir, lock, restarted)
+    except (UserError, OSError):
+        if lock is not None and new_folder:  # refused, or a full disk, before the first step: leave no folder
+            release_unsaved(run_dir, lock)
         raise
+
+
+def prepare_run(config, checkpoint, checkpoint_path, process, say, run_dir, lock, restarted):
+    """setup_run's work once the run folder is claimed."""
+    device = process.device
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    with distributed.main_process_first(process):  # the main process builds the image cache; the others load it
+        train_images, train_classes, eval_images, eval_classes = load_data(config)
     data = {"train": fingerprint(train_images), "eval": fingerprint(eval_images)}
     if checkpoint is not None:
         check_same_data(checkpoint, data, config, checkpoint_path)

@@ -7,6 +7,7 @@ whenever cache_key changes.
 """
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -120,8 +121,10 @@ def _write_cache(path, payload):
     in the same folder, so rebuilding after a data change does not leave the old file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)  # in memory first: torch's writer reports a full disk as a RuntimeError
     try:
-        torch.save(payload, temporary)
+        temporary.write_bytes(buffer.getbuffer())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -381,11 +381,10 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(tmp_pat
     checkpoints.save_checkpoint(path, model={"w": torch.ones(3)}, config={}, step=1)
     before = path.read_bytes()
 
-    def killed_mid_write(obj, file):
-        file.write(b"half a checkpoint")
-        raise KeyboardInterrupt  # what a Ctrl-C (or the process dying) does halfway through torch.save
+    def killed_mid_write(descriptor):
+        raise KeyboardInterrupt  # what a Ctrl-C (or the process dying) does with the new bytes half on the disk
 
-    monkeypatch.setattr(checkpoints.torch, "save", killed_mid_write)
+    monkeypatch.setattr(checkpoints.os, "fsync", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_checkpoint(path, model={"w": torch.zeros(3)}, config={}, step=2)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]

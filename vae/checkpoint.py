@@ -5,6 +5,7 @@ previous checkpoint intact.
 """
 
 import contextlib
+import io
 import os
 import pickle
 import subprocess
@@ -19,7 +20,8 @@ from datasets.flowers102 import flowers_folder
 from datasets.folders import is_image_folder
 from vae.config import TrainConfig, resumed_config
 from vae.errors import ResumableError, TrainingDiverged, UserError
-from vae.vae import build_model
+from vae.files import disk_full
+from vae.vae import build_model, rename_old_keys
 
 # 2: the learned log sigma is likelihood.raw_log_sigma (it was raw_log_sigma), and `schedule` holds the
 # learning-rate schedule (it held the KL schedule, which is a function of the step, beside lr_schedule).
@@ -81,8 +83,9 @@ def check_finite(tensors, step, kind="parameter"):
         raise TrainingDiverged(f"the {kind} {broken} became non-finite by step {step}")
 
 
-def save_checkpoint(path, **contents):
-    """Write {format_version, model_type, versions, git_sha, **contents} to path atomically."""
+def save_checkpoint(path, for_resume=True, **contents):
+    """Write {format_version, model_type, versions, git_sha, **contents} to path atomically. A failed write of a
+    training's checkpoint (for_resume) names the last good checkpoint beside it, which resumes the run."""
     path = Path(path)
     # A checkpoint with NaN or infinite weights would overwrite the last good one with a run that cannot recover.
     check_finite(contents.get("model") or {}, contents.get("step", "?"))
@@ -90,22 +93,32 @@ def save_checkpoint(path, **contents):
                   "git_sha": git_sha(), **contents}
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     _remove_orphaned_temporaries(path)
+    # The bytes are made in memory first: torch's zip writer reports a full disk as "unexpected pos ...", a plain
+    # write as the OSError that names it.
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
     try:
         with open(temporary, "wb") as file:
-            torch.save(checkpoint, file)
+            file.write(buffer.getbuffer())
             file.flush()
             os.fsync(file.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
         os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:  # a full disk reaches torch.save's zip writer as a RuntimeError
+    except OSError as error:
         temporary.unlink(missing_ok=True)
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        reason = f"the disk is full: {error.strerror}" if disk_full(error) else error.strerror or str(error)
+        if not for_resume:
+            raise UserError(f"cannot write {path} ({reason}); nothing was written there. Free some disk space, or "
+                            f"pass another path") from None
         last_good = next((kept for kept in (path.with_name("checkpoint.pt"), path.with_name("best.pt"))
                           if kept.is_file()), None)
         if last_good is None:
             raise ResumableError(f"cannot write checkpoint {path} ({reason}); no checkpoint of this run was saved "
-                                 f"yet. Free some disk space, then start the run again", None) from None
-        raise ResumableError(f"cannot write checkpoint {path} ({reason}); the last good checkpoint, {last_good}, "
-                             f"is kept. Free some disk space, then resume it", last_good) from None
+                                 f"yet. Free some disk space, then run the same command with --resume auto (it "
+                                 f"starts the run again in its folder)", None) from None
+        kept = "its previous version is kept" if last_good == path else \
+            f"the last good checkpoint, {last_good}, is kept"
+        raise ResumableError(f"cannot write checkpoint {path} ({reason}); {kept}. Free some disk space, then resume "
+                             f"it", last_good) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -164,7 +177,8 @@ def check_weights(config, checkpoint, path, key="model"):
         raise UserError(f"{path} has no {key} weights; pass a checkpoint written by this project's training")
     with torch.device("meta"):
         expected = {name: tuple(tensor.shape) for name, tensor in build_model(config).state_dict().items()}
-    weights = checkpoint[key]
+    weights = dict(checkpoint[key])
+    rename_old_keys(weights, "")  # what loading does for checkpoints of older versions
     for name, shape in expected.items():
         tensor = weights.get(name)
         if not torch.is_tensor(tensor) or tuple(tensor.shape) != shape:
@@ -205,7 +219,11 @@ def checkpoint_to_resume(resume, config, explicit):
         if not config.run_name:
             raise UserError("--resume auto needs --run-name to find LOG_DIR/RUN_NAME/checkpoint.pt")
         path = Path(config.log_dir) / config.run_name / "checkpoint.pt"
-        if not path.exists():
+        if not path.exists() and path.with_name("best.pt").is_file():
+            # The run's first checkpoint.pt failed to save (a full disk) after best.pt had: go on from that.
+            path = path.with_name("best.pt")
+            print(f"no checkpoint.pt in {path.parent}: resuming from {path.name}, the run's last saved state")
+        elif not path.exists():
             print(f"no checkpoint at {path} yet: starting the run")
             return None, None, config
     else:
@@ -268,6 +286,6 @@ def export_for_inference(checkpoint, path):
             if key in checkpoint}
     if kept.get("samplers"):
         kept["samplers"] = {name: half_network(state) for name, state in kept["samplers"].items()}
-    save_checkpoint(path, model={name: tensor.clone() for name, tensor in weights.items()},
+    save_checkpoint(path, for_resume=False, model={name: tensor.clone() for name, tensor in weights.items()},
                     config={**checkpoint["config"], **{name: getattr(TrainConfig, name) for name in MACHINE_PATHS}},
                     **kept)

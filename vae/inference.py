@@ -16,7 +16,7 @@ from datasets.batches import to_float
 from datasets.decoding import load_image
 from vae.device import model_device
 from vae.errors import MissingSampler, UserError
-from vae.files import replace_atomically
+from vae.files import replace_atomically, write_failure
 from vae.samplers import SAMPLERS, ranked
 from vae.vae import posterior_mean_std
 
@@ -216,8 +216,11 @@ def save_grid(images, path, nrow, scale=1):
     try:
         replace_atomically(path, lambda temporary: save_image(images, temporary, nrow=nrow, padding=2, pad_value=1.0,
                                                               format="png"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot write {path} ({error}); write it to a writable .png path") from None
+    except OSError as error:
+        raise UserError(f"{write_failure(error, path)}; nothing was written there. Free some disk space, or pass "
+                        f"another .png path") from None
+    except ValueError as error:
+        raise UserError(f"cannot write {path} ({error}); write it to a .png path") from None
     return path
 
 

@@ -4,9 +4,11 @@ Per-epoch logs use the global step as their x-axis, like the per-step losses: on
 resumed run's purge (at the checkpoint's step) removes whatever a crashed session logged after it.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
+import threading
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -25,6 +27,19 @@ HPARAM_METRICS = ("neg_elbo_nats", "bits_per_dim", "psnr_db", "fid", "active_uni
 # epochs, latent, likelihood; lr is the sixth); every other setting is one tick away. "latent" is the latent's
 # shape, from --latent-shape or --latent-size.
 HPARAM_COLUMNS = ("arch", "beta", "epochs", "latent", "likelihood", "lr")
+
+
+@contextlib.contextmanager
+def writer_thread_errors():
+    """Yields a list that collects the exceptions of threads (TensorBoard writes its events from a thread of its
+    own) instead of letting Python print their tracebacks; a failed write (a full disk) then ends in the project's
+    own line, which the caller writes from the list."""
+    failures, previous = [], threading.excepthook
+    threading.excepthook = lambda hook: failures.append(hook.exc_value)
+    try:
+        yield failures
+    finally:
+        threading.excepthook = previous
 
 
 def open_writer(run_dir, resumed_step=None):

@@ -8,6 +8,7 @@ when the process ends, however it ends, so a crash never leaves a stale claim).
 import dataclasses
 import json
 import shlex
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -45,16 +46,19 @@ def _holds_a_run(run_dir):
     return any(path.name != LOCK_NAME for path in run_dir.iterdir())
 
 
-def release_if_empty(run_dir, lock):
-    """Unlock run_dir, and remove it when it holds nothing but its lock: a run refused before it wrote anything
-    (its data failed to load) leaves no folder behind."""
+def release_unsaved(run_dir, lock):
+    """Unlock run_dir, a folder this training created, and remove it when nothing of the run was saved in it (it
+    holds only what holds_unsaved_run allows: its lock, manifest and TensorBoard events): a run refused, or stopped
+    by a full disk, before its first checkpoint leaves no folder behind."""
     lock.close()
-    if run_dir.is_dir() and not _holds_a_run(run_dir):
-        (run_dir / LOCK_NAME).unlink(missing_ok=True)
-        try:
-            run_dir.rmdir()
-        except OSError:  # something appeared meanwhile: leave it
-            pass
+    if not run_dir.is_dir() or (_holds_a_run(run_dir) and not holds_unsaved_run(run_dir)):
+        return
+    try:
+        for path in run_dir.iterdir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        run_dir.rmdir()
+    except OSError:  # something appeared meanwhile: leave it
+        pass
 
 
 def holds_unsaved_run(run_dir):

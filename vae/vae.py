@@ -51,7 +51,7 @@ class VAE(nn.Module):
             **options)
         self.likelihood.initialize(self.decoder.output_layer)
         self.sample_latent = SampleLatent(self.latent_size)
-        self._register_load_state_dict_pre_hook(_rename_old_keys)
+        self._register_load_state_dict_pre_hook(rename_old_keys)
 
     def forward(self, x, return_parameters=False):
         """(reconstruction, mean, log_var) for one draw z ~ q(z|x); with return_parameters=True (parameters, mean,
@@ -78,7 +78,7 @@ class VAE(nn.Module):
         return self.likelihood(self.decoder(z))
 
 
-def _rename_old_keys(state_dict, prefix, *args):
+def rename_old_keys(state_dict, prefix, *args):
     """Checkpoints from before the likelihood was a module kept the learned log sigma as `raw_log_sigma`."""
     old = prefix + "raw_log_sigma"
     if old in state_dict:
