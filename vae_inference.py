@@ -32,7 +32,7 @@ from vae.files import write_failure, write_text_atomically
 from vae.logs import log_projector, writer_thread_errors
 from vae.metrics import psnr_db
 from vae.kind_prior import KindPrior
-from vae.samplers import SAMPLERS, fit_samplers, ranked
+from vae.samplers import SAMPLERS, check_enough_images, fit_samplers, ranked
 from vae.threads import choose_threads, describe
 from vae.trained import load_model
 
@@ -218,6 +218,9 @@ def build_parser():
     export.add_argument("--fit-samplers", nargs="*", default=None, choices=fitted_samplers(), metavar="KIND",
                         help=f"fit latent samplers to the posteriors of the images the run trained on (needs the "
                              f"data: --data-dir) and store them; with no KIND all of {', '.join(fitted_samplers())}")
+    export.add_argument("--drop-samplers", nargs="+", default=[], metavar="KIND",
+                        help="leave these stored samplers out of the export (e.g. gmm, whose full covariances "
+                             "outweigh the model at large latents)")
     export.add_argument("--diffusion-steps", type=int, default=DIFFUSION_STEPS,
                         help="training steps of the diffusion prior (docs/prior.md has its curve of sample FID "
                              "against fitting minutes)")
@@ -299,7 +302,12 @@ def walks_code(args, trained):
     return args.walk == "code" or (args.walk == "auto" and KindPrior.name in trained.samplers)
 
 
+def check_grid(args, trained, count):
+    inference.check_grid_size(count, trained.model.image_resolution, args.scale)
+
+
 def run_sample(args, trained):
+    check_grid(args, trained, args.num)
     if args.like or args.class_ is not None:
         kind = trained.sampler(KindPrior.name)
         if args.like:
@@ -324,6 +332,7 @@ def run_sample(args, trained):
 
 def run_reconstruct(args, trained):
     model = trained.model
+    check_grid(args, trained, 2 * (len(args.images) if args.images else args.num))
     if args.images:
         x = load_photos(args.images, trained)
         source = f"{len(args.images)} image file(s)"
@@ -347,6 +356,8 @@ def run_variations(args, trained):
         twice = next(stem for stem in stems if stems.count(stem) > 1)
         raise UserError(f"two of --images are named {twice}, so their variations would overwrite each other in "
                         f"{args.out_dir}; rename one, or pass --out for one grid")
+    if not args.out_dir:
+        check_grid(args, trained, len(args.images) * (args.num + 2))
     x = load_photos(args.images, trained)
     images, _, means = inference.variations(model, x, args.num, args.strength, generator_for(args), mode,
                                             trained.samplers)
@@ -384,6 +395,7 @@ def print_nearest_training_images(args, trained, x, reconstructions, variations)
 
 
 def run_interpolate(args, trained):
+    check_grid(args, trained, args.steps + 2)
     x = load_photos(args.images, trained)
     if walks_code(args, trained):
         path_images = inference.interpolate_codes(trained.model, trained.sampler(KindPrior.name), x[:1], x[1:],
@@ -412,6 +424,7 @@ def run_traverse(args, trained):
         center = torch.zeros(model.latent_shape, device=device)
         around = "z = 0"
     dims, which = inference.most_active_dims(trained.checkpoint, model.latent_size, args.dims)
+    check_grid(args, trained, len(dims) * args.steps)
     images = inference.traverse(model, center, args.range, args.steps, dims)
     path = inference.save_grid(images, args.out, args.steps, args.scale)
     report_grid(path, len(images), args.steps, f"a row per latent dimension, {which}: dimension "
@@ -424,6 +437,7 @@ def traverse_code(args, trained):
     value_range = 2.0 if args.range is None else args.range
     size = kind.state["code_size"]
     rows = min(8, size) if args.dims is None else size if args.dims == 0 else min(args.dims, size)
+    check_grid(args, trained, rows * args.steps)
     if args.image:
         code = inference.kind_codes(trained.model, kind, load_photos([args.image], trained))
         around = f"the code of {args.image}"
@@ -546,6 +560,7 @@ def run_export(args, trained):
     if args.fit_samplers is not None:
         kinds = args.fit_samplers or fitted_samplers()
         images, names, described = training_images(args, trained)
+        check_enough_images(kinds, len(images), "fit it on a --data-dir with more photos")
         print(f"fitting the {', '.join(kinds)} sampler(s) to the posteriors of the {described}")
         started = time.perf_counter()
         fitted = fit_samplers(trained.model, images, kinds, seed=args.seed, hflip=trained.config.hflip,
@@ -555,6 +570,14 @@ def run_export(args, trained):
         checkpoint = {**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), **fitted}}
         if "diffusion" in kinds:  # what the recipe's --diffusion-prior-steps does at the end of training
             checkpoint["config"] = {**checkpoint["config"], "diffusion_prior_steps": args.diffusion_steps}
+    stored = checkpoint.get("samplers") or {}
+    if args.drop_samplers:
+        missing = sorted(set(args.drop_samplers) - set(stored))
+        if missing:
+            raise UserError(f"--drop-samplers {' '.join(missing)}: {args.checkpoint} holds no such sampler; it holds "
+                            f"{', '.join(stored) or 'none'}")
+        checkpoint = {**checkpoint, "samplers": {name: state for name, state in stored.items()
+                                                 if name not in args.drop_samplers}}
     export_for_inference(checkpoint, args.out)
     size = Path(args.out).stat().st_size / 1e6
     print(f"wrote {args.out} ({size:.1f} MB): the weights inference uses, the config and the run's evaluation")

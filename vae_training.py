@@ -29,7 +29,7 @@ from vae.config import (TrainConfig, build_parser, check_fid_sizes, config_file_
 from vae.errors import EveryProcessError, ResumableError, Stopped, TrainingDiverged, UserError
 from vae.evaluation import evaluate, sample_quality
 from vae.files import write_failure
-from vae.samplers import fit_samplers, fitted_after_training, load_sampler
+from vae.samplers import check_enough_images, fit_samplers, fitted_after_training, load_sampler
 from vae.logs import fixed_grids, log_run_summary, log_scalars, log_settings, open_writer, writer_thread_errors
 from vae.likelihoods import LIKELIHOODS
 from vae.losses import ELBOLoss
@@ -93,6 +93,8 @@ def load_data(config):
     if config.batch_size > len(train_images):
         raise UserError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} training images; "
                         f"use --batch-size {len(train_images)} or less")
+    check_enough_images(fitted_after_training(config), len(train_images),  # they are fitted after the last epoch
+                        "add photos" + (", or lower --holdout" if config.holdout else ""))
     if eval_images is not None:
         subset = random_subset(len(eval_images), config.eval_size, config.seed)
         eval_images, eval_names = eval_images[subset], [eval_names[i] for i in subset.tolist()]

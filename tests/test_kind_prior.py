@@ -250,3 +250,14 @@ def test_the_default_strength_is_where_all_but_the_kind_is_drawn_anew():
     from vae.inference import DEFAULT_STRENGTH
 
     assert KIND_STRENGTH == DEFAULT_STRENGTH
+
+
+def test_many_draws_are_denoised_a_chunk_at_a_time_like_one_batch(with_kind, monkeypatch):
+    import vae.kind_prior
+
+    kind = load_model(with_kind, "cpu").sampler("kind")
+    codes = kind.state["code_mean"][None].repeat(5, 1) + torch.randn(5, kind.state["code_size"],
+                                                                    generator=torch.Generator().manual_seed(0))
+    whole = kind.draw(codes, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(vae.kind_prior, "DRAW_CHUNK", 2)  # 5 draws: chunks of 2, 2 and 1, from the same noise
+    assert torch.allclose(kind.draw(codes, torch.Generator().manual_seed(1)), whole, atol=1e-4)

@@ -98,3 +98,22 @@ def test_without_its_class_a_checkpoint_names_the_unknown_sampler(exported, tmp_
         assert "unknown sampler 'diagonal'" in capsys.readouterr().err
     finally:
         register(DiagonalGaussian)
+
+
+def test_export_drops_the_samplers_it_is_told_to(exported, tmp_path, capsys):
+    slim = tmp_path / "slim.pt"
+    assert set(torch.load(exported, weights_only=True)["samplers"]) == {"gmm", "diagonal"}
+    assert main(["export", "--checkpoint", str(exported), "--drop-samplers", "gmm", "--out", str(slim)]) == 0
+    assert set(torch.load(slim, weights_only=True)["samplers"]) == {"diagonal"}
+    assert main(["export", "--checkpoint", str(slim), "--drop-samplers", "gmm", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--drop-samplers gmm: " in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def test_a_training_run_fits_a_gmm_at_its_end_only_where_its_covariances_are_small():
+    from vae.config import TrainConfig
+
+    small = TrainConfig(arch="resnet", latent_shape=[8, 8, 8])  # 512 dims: 4 MB of covariances
+    large = TrainConfig(arch="resnet", latent_shape=[8, 16, 16])  # 2,048 dims: 67 MB, more than the model
+    assert "gmm" in samplers.fitted_after_training(small)
+    assert "gmm" not in samplers.fitted_after_training(large)
+    assert "gmm" in samplers.fitted_after_training(TrainConfig())  # the tutorial's 10 numbers

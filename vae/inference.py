@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
+from tqdm import tqdm
 
 from datasets.batches import to_float
 from datasets.decoding import load_image
@@ -32,12 +33,49 @@ def load_images(paths, model, device, resize="squash"):
     return to_float(torch.stack([load_image(path, model.image_resolution, resize=resize) for path in paths])).to(device)
 
 
+# Images made (drawn and decoded) at once: whatever a command's count, its memory is that of one chunk.
+CHUNK = 256
+# The most pixels a grid may have (a 6,300-pixel square; about 2 GB at its peak, as the float tensors torchvision
+# builds it from): larger ones are refused at the start of a command, with the flags that shrink them.
+MAX_GRID_PIXELS = 40_000_000
+
+
+def in_chunks(total, make, what="images"):
+    """make(start, count) over chunks of CHUNK items, concatenated (element-wise when make returns tuples), with a
+    progress bar when there is more than one chunk."""
+    starts = range(0, total, CHUNK)
+    parts = [make(start, min(CHUNK, total - start))
+             for start in tqdm(starts, desc=what, unit="chunk", disable=len(starts) < 2, leave=False)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(part) for part in zip(*parts))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def decode(model, z):
+    """model.decode of latents z (N, *latent_shape), CHUNK at a time."""
+    return in_chunks(len(z), lambda start, count: model.decode(z[start:start + count]), "decoding")
+
+
+def check_grid_size(count, image_resolution, scale):
+    """Refuse, before any work, a grid of `count` images of image_resolution (H, W) enlarged `scale` times that
+    would exceed MAX_GRID_PIXELS."""
+    height, width = image_resolution
+    pixels = count * height * width * scale ** 2
+    if pixels > MAX_GRID_PIXELS:
+        raise UserError(f"the grid would hold {count} images of {height * scale}x{width * scale} pixels "
+                        f"({pixels / 1e6:,.0f} megapixels, more than the {MAX_GRID_PIXELS / 1e6:.0f} a grid may have); "
+                        f"lower the count (--num, --steps, --dims) or --scale")
+
+
 @torch.no_grad()
 def sample_images(model, sampler, num_images, temperature, generator):
     """num_images decoded draws from a latent sampler (a vae.samplers.Sampler); returns (images, z)."""
-    z = sampler.sample(num_images, temperature, generator).view(num_images, *model.latent_shape)
-    z = z.to(model_device(model))
-    return model.decode(z), z
+    def draw(start, count):
+        z = sampler.sample(count, temperature, generator).view(count, *model.latent_shape).to(model_device(model))
+        return model.decode(z), z
+
+    return in_chunks(num_images, draw, "sampling")
 
 
 @torch.no_grad()
@@ -50,9 +88,12 @@ def kind_codes(model, kind, x):
 def samples_of_kind(model, kind, code, num_images, temperature, generator):
     """num_images decoded draws of the kind sampler given one code (1, code_size): new flowers of that kind
     (sample --like, --class). Returns (images, z)."""
-    z = kind.draw(code.expand(num_images, -1), generator, temperature).view(num_images, *model.latent_shape)
-    z = z.to(model_device(model))
-    return model.decode(z), z
+    def draw(start, count):
+        z = kind.draw(code.expand(count, -1), generator, temperature).view(count, *model.latent_shape)
+        z = z.to(model_device(model))
+        return model.decode(z), z
+
+    return in_chunks(num_images, draw, "sampling")
 
 
 @torch.no_grad()
@@ -109,16 +150,22 @@ def variations(model, x, num_variations, strength=DEFAULT_STRENGTH, generator=No
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
     mean, std = posterior_mean_std(model, x)
-    repeated = lambda tensor: tensor.repeat_interleave(num_variations, dim=0).flatten(1)  # noqa: E731
-    if mode == POSTERIOR_MODE:
-        temperature = MAX_POSTERIOR_TEMPERATURE if strength >= 1 else \
-            min(strength / (1 - strength), MAX_POSTERIOR_TEMPERATURE)
-        eps = torch.randn(repeated(mean).shape, generator=generator, device=generator.device).to(mean.device)
-        z = repeated(mean) + temperature * repeated(std) * eps
-    else:  # on the model's device, its noise drawn from the generator
-        z = samplers[mode].vary(repeated(mean), strength, generator).to(mean.device)
-    z = z.view(-1, *model.latent_shape)
-    return model.decode(z), z, mean
+    means, stds = (tensor.repeat_interleave(num_variations, dim=0).flatten(1) for tensor in (mean, std))
+
+    def vary(start, count):
+        centre, spread = means[start:start + count], stds[start:start + count]
+        if mode == POSTERIOR_MODE:
+            temperature = MAX_POSTERIOR_TEMPERATURE if strength >= 1 else \
+                min(strength / (1 - strength), MAX_POSTERIOR_TEMPERATURE)
+            eps = torch.randn(centre.shape, generator=generator, device=generator.device).to(centre.device)
+            z = centre + temperature * spread * eps
+        else:  # on the model's device, its noise drawn from the generator
+            z = samplers[mode].vary(centre, strength, generator).to(centre.device)
+        z = z.view(-1, *model.latent_shape)
+        return model.decode(z), z
+
+    images, z = in_chunks(len(means), vary, "variations")
+    return images, z, mean
 
 
 def lerp(a, b, t):
@@ -144,7 +191,7 @@ def interpolate(model, x_a, x_b, steps, spherical=False):
     mean_a, mean_b = posterior_mean_std(model, x_a)[0][0], posterior_mean_std(model, x_b)[0][0]
     path = slerp if spherical else lerp
     z = torch.stack([path(mean_a, mean_b, t) for t in torch.linspace(0, 1, steps).tolist()])
-    return model.decode(z)
+    return decode(model, z)
 
 
 @torch.no_grad()
@@ -160,7 +207,7 @@ def traverse(model, center, value_range, steps, dims=None):
     z = center.repeat(len(dims), steps, 1)  # (rows, steps, latent)
     for row, d in enumerate(dims):
         z[row, :, d] = center[d] + values
-    return model.decode(z.view(-1, *model.latent_shape))
+    return decode(model, z.view(-1, *model.latent_shape))
 
 
 @torch.no_grad()
@@ -169,7 +216,7 @@ def walk_code(model, kind, code, value_range, steps, rows, generator):
     training codes (rows of them), each from -value_range to +value_range of their spread along it, all drawn
     from the same noise. Returns images (rows * steps, 3, H, W)."""
     z = kind.walk(code, rows, value_range, steps, generator)
-    return model.decode(z.view(-1, *model.latent_shape).to(model_device(model)))
+    return decode(model, z.view(-1, *model.latent_shape).to(model_device(model)))
 
 
 @torch.no_grad()
@@ -178,7 +225,7 @@ def interpolate_codes(model, kind, x_a, x_b, steps):
     by DDIM inversion) walked together, endpoints included. Returns images (steps, 3, H, W)."""
     mean_a, mean_b = posterior_mean_std(model, x_a)[0], posterior_mean_std(model, x_b)[0]
     z = kind.interpolate(mean_a.flatten(1), mean_b.flatten(1), steps)
-    return model.decode(z.view(-1, *model.latent_shape))
+    return decode(model, z.view(-1, *model.latent_shape))
 
 
 def most_active_dims(checkpoint, latent_size, count):

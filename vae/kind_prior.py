@@ -253,6 +253,9 @@ def code_statistics(codes, classes, seed=0):
 
 # -------------------------------------------------------------------------------------------------- sampler
 
+DRAW_CHUNK = 256  # latents denoised at once by draw()
+
+
 @register
 class KindPrior(NetworkSampler):
     name = "kind"
@@ -260,6 +263,7 @@ class KindPrior(NetworkSampler):
                   f"conditioned on it: up to strength {KIND_STRENGTH:g} its details are redrawn, above it its kind " \
                   f"loosens"
     rank = 5
+    min_images = 2  # the code prior is a mixture fitted to the training codes
 
     @classmethod
     def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
@@ -332,8 +336,11 @@ class KindPrior(NetworkSampler):
         if noise is None:
             noise = temperature * diffusion.draw_noise((len(codes), *self.map_shape), generator, device)
         guidance = self.guidance if guidance is None else guidance
-        u = diffusion.denoise(guided(self.network(device), codes.to(device), guidance), noise.to(device),
-                              diffusion.MAX_T, method="ddim")
+        network, codes, noise = self.network(device), codes.to(device), noise.to(device)
+        # DDIM is deterministic given the noise: DRAW_CHUNK latents at a time bound the memory of a long walk.
+        u = torch.cat([diffusion.denoise(guided(network, codes[start:start + DRAW_CHUNK], guidance),
+                                         noise[start:start + DRAW_CHUNK], diffusion.MAX_T, method="ddim")
+                       for start in range(0, len(codes), DRAW_CHUNK)])
         return diffusion.unstandardise(u, self.state).flatten(1)
 
     def sample(self, num, temperature=1.0, generator=None):

@@ -23,6 +23,7 @@ kind, and a choice on the page (docs/inference.md#adding-a-sampler).
 """
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -85,6 +86,7 @@ class Sampler:
     description = ""
     rank = 50
     needs_fitting = True  # False for a sampler that needs no data (the prior)
+    min_images = 1  # the fewest training images it can be fitted to
 
     def __init__(self, state):
         self.state = state
@@ -209,6 +211,16 @@ def fit_samplers(model, images_uint8, names, seed=0, hflip=False, steps=None, pr
                                      progress=progress).state for name in names}
 
 
+def check_enough_images(names, count, fix):
+    """Refuse, before any work, to fit the samplers `names` to `count` training images when one needs more;
+    fix: what the user can change, for the message."""
+    for name in names:
+        needed = SAMPLERS[name].min_images
+        if count < needed:
+            raise UserError(f"the {name} sampler is fitted to the training images and needs at least {needed}, "
+                            f"but there would be {count}; {fix}")
+
+
 def fitted_after_training(config):
     """{name: fit options} of the samplers a training run with this config fits at its end, best first."""
     options = {name: SAMPLERS[name].after_training(config) for name in ranked(SAMPLERS)}
@@ -265,6 +277,7 @@ class Prior(Sampler):
 
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 GMM_COMPONENTS = 4
+GMM_MAX_DIMS_AFTER_TRAINING = 1024
 
 
 def fit_gmm(latents, num_components, seed=0, covariance="full", reg_covar=1e-4, max_iter=200):
@@ -316,6 +329,7 @@ class GaussianMixture(Sampler):
     description = "a Gaussian mixture fitted to the training images' posterior means; variations move the " \
                   "photo's code within its component"
     rank = 20
+    min_images = 2
 
     @classmethod
     def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
@@ -323,7 +337,10 @@ class GaussianMixture(Sampler):
 
     @classmethod
     def after_training(cls, config):
-        return {}
+        # Each full covariance is D^2 numbers: 4 MB in all at 512 dims, 67 MB at 2,048, more than the model and its
+        # diffusion priors together. Larger latents fit it only when asked (export --fit-samplers gmm).
+        latent_dim = math.prod(config.latent_shape) if config.latent_shape else config.latent_size
+        return {} if latent_dim <= GMM_MAX_DIMS_AFTER_TRAINING else None
 
     def _tensors(self, device):
         return (self.state["weights"].to(device), self.state["means"].to(device),
