@@ -69,6 +69,8 @@ def check_upload(path, name):
                            and image.convert("RGBA").getchannel("A").getextrema()[0] < 255)
     except ImageTooLarge as error:
         raise UserError(f"{name}: {error}, and upload that") from None
+    except FileNotFoundError:
+        raise gone(name) from None
     except (OSError, ValueError, SyntaxError):
         raise unreadable(name) from None
     return [f"{name} has transparent parts: the model sees them as white."] if transparent else []
@@ -89,6 +91,11 @@ def unreadable(name):
     return UserError(f"{name} is not an image this page can read; upload a JPEG, PNG or WebP photo")
 
 
+def gone(name):
+    return UserError(f"{name} is no longer on this server (the page keeps uploads for {CACHE_MINUTES} minutes); "
+                     f"upload it again")
+
+
 def check_served(path, name, folders):
     """Refuses a path outside `folders` (resolved, links followed) or that is not a regular file, with the message of
     any unreadable upload: the page's API takes a path in its payload, and must read only files Gradio wrote for
@@ -99,6 +106,13 @@ def check_served(path, name, folders):
         inside = any(resolved.is_relative_to(folder) for folder in folders)
         if not inside or not stat.S_ISREG(resolved.stat().st_mode):
             raise unreadable(name)
+    except FileNotFoundError:
+        # Said only of a path inside the served folders (as written, ".." removed), so it tells nothing about the
+        # rest of the server: an upload that the page's cache has since deleted.
+        written = Path(os.path.normpath(os.path.abspath(path)))
+        if any(written.is_relative_to(folder) for folder in folders):
+            raise gone(name) from None
+        raise unreadable(name) from None
     except (OSError, RuntimeError, ValueError):
         raise unreadable(name) from None
 
@@ -173,7 +187,7 @@ class Demo:
                 seen, reconstruction = self.pictures(torch.cat([x, self.model.decode(mean)]))
             return seen, reconstruction, self.pictures(images), message(notes), seed
         except UserError as error:
-            return None, None, [], message(error=error), seed
+            return None, None, [], message(error=error), shown_seed(seed)
 
     def interpolation(self, upload_a, upload_b, steps, spherical):
         """(the decoded path from photo A to photo B, message)."""
@@ -208,7 +222,7 @@ class Demo:
                                                temperature, torch.Generator().manual_seed(seed))[0]
             return self.pictures(images), message(notes), seed
         except UserError as error:
-            return [], message(error=error), seed
+            return [], message(error=error), shown_seed(seed)
 
     def walk(self, upload, rows, seed, fixed_seed=False):
         """(a traversal of the code: a row per principal direction, around the uploaded photo's code or the
@@ -227,7 +241,7 @@ class Demo:
                                          torch.Generator().manual_seed(seed))
             return self.pictures(images), message(notes), seed
         except UserError as error:
-            return [], message(error=error), seed
+            return [], message(error=error), shown_seed(seed)
 
     def samples(self, sampler, count, temperature, seed, fixed_seed=False):
         """(new images from a sampler the checkpoint has, message, the seed used: new unless fixed_seed)."""
@@ -241,7 +255,7 @@ class Demo:
                                              torch.Generator().manual_seed(seed))[0]
             return self.pictures(images), message(), seed
         except UserError as error:
-            return [], message(error=error), seed
+            return [], message(error=error), shown_seed(seed)
 
 
 def seed_for(seed, fixed):
@@ -249,6 +263,13 @@ def seed_for(seed, fixed):
     if not fixed:
         return secrets.randbelow(SEED[1] + 1)
     return int(check_range("the seed", seed, SEED))
+
+
+def shown_seed(seed):
+    """The seed to show back after an error: the one given when the seed box can hold it, else an empty box (a
+    request may send any value)."""
+    valid = isinstance(seed, int) and not isinstance(seed, bool) and SEED[0] <= seed <= SEED[1]
+    return seed if valid else None
 
 
 def message(notes=(), error=None):

@@ -21,7 +21,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from datasets.batches import ImageBatches, random_subset, to_float
-from datasets.folders import flower_classes, folder_files, images_folder, inside_images_folder
+from datasets.folders import class_labels, flower_classes, folder_files, images_folder, inside_images_folder
 from vae import evaluation, inference
 from vae.checkpoint import export_for_inference
 from vae.config import check_fid_sizes, check_ranges
@@ -538,12 +538,12 @@ def format_table(results):
 def run_projector(args, trained):
     model, checkpoint = trained.model, trained.checkpoint
     images, names, described = split_images(args, trained)
-    classes = flower_classes(data_dir_of(args, trained), names)
+    labels = class_labels(data_dir_of(args, trained), names)
     created = not Path(args.log_dir).exists()
     with writer_thread_errors() as failures:
         try:
             with SummaryWriter(args.log_dir) as writer:
-                log_projector(writer, model, images, classes, checkpoint.get("step") or 0)
+                log_projector(writer, model, images, labels, checkpoint.get("step") or 0)
         except OSError as error:
             failures.insert(0, error)
     if failures:

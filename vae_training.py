@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from datasets.batches import ImageBatches, fingerprint, random_subset, to_float
-from datasets.folders import flower_classes, inside_images_folder, is_image_folder
+from datasets.folders import class_labels, flower_classes, inside_images_folder, is_image_folder
 from datasets.preprocessing import dataset_images
 from vae import distributed
 from vae.checkpoint import check_finite, checkpoint_to_resume, finished, restore_model, save_checkpoint, unwrap
@@ -28,7 +28,7 @@ from vae.config import (TrainConfig, build_parser, check_fid_sizes, config_file_
                         validate_config)
 from vae.errors import EveryProcessError, ResumableError, Stopped, TrainingDiverged, UserError
 from vae.evaluation import evaluate, sample_quality
-from vae.files import write_failure
+from vae.files import disk_full, write_failure
 from vae.samplers import check_enough_images, fit_samplers, fitted_after_training, load_sampler
 from vae.logs import fixed_grids, log_run_summary, log_scalars, log_settings, open_writer, writer_thread_errors
 from vae.likelihoods import LIKELIHOODS
@@ -79,9 +79,10 @@ def load_split(config, split, subset="all"):
 
 
 def load_data(config):
-    """(train images, eval images, eval classes): uint8 tensors, eval None with --eval-split none. The per-epoch
-    evaluation set is a seeded random draw of --eval-size images: Flowers102's split lists are sorted by class.
-    The classes (for the projector at the end) are read now, so that damaged labels stop the run before it trains."""
+    """(train images, their classes, eval images, their class labels): uint8 tensors, eval None with --eval-split
+    none. The per-epoch evaluation set is a seeded random draw of --eval-size images: Flowers102's split lists are
+    sorted by class. The labels (for the projector at the end) are read now, so that damaged labels stop the run
+    before it trains."""
     if is_image_folder(config.data_dir) and not config.holdout and config.eval_split != "none":
         raise UserError(f"{config.data_dir} is a folder of images, which has no {config.eval_split} split to "
                         f"evaluate on: pass --holdout 0.1 to hold a tenth of it out, or --eval-split none")
@@ -100,7 +101,7 @@ def load_data(config):
         eval_images, eval_names = eval_images[subset], [eval_names[i] for i in subset.tolist()]
         check_fid_sizes(config.fid_samples, len(eval_images))  # now, not after the whole run
     return (train_images, flower_classes(config.data_dir, train_names), eval_images,
-            flower_classes(config.data_dir, eval_names) if eval_names else [])
+            class_labels(config.data_dir, eval_names) if eval_names else [])
 
 
 def check_log_dir_outside_the_images(config):
@@ -155,7 +156,7 @@ class Run:
     train_images: torch.Tensor
     train_classes: list  # each training image's class, 0 where unknown (the kind sampler learns from them)
     eval_images: torch.Tensor | None
-    eval_classes: list
+    eval_labels: list  # each held-out image's class label, for the projector (datasets.folders.class_labels)
     batches: ImageBatches
     eval_batches: ImageBatches | None
     fixed_images: torch.Tensor  # the grids' test batch and prior noise: the same every epoch, so frames compare
@@ -231,11 +232,12 @@ def write_failed(error, saved):
     """The one-line error of a write that failed (a full disk, a folder gone read-only): the file, the reason, and
     the command that goes on from `saved`, the last checkpoint kept (None: nothing was saved, and the run's
     command starts it again: setup_run left no folder behind)."""
+    fix = "Free some disk space" if disk_full(error) else "Make that path a writable folder or file"
     if saved is None:
-        return UserError(f"{write_failure(error)}; nothing of the run was saved. Free some disk space, then run "
-                         f"the same command again (with --resume auto if the run folder is still there)")
-    return ResumableError(f"{write_failure(error)}; the last checkpoint, {saved}, is kept. Free some disk space, "
-                          f"then resume it", saved)
+        return UserError(f"{write_failure(error)}; nothing of the run was saved. {fix}, then run the same command "
+                         f"again (with --resume auto if the run folder is still there)")
+    return ResumableError(f"{write_failure(error)}; the last checkpoint, {saved}, is kept. {fix}, then resume it",
+                          saved)
 
 
 def setup_run(config, checkpoint, checkpoint_path, restart_unsaved):
@@ -262,7 +264,7 @@ def prepare_run(config, checkpoint, checkpoint_path, process, say, run_dir, lock
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     with distributed.main_process_first(process):  # the main process builds the image cache; the others load it
-        train_images, train_classes, eval_images, eval_classes = load_data(config)
+        train_images, train_classes, eval_images, eval_labels = load_data(config)
     data = {"train": fingerprint(train_images), "eval": fingerprint(eval_images)}
     if checkpoint is not None:
         check_same_data(checkpoint, data, config, checkpoint_path)
@@ -295,10 +297,10 @@ def prepare_run(config, checkpoint, checkpoint_path, process, say, run_dir, lock
         # A resumed run drops what a killed session logged after its checkpoint; a restarted one all of it.
         writer = open_run_writer(config, run_dir, checkpoint_path, state.step if checkpoint is not None else restarted)
     return Run(config=config, process=process, say=say, run_dir=run_dir, lock=lock, writer=writer, started=started,
-               train_images=train_images, train_classes=train_classes, eval_images=eval_images, eval_classes=eval_classes, batches=batches,
-               eval_batches=eval_batches, fixed_images=fixed_images, fixed_noise=fixed_noise, model=model,
-               eval_model=eval_model, optimization=optimization, loss_fn=loss_fn, state=state,
-               checkpoints=checkpoints)
+               train_images=train_images, train_classes=train_classes, eval_images=eval_images,
+               eval_labels=eval_labels, batches=batches, eval_batches=eval_batches, fixed_images=fixed_images,
+               fixed_noise=fixed_noise, model=model, eval_model=eval_model, optimization=optimization,
+               loss_fn=loss_fn, state=state, checkpoints=checkpoints)
 
 
 def claim_run_folder(config, process, checkpoint, checkpoint_path, restart_unsaved):
@@ -436,8 +438,16 @@ def end_of_run(run, stop):
                 f"epochs are saved. Finish it with: {resume_command(run.run_dir / 'checkpoint.pt')}", file=sys.stderr)
         return stop.exit_code
     run.checkpoints.save(samplers=samplers)
-    log_run_summary(run.writer, run.config, run.state.eval, run.eval_model, run.eval_images, run.eval_classes,
-                    run.state.step)
+    try:
+        log_run_summary(run.writer, run.config, run.state.eval, run.eval_model, run.eval_images, run.eval_labels,
+                        run.state.step)
+    except OSError as error:  # the run is saved and finished: its projector can be written again on its own
+        checkpoint = run.run_dir / "checkpoint.pt"
+        held_out = " --holdout-from-checkpoint" if run.config.holdout else ""
+        print(f"warning: the projector of the held-out images was not written ({write_failure(error)}); the run "
+              f"is saved and finished. Write it with: python vae_inference.py projector --checkpoint "
+              f"{shlex.quote(str(checkpoint))}{held_out} --log-dir {shlex.quote(str(run.run_dir / 'projector'))}",
+              file=sys.stderr)
     run.say(run_summary(run.run_dir, run.state, time.perf_counter() - run.started, run.config))
     return None
 

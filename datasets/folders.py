@@ -71,3 +71,11 @@ def flower_classes(data_dir, names):
         return [folders.index(name.split("/")[0]) + 1 if name.split("/")[0] in folders and "/" in name else 0
                 for name in names]
     return flowers102_classes(data_dir, names)
+
+
+def class_labels(data_dir, names):
+    """What the projector shows for each image's class: the name of its top-level sub-folder in a folder of
+    images ("." for one at the top level), its class number (1-102) in Flowers102."""
+    if is_image_folder(data_dir):
+        return [name.split("/")[0] if "/" in name else "." for name in names]
+    return [str(label) for label in flower_classes(data_dir, names)]

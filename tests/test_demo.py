@@ -195,10 +195,36 @@ def test_samples_from_each_sampler_the_checkpoint_has(demo):
     (lambda d, p: d.interpolation(p, p, 1, False)[1], "number of steps must be between 2 and 16"),
     (lambda d, p: d.samples("prior", 0, 1.0, 0, True)[1], "number of samples must be between 1 and 32"),
     (lambda d, p: d.samples("prior", 4, 1.0, 2 ** 70, True)[1], "seed must be between 0 and"),
-    (lambda d, p: vary(d, p, None, seed=0)[3], "number of variations must be between"),  # an emptied box
+    (lambda d, p: vary(d, p, None, seed=0)[3], "number of variations is empty: give a number between 1 and 32"),
+    # What an API request may send: a number as text, a seed that is not one.
+    (lambda d, p: vary(d, p, "4", seed=0)[3],
+     "number of variations must be a number between 1 and 32, not the str '4'"),
+    (lambda d, p: d.samples("prior", 4, 1.0, "abc", True)[1], "the seed must be a number between 0 and"),
 ])
 def test_controls_are_checked_on_the_server(demo, photo, call, expected):
     assert expected in call(demo, photo)
+
+
+def test_a_seed_that_is_not_one_is_not_shown_back(demo, photo):
+    for answer in (demo.samples("prior", 4, 1.0, "abc", True), vary(demo, photo, 2, seed="abc"),
+                   demo.samples("prior", 4, 1.0, 2 ** 70, True)):
+        assert answer[-1] is None and "seed" in answer[-2]
+    assert vary(demo, photo, 0, seed=7)[-1] == 7  # a valid seed stays in its box after another control's error
+
+
+def test_an_upload_the_page_has_since_deleted_is_named_as_gone(tmp_path, photo):
+    uploads = tmp_path / "uploads"
+    (uploads / "abc").mkdir(parents=True)
+    page = vae_demo.Demo(vae_demo.PRETRAINED, torch.device("cpu"), scale=1, folders=(uploads.resolve(),))
+    kept = uploads / "abc" / "mine.jpg"
+    shutil.copy(photo, kept)
+    assert page.variations(str(kept), page.modes[0], 2, 0.35, 0, True)[3] == ""
+    kept.unlink()  # the page's cache deletes uploads after CACHE_MINUTES
+    assert "mine.jpg is no longer on this server" in page.variations(str(kept), page.modes[0], 2, 0.35, 0, True)[3]
+    # Outside the upload folder (or through ".." out of it), a missing file reads like any other unreadable one.
+    for elsewhere in (tmp_path / "mine.jpg", uploads / ".." / "mine.jpg"):
+        answer = page.variations(str(elsewhere), page.modes[0], 2, 0.35, 0, True)[3]
+        assert "mine.jpg is not an image this page can read" in answer
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -465,3 +491,15 @@ def test_the_api_reads_only_uploads_and_never_waits_on_a_pipe(served_page, tmp_p
     client = Client(served_page, verbose=False)
     result = client.predict(handle_file(str(private)), "posterior", 2, 0.35, 0, True, api_name="/variations")
     assert len(result[2]) == 2
+    # Through the API: an upload since deleted, a count sent as text and a seed that is not one each get their
+    # own message (Gradio answers {"error": null} to a value its output cannot show).
+    from gradio.utils import get_upload_folder
+
+    deleted = Path(get_upload_folder()) / "0123abcd" / "deleted.jpg"
+    answer = raw_call(served_page, "variations", [{"path": str(deleted)}, "posterior", 2, 0.35, 0, True])
+    assert "deleted.jpg is no longer on this server" in answer, answer[-500:]
+    example = {"path": str(vae_demo.EXAMPLES[0])}
+    answer = raw_call(served_page, "variations", [example, "posterior", "4", 0.35, 0, True])
+    assert "must be a number between 1 and 32, not the str '4'" in answer, answer[-500:]
+    answer = raw_call(served_page, "variations", [example, "posterior", 2, 0.35, "abc", True])
+    assert "the seed must be a number between 0 and" in answer and '"error": null' not in answer, answer[-500:]

@@ -92,7 +92,11 @@ def test_train_evaluate_and_make_variations_on_a_folder_of_photos(garden, tmp_pa
     assert inference_main(["projector", "--checkpoint", str(checkpoint), "--holdout-from-checkpoint",
                            "--log-dir", str(tmp_path / "projector")]) == 0
     metadata = next((tmp_path / "projector").rglob("metadata.tsv")).read_text().split()
-    assert len(metadata) == 9 and set(metadata) <= {"1", "2", "3"}  # the held-out photos' sub-folders
+    assert len(metadata) == 9 and set(metadata) <= {"daisy", "rose", "tulip"}  # the held-out photos' sub-folders
+    assert len(set(metadata)) > 1
+    # The run's own projector, written at its end, names them the same way.
+    in_run = next((tmp_path / "crop").rglob("metadata.tsv")).read_text().split()
+    assert sorted(in_run) == sorted(metadata)
 
 
 def test_a_flowers102_root_given_one_level_too_deep_is_still_flowers102(flowers_root):

@@ -455,3 +455,25 @@ def test_a_failed_image_or_json_write_leaves_the_old_file_whole(checkpoint, flow
     assert "No space left on device" in one_error_line(capsys.readouterr().err)
     assert grid.read_bytes() == old_grid and report.read_text() == '{"kept": true}\n'
     assert sorted(path.name for path in tmp_path.iterdir()) == ["keep.json", "keep.png"]
+
+
+def test_a_file_where_the_projector_goes_leaves_the_run_finished_with_the_command_that_writes_it(
+        flowers_root, tmp_path, capsys):
+    import shlex
+
+    from conftest import train
+    from vae_inference import main as inference_main
+
+    common = ["--data-dir", flowers_root, "--log-dir", tmp_path, "--run-name", "r", *TINY]
+    train(*common, "--epochs", 1)
+    (tmp_path / "r" / "00008").write_text("a file named like the folder of step 8's projector")
+    capsys.readouterr()
+    train(*common, "--epochs", 2, "--resume", "auto")  # exits 0: the run is saved and finished
+    err = capsys.readouterr().err
+    warning = next(line for line in err.splitlines() if line.startswith("warning: the projector"))
+    assert "00008" in warning and "Not a directory" in warning and "Traceback" not in err
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    command = shlex.split(warning.split("Write it with: ")[1])
+    assert command[:3] == ["python", "vae_inference.py", "projector"]
+    assert inference_main(command[2:]) == 0
+    assert next((tmp_path / "r" / "projector").rglob("metadata.tsv")).read_text().split()

@@ -194,7 +194,12 @@ def flag_name(name):
 def check_range(label, value, bounds):
     """value, if it is a number within bounds (inclusive); otherwise a one-line UserError naming label."""
     low, high = bounds
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    if value is None:
+        raise UserError(f"{label} is empty: give a number between {low} and {high}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):  # a value from a file or an API request
+        raise UserError(f"{label} must be a number between {low} and {high}, not the {type(value).__name__} "
+                        f"{value!r}")
+    if not low <= value <= high:
         raise UserError(f"{label} must be between {low} and {high}, not {value}")
     return value
 

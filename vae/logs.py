@@ -123,16 +123,16 @@ def log_hparams(writer, config, metrics):
 
 
 @torch.no_grad()
-def log_projector(writer, model, images_uint8, classes, step, tag="posterior_means"):
-    """TensorBoard's PROJECTOR: each image's posterior mean (flattened), its thumbnail (a sprite) and its flower
-    class, to see how the latent space arranges the flowers."""
+def log_projector(writer, model, images_uint8, labels, step, tag="posterior_means"):
+    """TensorBoard's PROJECTOR: each image's posterior mean (flattened), its thumbnail (a sprite) and the label of
+    its flower class (datasets.folders.class_labels), to see how the latent space arranges the flowers."""
     model = unwrap(model)
-    writer.add_embedding(posterior_means(model, images_uint8), metadata=[str(c) for c in classes],
+    writer.add_embedding(posterior_means(model, images_uint8), metadata=[str(label) for label in labels],
                          label_img=to_float(images_uint8), global_step=step, tag=tag)
 
 
-def log_run_summary(writer, config, metrics, model, eval_images, classes, step):
+def log_run_summary(writer, config, metrics, model, eval_images, labels, step):
     """At the end of a run: HPARAMS with the last held-out metrics, and the PROJECTOR of the held-out images."""
     log_hparams(writer, config, metrics or {})
     if eval_images is not None:
-        log_projector(writer, model, eval_images, classes, step)
+        log_projector(writer, model, eval_images, labels, step)
