@@ -10,6 +10,8 @@ address only: the page is for the machine it runs on. An upload is checked befor
 is wrong with it (not an image, too many pixels) or worth knowing (greyscale, transparent) is shown on the page.
 """
 
+import vae.quiet_start  # first: Ctrl-C while the libraries below load exits at once (see its docstring)
+
 import argparse
 import ctypes
 import os
@@ -415,5 +417,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    vae.quiet_start.loaded()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     sys.exit(main())

@@ -9,6 +9,8 @@ traversals, and honest evaluation. The checkpoint's config rebuilds the model; n
     python vae_inference.py evaluate --checkpoint C --data-dir DIR --split train --holdout-from-checkpoint
 """
 
+import vae.quiet_start  # first: Ctrl-C while the libraries below load exits at once (see its docstring)
+
 import argparse
 import math
 import json
@@ -709,4 +711,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    vae.quiet_start.loaded()
     sys.exit(main())

@@ -9,9 +9,12 @@ The pieces live in the package: the model in vae/vae.py, the loss in vae/losses.
 the evaluation in vae/training.py. This script wires them together for one run, from top to bottom.
 """
 
+import vae.quiet_start  # first: Ctrl-C while the libraries below load exits at once (see its docstring)
+
 import dataclasses
 import math
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -197,6 +200,17 @@ def train(config, resume="", explicit=()):
                                     f"data") from None
         except OSError as error:  # a write during the run: a grid, an event, the projector, the end-of-run files
             raise write_failed(error, saved=last_checkpoint(run.run_dir)) from None
+        except RuntimeError as error:
+            if not distributed.peer_lost(error):
+                raise
+            # torchrun sends this process SIGTERM as it notices the other one gone: let this line be said first.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            saved = last_checkpoint(run.run_dir)
+            reason = str(error).split("] ", 1)[-1].split(". ", 1)[0]  # gloo's words, without its source location
+            raise ResumableError(f"another process of this run stopped ({reason}), so this one stops too; "
+                                 + (f"the last checkpoint, {saved}, is kept. Resume it with torchrun as before plus "
+                                    f"--resume, or on one process" if saved else "nothing was saved yet"),
+                                 saved) from None
         finally:
             close_run(run, lost_events)
     if lost_events:
@@ -565,4 +579,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    vae.quiet_start.loaded()
     sys.exit(main())

@@ -1,7 +1,11 @@
 """torchrun data parallel on CPU (gloo): the same script, two processes, one run."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +109,39 @@ def test_an_error_on_process_0_is_said_by_every_process_and_ends_the_launchers_r
     assert "Connection closed" not in result.stderr and "[rank1]" not in result.stderr, result.stderr[-3000:]
     report = result.stderr[result.stderr.rindex("Root Cause"):]  # process 0's failure, the report's last entry
     assert "rank      : 0" in report and f"traceback : {said[0]}" in report, report
+
+
+def worker_of_rank(launcher, rank):
+    """The pid of torchrun's worker process of `rank` (a child of the launcher), or None while it has none."""
+    for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        environment = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environment:
+            return int(child)
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_worker_leaves_the_other_one_line_with_the_resume_that_works(flowers_root, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "vae_training.py", "--data-dir", str(flowers_root), "--batch-size", "16", "--log-dir", str(tmp_path),
+               "--run-name", "killed", "--grid-size", "4", "--eval-size", "0", "--device", "cpu", "--num-workers",
+               "1", "--epochs", "1000", "--checkpoint-every", "0"]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists():  # the first epoch is saved
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.2)
+    time.sleep(1)
+    os.kill(worker_of_rank(launcher, 1), signal.SIGKILL)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    lines = [line[line.index("error: "):] for line in err.replace("\r", "\n").splitlines()
+             if line.startswith("error: another process")]
+    assert len(lines) == 1, err[-3000:]
+    assert "so this one stops too; the last checkpoint" in lines[0] and lines[0].endswith(
+        f"python vae_training.py --resume {checkpoint}")
+    assert "vae_training.py\", line" not in err and "/vae/" not in err, err[-3000:]  # no traceback of the project
+    done = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert main(["--resume", str(checkpoint), "--epochs", str(done + 1)]) == 0  # on one process, as printed
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == done + 1

@@ -477,3 +477,23 @@ def test_a_file_where_the_projector_goes_leaves_the_run_finished_with_the_comman
     assert command[:3] == ["python", "vae_inference.py", "projector"]
     assert inference_main(command[2:]) == 0
     assert next((tmp_path / "r" / "projector").rglob("metadata.tsv")).read_text().split()
+
+
+@pytest.mark.parametrize("script", ["vae_training.py", "vae_inference.py", "vae_demo.py"])
+def test_ctrl_c_while_the_libraries_load_exits_at_once_with_one_line(script, flowers_root, tmp_path):
+    """The interrupt is sent once PyTorch's library is mapped into the process: the middle of the imports, where
+    it used to print a traceback from inside them, or be swallowed by one and let the run train on."""
+    arguments = {"vae_training.py": ["--data-dir", flowers_root, "--log-dir", tmp_path / "runs", *TINY],
+                 "vae_inference.py": ["sample", "--out", tmp_path / "s.png"],
+                 "vae_demo.py": ["--port", closed_port()]}[script]
+    process = subprocess.Popen([sys.executable, script, *map(str, arguments)], cwd=REPO, env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, "the script ended before it loaded PyTorch"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, (out, err)
+    assert err.strip() == "interrupted while loading: nothing was started or written", err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "s.png").exists()

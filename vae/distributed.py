@@ -62,6 +62,14 @@ def teardown():
         dist.destroy_process_group()
 
 
+def peer_lost(error):
+    """Whether `error` is a collective operation that failed because another process of the run is gone (killed,
+    or ended by an error of its own): gloo raises a RuntimeError from its transport, NCCL a DistBackendError."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(error, getattr(dist, "DistError", ())) or "gloo" in str(error) or "NCCL" in str(error)
+
+
 def all_reduce_sum(tensor):
     """Sum a tensor over all processes in place (unchanged for a single process)."""
     if dist.is_available() and dist.is_initialized():
