@@ -338,8 +338,8 @@ def test_default_stages_keep_the_residual_models_parameter_names():
     assert [v.shape for v in plain.state_dict().values()] == [v.shape for v in explicit.state_dict().values()]
 
 
-# flowers32's value is the retrained model's (train+val+test, 350 epochs), flowers64's the one it always had.
-@pytest.mark.parametrize("name, mean_pixel", [("flowers32", 0.49792679321641725), ("flowers64", 0.4998464357078471)])
+# The retrained models' values (train+val+test: flowers32 350 epochs, flowers64 80).
+@pytest.mark.parametrize("name, mean_pixel", [("flowers32", 0.49792679321641725), ("flowers64", 0.501399776989274)])
 def test_the_shipped_models_load_and_reconstruct_as_they_always_did(name, mean_pixel):
     """The shipped checkpoints name their likelihood ("logistic") in their config; their reconstructions are the
     logistic's means exactly as before its parameters became opaque: the sigmoid of the decoder's first half of
