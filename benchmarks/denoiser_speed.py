@@ -4,6 +4,7 @@ that each denoiser's step and the VAE recipe's step reach.
 
     python benchmarks/denoiser_speed.py
     python benchmarks/denoiser_speed.py --seconds 3 --rounds 5 --threads 1 2
+    python benchmarks/denoiser_speed.py --threads 1 --compile   # also under torch.compile
 
 For each latent shape and design: parameters, FLOPs of one training step (forward and backward at batch 128,
 counted by torch.utils.flop_counter) and fitting steps per second (the fit's own loss, Adam step and moving
@@ -37,8 +38,9 @@ DESIGNS = {"flat": {"amp": False, "min_snr": False}, "unet": {"amp": True, "min_
 BATCH = 128
 
 
-def make_fit_step(architecture, shape, amp, min_snr, channels_last=False):
-    """One step of the prior's fit on random standardised latents: v loss, Adam, moving average."""
+def make_fit_step(architecture, shape, amp, min_snr, channels_last=False, compiled=False):
+    """One step of the prior's fit on random standardised latents: v loss, Adam, moving average; with compiled,
+    the network's forward and backward through torch.compile (compiled at once, by three warm-up steps)."""
     torch.manual_seed(0)
     options = {key: value for key, value in ARCHITECTURE_DEFAULTS[architecture].items() if key != "lr"}
     network = build_denoiser(architecture, shape[0], shape[1:], **options)
@@ -48,12 +50,17 @@ def make_fit_step(architecture, shape, amp, min_snr, channels_last=False):
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
     u0, eps = (torch.randn(BATCH, *shape).contiguous(memory_format=memory_format) for _ in range(2))
 
+    forward = torch.compile(network, dynamic=False) if compiled else network
+
     def step():
-        loss = denoising_loss(network, u0, torch.rand(BATCH), eps, amp, min_snr)
+        loss = denoising_loss(forward, u0, torch.rand(BATCH), eps, amp, min_snr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         average.update_parameters(network)
+    if compiled:
+        for _ in range(3):
+            step()
     return network, step
 
 
@@ -74,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the U-Net as fitted under torch.compile (a minute or two of compilation)")
     args = parser.parse_args(argv)
     bf16 = native_bf16()
     median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
@@ -95,6 +104,9 @@ def main(argv=None):
                 params[(shape_name, design)] = sum(p.numel() for p in network.parameters())
             # NHWC layout, a common lever for convolutions on CPUs, here for the U-Net as fitted.
             steps[(shape_name, "unet_channels_last", bf16)] = make_fit_step("unet", shape, bf16, True, True)[1]
+            if args.compile:
+                steps[(shape_name, "unet_compiled", bf16)] = make_fit_step("unet", shape, bf16, True,
+                                                                           compiled=True)[1]
         steps[("vae", "recipe", vae_amp)] = make_step(vae_config, vae_x, vae_amp)
         measured = {key: [] for key in steps}
         matmul = {"float32": [], "bf16": []}
@@ -118,6 +130,9 @@ def main(argv=None):
                                "as_fitted_share_of_bf16_matmul": achieved / peak["bf16"]}
             row["unet_over_flat"] = row["unet"]["as_fitted_steps_s"] / row["flat"]["as_fitted_steps_s"]
             row["unet_channels_last_steps_s"] = median(measured[(shape_name, "unet_channels_last", bf16)])
+            if args.compile:
+                row["unet_compiled_steps_s"] = median(measured[(shape_name, "unet_compiled", bf16)])
+                row["compiled_over_eager"] = row["unet_compiled_steps_s"] / row["unet"]["as_fitted_steps_s"]
             entry[shape_name] = row
         vae_rate = median(measured[("vae", "recipe", vae_amp)])
         entry["vae_recipe"] = {"amp": vae_amp, "img_s": vae_rate * len(vae_x),
@@ -133,6 +148,9 @@ def main(argv=None):
                       f" as fitted {100 * cell['as_fitted_share_of_bf16_matmul']:.0f}% of the bf16 matmul rate")
             print(f"  {shape_name}: the U-Net fits {row['unet_over_flat']:.2f}x the flat network's steps per second; "
                   f"in channels_last {row['unet_channels_last_steps_s']:.2f} steps/s")
+            if args.compile:
+                print(f"  {shape_name}: under torch.compile the U-Net fits {row['unet_compiled_steps_s']:.2f} steps/s, "
+                      f"{row['compiled_over_eager']:.2f}x its eager rate")
         print(f"  VAE recipe step ({'bf16' if vae_amp else 'float32'}): {entry['vae_recipe']['img_s']:.0f} img/s, "
               f"{100 * entry['vae_recipe']['share_of_bf16_matmul']:.0f}% of the bf16 matmul rate")
     print(json.dumps(results))
