@@ -503,3 +503,23 @@ def test_the_api_reads_only_uploads_and_never_waits_on_a_pipe(served_page, tmp_p
     assert "must be a number between 1 and 32, not the str '4'" in answer, answer[-500:]
     answer = raw_call(served_page, "variations", [example, "posterior", 2, 0.35, "abc", True])
     assert "the seed must be a number between 0 and" in answer and '"error": null' not in answer, answer[-500:]
+
+
+def test_the_64x64_model_serves_the_page_and_the_cli_alike(photo, tmp_path, capsys):
+    """`--checkpoint pretrained/flowers64.pt` works with the page and with variations, as the README says."""
+    from PIL import Image as PILImage
+
+    from vae_inference import main as inference_main
+
+    flowers64 = vae_demo.PRETRAINED.parent / "flowers64.pt"
+    page = vae_demo.Demo(flowers64, torch.device("cpu"), scale=2)
+    assert page.modes[0] == "kind"  # its default, as on flowers32
+    seen, reconstruction, varied, message, _ = page.variations(photo, "kind", 3, 0.35, 0, True)
+    assert message == "" and len(varied) == 3 and seen.size == (128, 128) and all_different(varied)
+    more, message, _ = page.more_like(photo, 2, 1.0, 0, True)
+    assert message == "" and len(more) == 2
+    out = tmp_path / "v.png"
+    assert inference_main(["variations", "--checkpoint", str(flowers64), "--images", photo, "--num", "2",
+                           "--scale", "1", "--out", str(out)]) == 0
+    assert "2 kind variations" in capsys.readouterr().out
+    assert PILImage.open(out).size == (2 * 66 + 2,) * 2  # the photo, its reconstruction, 2 variations: 2 x 2
