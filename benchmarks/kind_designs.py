@@ -6,10 +6,12 @@ samples get an FID. The checkpoint's own variation mode (SDEdit on the diffusion
     python benchmarks/kind_designs.py --data-dir DATA_DIR --checkpoint pretrained/flowers32.pt --steps 3000 \\
         --split test --photos 250 --save-dir fitted/
 
+A checkpoint that trained on the test photos (the shipped ones) is judged on its own hold-out: --split holdout.
 Designs (--designs): "neighbour" (the code of another photo of the same class, or of a near neighbour without
-classes) and "self" (the photo's own code: a diffusion autoencoder over the latent). --save-dir keeps each fitted
-checkpoint (kind-<design>.pt), so that the better one can be shipped without fitting it again. The last line
-printed is one JSON object.
+classes), "self" (the photo's own code: a diffusion autoencoder over the latent), "self-class" (the same, its code
+also trained to tell the photo's class through a linear read-out, where the photos have labels) and "self-64" (the
+photo's own code of 64 numbers instead of 16). --save-dir keeps each fitted checkpoint (kind-<design>.pt), so that
+the better one can be shipped without fitting it again. The last line printed is one JSON object.
 """
 
 import argparse
@@ -28,9 +30,18 @@ from vae.checkpoint import export_for_inference  # noqa: E402
 from vae.evaluation import VariationJudge  # noqa: E402
 from vae.fid import inception_features  # noqa: E402
 from vae.inference import DEFAULT_STRENGTH  # noqa: E402
-from vae.kind_prior import KIND_STRENGTH, PAIRINGS, KindPrior, fit_kind_prior  # noqa: E402
+from vae.kind_prior import KIND_STRENGTH, KindPrior, fit_kind_prior  # noqa: E402
 from vae.samplers import Posteriors  # noqa: E402
 from vae.trained import load_model  # noqa: E402
+
+
+# Each design: the options of fit_kind_prior it fits with.
+DESIGNS = {
+    "neighbour": {"pairing": "neighbour", "class_weight": 0.0},
+    "self": {"pairing": "self", "class_weight": 0.0},
+    "self-class": {"pairing": "self", "class_weight": 0.1},
+    "self-64": {"pairing": "self", "class_weight": 0.0, "code_size": 64},
+}
 
 
 def rounded(result):
@@ -44,12 +55,15 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="the Flowers102 root the checkpoint trained on")
     parser.add_argument("--checkpoint", default="pretrained/flowers32.pt")
-    parser.add_argument("--designs", nargs="+", default=list(PAIRINGS), choices=PAIRINGS)
+    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
     parser.add_argument("--steps", type=int, default=3000, help="fitting steps of each design")
-    parser.add_argument("--split", default="test", help="split of the judged photos (never trained on)")
+    parser.add_argument("--split", default="test", help="split of the judged photos (never trained on); 'holdout': "
+                        "the checkpoint's own held-out photos, in order")
     parser.add_argument("--photos", type=int, default=250, help="judged photos, a seeded draw of --split")
     parser.add_argument("--variations", type=int, default=4, help="variations of each photo")
     parser.add_argument("--strengths", nargs="+", type=float, default=[KIND_STRENGTH])
+    parser.add_argument("--guidances", nargs="+", type=float, default=None,
+                        help="classifier-free guidance scales to judge each design at (default: the fitted one)")
     parser.add_argument("--fid-samples", type=int, default=1000, help="samples per FID (0: none)")
     parser.add_argument("--reference-images", type=int, default=1000, help="photos of --split the FID compares with")
     parser.add_argument("--save-dir", default="", help="keep each fitted checkpoint here")
@@ -65,8 +79,13 @@ def main(argv=None):
     training, training_names, described = trained.data.training_images(args.data_dir)
     training_classes = flower_classes(args.data_dir, training_names)
     posteriors = Posteriors.of(model, training, trained.config.hflip, training_classes)
-    photos, names, photos_described = trained.data.evaluation_images(args.data_dir, split=args.split)
-    order = torch.randperm(len(photos), generator=torch.Generator().manual_seed(args.seed))
+    if args.split == "holdout":
+        photos, names, photos_described = trained.data.evaluation_images(args.data_dir,
+                                                                         holdout=trained.config.holdout)
+        order = torch.arange(len(photos))
+    else:
+        photos, names, photos_described = trained.data.evaluation_images(args.data_dir, split=args.split)
+        order = torch.randperm(len(photos), generator=torch.Generator().manual_seed(args.seed))
     reference = photos[order[:args.reference_images]]
     chosen = order[:args.photos]
     photos, classes = photos[chosen], [flower_classes(args.data_dir, names)[i] for i in chosen.tolist()]
@@ -77,14 +96,21 @@ def main(argv=None):
                "fid_samples": args.fid_samples, "fid_reference_images": len(reference), "points": []}
 
     def measure(design, samplers, mode, strengths, sampler, extra):
-        for strength in strengths:
-            point = {"design": design, **extra, **rounded(judge.judge(samplers, args.variations, strength, mode,
-                                                                      torch.Generator().manual_seed(args.seed)))}
-            if args.fid_samples and strength == strengths[0]:
-                point.update(sample_fid(model, sampler, reference_features, judge.extractor, args.fid_samples,
-                                        args.seed))
-            results["points"].append(point)
-            print(json.dumps(point), flush=True)
+        fitted = sampler.state.get("guidance")
+        for guidance in args.guidances if mode == "kind" and args.guidances else [fitted]:
+            if mode == "kind":
+                sampler.state["guidance"] = guidance
+            for strength in strengths:
+                point = {"design": design, **extra, **({"guidance": guidance} if mode == "kind" else {}),
+                         **rounded(judge.judge(samplers, args.variations, strength, mode,
+                                               torch.Generator().manual_seed(args.seed)))}
+                if args.fid_samples and strength == strengths[0]:
+                    point.update(sample_fid(model, sampler, reference_features, judge.extractor, args.fid_samples,
+                                            args.seed))
+                results["points"].append(point)
+                print(json.dumps(point), flush=True)
+        if mode == "kind":
+            sampler.state["guidance"] = fitted
 
     if args.baseline and "diffusion" in trained.samplers:
         measure("diffusion (the checkpoint's)", trained.samplers, "diffusion", [DEFAULT_STRENGTH],
@@ -98,7 +124,7 @@ def main(argv=None):
             continue
         means, stds = posteriors.all()
         start = time.perf_counter()
-        state = fit_kind_prior(means, stds, posteriors.latent_shape, posteriors.all_classes(), pairing=design,
+        state = fit_kind_prior(means, stds, posteriors.latent_shape, posteriors.all_classes(), **DESIGNS[design],
                                steps=args.steps, seed=args.seed, progress=False)
         minutes = round((time.perf_counter() - start) / 60, 2)
         prior = KindPrior(state)

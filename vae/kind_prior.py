@@ -85,9 +85,13 @@ def on_sphere(codes):
 class KindDenoiser(nn.Module):
     """The code encoder and a U-Net whose v-prediction is conditioned on a code: (u_t, t, code) -> v."""
 
-    def __init__(self, channels, spatial_size, code_size=CODE_SIZE, width=32, num_blocks=1, multipliers=(1, 2, 4)):
+    def __init__(self, channels, spatial_size, code_size=CODE_SIZE, width=32, num_blocks=1, multipliers=(1, 2, 4),
+                 num_classes=0):
         super().__init__()
         self.encoder = CodeEncoder(channels, spatial_size, code_size)
+        # While fitting to labelled latents: a linear read-out of the class from the code (see fit_kind_prior). It
+        # is not stored with the sampler: sampling needs only the encoder and the denoiser.
+        self.class_head = nn.Linear(code_size, num_classes) if num_classes else None
         self.denoiser = UNetDenoiser(channels, spatial_size, width, num_blocks, multipliers)
         embedding_width = self.denoiser.embedding_width
         self.condition = nn.Sequential(nn.Linear(code_size, embedding_width), nn.SiLU(),
@@ -135,6 +139,7 @@ class Partners:
         labelled = classes is not None and bool((classes > 0).all()) and \
             2 <= len(classes.unique()) <= len(classes) / MIN_CLASS_SIZE
         self.by = "self" if pairing == "self" else "classes" if labelled else "neighbours"
+        self.labels = torch.unique(classes, return_inverse=True)[1].to(self.device) if labelled else None
         if self.by == "classes":  # the latents sorted by class: class c's are order[starts[c]:starts[c] + counts[c]]
             self.classes = classes.to(self.device)
             self.order = torch.argsort(self.classes, stable=True)
@@ -142,6 +147,10 @@ class Partners:
             self.starts = torch.cumsum(self.counts, 0) - self.counts
         elif self.by == "neighbours":
             self.neighbours = nearest_neighbours(means_u.flatten(1), min(NEIGHBOURS, len(means_u) - 1))
+
+    def class_indices(self):
+        """(N,) each latent's class as an index 0 .. classes - 1, or None when the classes are not used."""
+        return self.labels
 
     def draw(self, index, generator):
         if self.by == "self":
@@ -170,21 +179,25 @@ def nearest_neighbours(points, count, chunk=1024):
 # --------------------------------------------------------------------------------------------------- fitting
 
 def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code_size=CODE_SIZE,
-                   steps=DEFAULT_STEPS, batch_size=128, lr=None, amp=None, seed=0, device="cpu", progress=False):
+                   class_weight=0.0, steps=DEFAULT_STEPS, batch_size=128, lr=None, amp=None, seed=0,
+                   device="cpu", progress=False):
     """Fit the code encoder and the conditional denoiser together to the training images' posteriors.
 
     means, stds: (N, *latent_shape) posteriors (mirror images included when the VAE trained with --hflip);
     classes: (N,) their classes (0: unknown) or None. Each step draws fresh z ~ q(z|x) for a batch, noises them
     and trains the diffusion prior's U-Net (its ARCHITECTURE_DEFAULTS["unet"]) to predict v given the code of a
     partner's posterior mean (Partners), under min-SNR weighting, bf16 autocast where native (amp None), with
-    DROP_CODE of the codes dropped. Adam, warm-up and cosine decay, a moving average of the weights
+    DROP_CODE of the codes dropped. class_weight > 0, where the classes are used (Partners.class_indices): the
+    loss adds class_weight times the cross-entropy of a linear read-out of the partner's class from its code, so
+    that the code is also trained to tell the class (docs/kind.md measures it: its variations vary more and keep
+    the species less often; the read-out is not stored). Adam, warm-up and cosine decay, a moving average of the weights
     (vae.fitting.fit_network). Then the codes of all training latents are fitted by a Gaussian mixture (sampling),
     averaged per class (sample --class) and their principal directions kept (traverse).
 
     Returns the state: {"kind": "kind", "latent_shape", "latent_dim", "code_size", "pairing", "partners" (how
     partners were chosen: classes, neighbours or self), "width", "num_blocks", "multipliers", "guidance",
     "network", "shift", "scale", "code_prior" (a gmm state), "classes", "class_codes", "code_mean",
-    "code_directions", "code_spread", "steps", "loss"}.
+    "code_directions", "code_spread", "class_weight", "steps", "loss" (with the read-out's term)}.
     """
     device = torch.device(device)
     defaults = diffusion.ARCHITECTURE_DEFAULTS["unet"]
@@ -198,20 +211,27 @@ def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code
     options = {"code_size": int(code_size), "width": defaults["width"], "num_blocks": defaults["num_blocks"],
                "multipliers": list(defaults["multipliers"])}
 
+    labels = partners.class_indices() if class_weight > 0 else None
+
     def loss(network):
         index = torch.randint(len(means_u), (min(batch_size, len(means_u)),), generator=generator, device=device)
         u0 = means_u[index] + stds_u[index] * torch.randn(means_u[index].shape, generator=generator, device=device)
-        partner = means_u[partners.draw(index, generator)]
+        partner = partners.draw(index, generator)
         keep = torch.rand(len(index), generator=generator, device=device) >= DROP_CODE
         t = torch.rand(len(u0), generator=generator, device=device) * diffusion.MAX_T
         eps = torch.randn(u0.shape, generator=generator, device=device)
-        return diffusion.denoising_loss(lambda noisy, times: network(noisy, times, network.encoder(partner), keep),
-                                        u0, t, eps, amp)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            codes = network.encoder(means_u[partner])
+        value = diffusion.denoising_loss(lambda noisy, times: network(noisy, times, codes, keep), u0, t, eps, amp)
+        if labels is None:
+            return value
+        return value + class_weight * F.cross_entropy(network.class_head(codes), labels[partner])
 
     network, final_loss = fit_network(
-        lambda: KindDenoiser(means_u.shape[1], means_u.shape[2:], **options), loss, steps, lr, seed=seed,
-        device=device, warmup_steps=max(1, steps // 20), ema_decay=diffusion.EMA_DECAY, description="kind prior",
-        progress=progress)
+        lambda: KindDenoiser(means_u.shape[1], means_u.shape[2:], **options,
+                             num_classes=0 if labels is None else int(labels.max()) + 1),
+        loss, steps, lr, seed=seed, device=device, warmup_steps=max(1, steps // 20), ema_decay=diffusion.EMA_DECAY,
+        description="kind prior", progress=progress)
     with torch.no_grad():
         codes = torch.cat([network.encoder(batch) for batch in means_u.split(512)]).cpu()
     return {
@@ -222,7 +242,9 @@ def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code
         "partners": partners.by,
         **options,
         "guidance": GUIDANCE,
-        "network": {name: value.detach().cpu().clone() for name, value in network.state_dict().items()},
+        "network": {name: value.detach().cpu().clone() for name, value in network.state_dict().items()
+                    if not name.startswith("class_head.")},
+        "class_weight": float(class_weight if labels is not None else 0),
         "shift": state["shift"].cpu(),
         "scale": state["scale"].cpu(),
         **code_statistics(codes, classes, seed),
