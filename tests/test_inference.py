@@ -783,3 +783,25 @@ def test_no_output_replaces_a_photo_of_the_checkpoints_data_or_another_runs_file
         assert main(argv) == 2, argv
         assert f"is inside the training run folder {run.resolve()}" in error_line(capsys.readouterr().err)
     assert all((run / name).read_bytes() == content for name, content in kept.items())
+
+
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_seems(checkpoint, flower_files, tmp_path, capsys):
+    """--checkpoint given a run's run.json, a photo, a text file or an empty file: one line that says what the file
+    seems to be, and never PyTorch's hint to load it with weights_only=False."""
+    (tmp_path / "run").mkdir()
+    run_json = tmp_path / "run" / "run.json"
+    run_json.write_text(json.dumps({"config": {"epochs": 3}}))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("epochs: 3\n")
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    png = tmp_path / "flower.png"
+    Image.open(flower_files[0]).save(png)
+    expected = {run_json: "JSON, such as a run folder's run.json", flower_files[0]: "a JPEG image",
+                png: "a PNG image", notes: "seems to be text", empty: "it is empty"}
+    for path, words in expected.items():
+        assert main(["sample", "--checkpoint", str(path), "--out", str(tmp_path / "s.png")]) == 2
+        error = error_line(capsys.readouterr().err)
+        assert f"{path} is not a PyTorch checkpoint" in error and words in error, error
+        assert "weights_only" not in error and "pass the checkpoint.pt of a training run" in error
+    assert not (tmp_path / "s.png").exists()

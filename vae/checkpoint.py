@@ -129,6 +129,33 @@ def _allow_torch_version():
     return safe_globals([torch.torch_version.TorchVersion]) if safe_globals else contextlib.nullcontext()
 
 
+# The first bytes of the files most often passed by mistake: what each is.
+FILE_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                   (b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+                   (b"\x80", "a pickle, as torch.save wrote before PyTorch 1.6"), (b"\x93NUMPY", "a NumPy array"),
+                   (b"\x89HDF", "an HDF5 file"), (b"\x1f\x8b", "a gzip archive"))
+
+
+def what_it_seems(path):
+    """A few words on what a file that is no checkpoint seems to be, from its first bytes."""
+    with open(path, "rb") as file:
+        head = file.read(512)
+    if not head:
+        return "it is empty"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "it seems to be a WebP image"
+    for signature, kind in FILE_SIGNATURES:
+        if head.startswith(signature):
+            return f"it seems to be {kind}"
+    try:
+        text = head.decode("utf-8").lstrip()
+    except UnicodeDecodeError:
+        return "it holds binary data of another kind"
+    if text[:1] in ("{", "["):
+        return "it seems to be JSON, such as a run folder's run.json"
+    return "it seems to be text"
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint safely (weights_only: no code in the file runs) and check it is this project's."""
     path = Path(path)
@@ -138,8 +165,8 @@ def load_checkpoint(path, map_location="cpu"):
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the checkpoint.pt of a training run")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is no checkpoint of ours
-        raise UserError(f"{path} is not a PyTorch checkpoint (not the zip archive torch.save writes); pass the "
-                        f"checkpoint.pt of a training run")
+        raise UserError(f"{path} is not a PyTorch checkpoint ({what_it_seems(path)}, not the zip archive torch.save "
+                        f"writes); pass the checkpoint.pt of a training run")
     try:
         # Checkpoints written before library_versions() stored str(torch.__version__) hold a TorchVersion, a
         # plain str subclass: allowing it keeps those runs loadable without allowing any code.
