@@ -190,6 +190,17 @@ def test_phone_photos_of_50_and_200_megapixels_decode_quietly_in_draft_mode(tmp_
     with Image.open(path) as image:  # what decode_rgb asks of libjpeg: 1/8 scale, never the whole photo
         image.draft("RGB", (64, 64))
         assert image.size == (-(-width // 8), -(-height // 8))
+    # Measured, not assumed: in a fresh process, loading the photo raises the peak memory by far less than the
+    # full decode would take (3 bytes a pixel: 150 MB at 50 MP, 600 MB at 200 MP).
+    # The peak is the process's own VmHWM: ru_maxrss would carry over this test process's peak across the exec.
+    measure = ("import re, sys; from datasets.decoding import load_image; "
+               "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+               "before = peak(); load_image(sys.argv[1], 32); print(peak() - before)")
+    result = subprocess.run([sys.executable, "-c", measure, str(path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    grown_mb = int(result.stdout.split()[-1]) / 1024  # VmHWM is in KiB
+    assert grown_mb < 0.25 * 3 * width * height / 1e6, grown_mb
 
 
 # ------------------------------------------------------------------------------------------------- cache
