@@ -5,9 +5,10 @@ that each denoiser's step and the VAE recipe's step reach.
     python benchmarks/denoiser_speed.py
     python benchmarks/denoiser_speed.py --seconds 3 --rounds 5 --threads 1 2
     python benchmarks/denoiser_speed.py --threads 1 --compile   # also under torch.compile
+    python benchmarks/denoiser_speed.py --threads 2 --batch 512  # a larger batch: fewer, larger operations
 
-For each latent shape and design: parameters, FLOPs of one training step (forward and backward at batch 128,
-counted by torch.utils.flop_counter) and fitting steps per second (the fit's own loss, Adam step and moving
+For each latent shape and design: parameters, FLOPs of one training step (forward and backward at batch 128, or
+--batch, counted by torch.utils.flop_counter) and fitting steps per second (the fit's own loss, Adam step and moving
 average, as vae.diffusion_prior fits it), in float32 and under bf16 autocast. A design's own setting (flat: the
 float32 of earlier fits; unet: bf16 where this CPU has it natively) gives its "as fitted" rate, and the ratio
 unet / flat is of those. Rounds alternate between the designs and the median of --rounds is reported, which
@@ -38,7 +39,7 @@ DESIGNS = {"flat": {"amp": False, "min_snr": False}, "unet": {"amp": True, "min_
 BATCH = 128
 
 
-def make_fit_step(architecture, shape, amp, min_snr, channels_last=False, compiled=False):
+def make_fit_step(architecture, shape, amp, min_snr, channels_last=False, compiled=False, batch=BATCH):
     """One step of the prior's fit on random standardised latents: v loss, Adam, moving average; with compiled,
     the network's forward and backward through torch.compile (compiled at once, by three warm-up steps)."""
     torch.manual_seed(0)
@@ -48,12 +49,12 @@ def make_fit_step(architecture, shape, amp, min_snr, channels_last=False, compil
     network = network.to(memory_format=memory_format)
     average = make_ema(network, 0.999)
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
-    u0, eps = (torch.randn(BATCH, *shape).contiguous(memory_format=memory_format) for _ in range(2))
+    u0, eps = (torch.randn(batch, *shape).contiguous(memory_format=memory_format) for _ in range(2))
 
     forward = torch.compile(network, dynamic=False) if compiled else network
 
     def step():
-        loss = denoising_loss(forward, u0, torch.rand(BATCH), eps, amp, min_snr)
+        loss = denoising_loss(forward, u0, torch.rand(batch), eps, amp, min_snr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -64,9 +65,9 @@ def make_fit_step(architecture, shape, amp, min_snr, channels_last=False, compil
     return network, step
 
 
-def flops_of(network, shape):
+def flops_of(network, shape, batch=BATCH):
     with FlopCounterMode(display=False) as counter:
-        network(torch.randn(BATCH, *shape), torch.rand(BATCH)).sum().backward()
+        network(torch.randn(batch, *shape), torch.rand(batch)).sum().backward()
     return counter.get_total_flops()
 
 
@@ -81,6 +82,7 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, default=BATCH, help="latents per fitting step (the fits use 128)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the U-Net as fitted under torch.compile (a minute or two of compilation)")
     args = parser.parse_args(argv)
@@ -91,22 +93,23 @@ def main(argv=None):
     vae_x = torch.rand(64, 3, 32, 32)
     vae_amp = amp_in_effect(vae_config, torch.device("cpu"))
     vae_flops = step_flops(vae_config, vae_x) * len(vae_x)
-    results = {"native_bf16": bf16, "torch": str(torch.__version__), "batch": BATCH, "by_threads": {}}
+    results = {"native_bf16": bf16, "torch": str(torch.__version__), "batch": args.batch, "by_threads": {}}
     for threads in args.threads:
         torch.set_num_threads(threads)
         steps, flops, params = {}, {}, {}
         for shape_name, shape in SHAPES.items():
             for design in DESIGNS:
                 for amp in (False, True):
-                    network, steps[(shape_name, design, amp)] = make_fit_step(design, shape, amp,
-                                                                              DESIGNS[design]["min_snr"])
-                flops[(shape_name, design)] = flops_of(network, shape)
+                    network, steps[(shape_name, design, amp)] = make_fit_step(
+                        design, shape, amp, DESIGNS[design]["min_snr"], batch=args.batch)
+                flops[(shape_name, design)] = flops_of(network, shape, args.batch)
                 params[(shape_name, design)] = sum(p.numel() for p in network.parameters())
             # NHWC layout, a common lever for convolutions on CPUs, here for the U-Net as fitted.
-            steps[(shape_name, "unet_channels_last", bf16)] = make_fit_step("unet", shape, bf16, True, True)[1]
+            steps[(shape_name, "unet_channels_last", bf16)] = make_fit_step("unet", shape, bf16, True, True,
+                                                                                  batch=args.batch)[1]
             if args.compile:
                 steps[(shape_name, "unet_compiled", bf16)] = make_fit_step("unet", shape, bf16, True,
-                                                                           compiled=True)[1]
+                                                                           compiled=True, batch=args.batch)[1]
         steps[("vae", "recipe", vae_amp)] = make_step(vae_config, vae_x, vae_amp)
         measured = {key: [] for key in steps}
         matmul = {"float32": [], "bf16": []}

@@ -4,15 +4,21 @@ flat denoiser against the U-Net, and sample FID against fitting minutes."""
 import json
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import run_script
+from vae.denoisers import build_denoiser
+from vae.diffusion_prior import ARCHITECTURE_DEFAULTS
 
 
 @pytest.mark.slow  # every network is built and timed, in its own process
 def test_the_denoiser_benchmark_times_both_designs_at_both_latents_and_the_vae_step():
-    result = run_script("benchmarks/denoiser_speed.py", "--seconds", "0.05", "--rounds", "1", "--threads", "1")
+    result = run_script("benchmarks/denoiser_speed.py", "--seconds", "0.05", "--rounds", "1", "--threads", "1",
+                        "--batch", "64")
     assert result.returncode == 0, result.stderr
-    measured = json.loads(result.stdout.splitlines()[-1])["by_threads"]["1"]
+    results = json.loads(result.stdout.splitlines()[-1])
+    measured = results["by_threads"]["1"]
     for shape in ("flowers32", "flowers64"):
         row = measured[shape]
         assert row["unet"]["params"] != row["flat"]["params"]
@@ -24,6 +30,14 @@ def test_the_denoiser_benchmark_times_both_designs_at_both_latents_and_the_vae_s
     assert measured["flowers64"]["flat"]["gflop_per_step"] == pytest.approx(
         4 * measured["flowers32"]["flat"]["gflop_per_step"], rel=0.05)
     assert measured["vae_recipe"]["img_s"] > 0 and "U-Net fits" in result.stdout
+    # --batch sets the latents of each step: the FLOPs are 64 times those of one latent, counted here.
+    flat = build_denoiser("flat", 8, (8, 8), **{key: value for key, value in ARCHITECTURE_DEFAULTS["flat"].items()
+                                                 if key != "lr"})
+    with FlopCounterMode(display=False) as counter:
+        flat(torch.randn(1, 8, 8, 8), torch.rand(1)).sum().backward()
+    assert results["batch"] == 64
+    assert measured["flowers32"]["flat"]["gflop_per_step"] == pytest.approx(64 * counter.get_total_flops() / 1e9,
+                                                                            rel=1e-3)
 
 
 @pytest.mark.slow  # Inception v3 on the CPU, and the script in its own process
