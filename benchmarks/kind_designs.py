@@ -9,8 +9,9 @@ samples get an FID. The checkpoint's own variation mode (SDEdit on the diffusion
 A checkpoint that trained on the test photos (the shipped ones) is judged on its own hold-out: --split holdout.
 Designs (--designs): "neighbour" (the code of another photo of the same class, or of a near neighbour without
 classes), "self" (the photo's own code: a diffusion autoencoder over the latent), "self-class" (the same, its code
-also trained to tell the photo's class through a linear read-out, where the photos have labels) and "self-64" (the
-photo's own code of 64 numbers instead of 16). --save-dir keeps each fitted checkpoint (kind-<design>.pt), so that
+also trained to tell the photo's class through a linear read-out, where the photos have labels), "self-64" (the
+photo's own code of 64 numbers instead of 16) and "self-noise" (the photo's own code with noise of standard
+deviation 1 added to each of its numbers, in the fit and in variations: a code of at most 8 bits). --save-dir keeps each fitted checkpoint (kind-<design>.pt), so that
 the better one can be shipped without fitting it again. The last line printed is one JSON object.
 """
 
@@ -41,6 +42,7 @@ DESIGNS = {
     "self": {"pairing": "self", "class_weight": 0.0},
     "self-class": {"pairing": "self", "class_weight": 0.1},
     "self-64": {"pairing": "self", "class_weight": 0.0, "code_size": 64},
+    "self-noise": {"pairing": "self", "class_weight": 0.0, "code_noise": 1.0},
 }
 
 

@@ -141,6 +141,37 @@ def test_one_strength_goes_from_the_photo_through_its_kind_to_any_flower(fitted)
     assert torch.equal(kind.vary(photos, 0.2, generator()), kind.vary(photos, 0.2, generator()))  # seeded
 
 
+def test_code_noise_is_fitted_with_and_stored():
+    latents, classes = two_kinds_of_latents(128)
+    state = fit_kind_prior(latents, 0.1 * torch.ones_like(latents), SHAPE, classes, pairing="self", steps=20,
+                           batch_size=32, amp=False, code_noise=1.0)
+    assert state["code_noise"] == 1.0
+    KindPrior(state).check(64)
+
+
+@pytest.mark.slow  # fits a kind prior for 300 steps
+def test_variations_of_a_noisy_code_draw_it_around_the_photos_code(fitted, monkeypatch):
+    """With code_noise s, vary() conditions on the photo's code plus N(0, s^2) per number, put back on the sphere
+    of radius r = sqrt(K): for K = 16 and s = 1 the cosine to the photo's code is about r / sqrt(r^2 + K s^2) =
+    0.71. Without it, on the photo's own code."""
+    kind, latents, _ = fitted
+    photos = latents[:1].flatten(1).expand(512, -1)
+    seen = []
+    monkeypatch.setattr(KindPrior, "draw", lambda self, codes, *args, **kwargs: seen.append(codes) or
+                        torch.zeros(len(codes), 64))
+    for level in (0.0, 1.0):
+        noisy = KindPrior({**kind.state, "code_noise": level})
+        noisy.vary(photos, 0.5, torch.Generator().manual_seed(0))
+        code = kind.codes(photos[:1])
+        cosines = torch.nn.functional.cosine_similarity(seen[-1], code)
+        assert seen[-1].norm(dim=1).allclose(torch.full((512,), 4.0), atol=1e-4)
+        if level == 0:
+            assert cosines.min() > 0.9999
+        else:
+            assert cosines.mean().item() == pytest.approx(4 / math.sqrt(16 + 16), abs=0.03)
+            assert cosines.std() > 0.03  # each variation its own draw
+
+
 @pytest.mark.slow  # fits a kind prior for 300 steps
 def test_the_interpolation_starts_and_ends_near_the_photos(fitted):
     kind, latents, _ = fitted

@@ -179,8 +179,8 @@ def nearest_neighbours(points, count, chunk=1024):
 # --------------------------------------------------------------------------------------------------- fitting
 
 def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code_size=CODE_SIZE,
-                   class_weight=0.0, steps=DEFAULT_STEPS, batch_size=128, lr=None, amp=None, seed=0,
-                   device="cpu", progress=False):
+                   class_weight=0.0, code_noise=0.0, steps=DEFAULT_STEPS, batch_size=128, lr=None, amp=None,
+                   seed=0, device="cpu", progress=False):
     """Fit the code encoder and the conditional denoiser together to the training images' posteriors.
 
     means, stds: (N, *latent_shape) posteriors (mirror images included when the VAE trained with --hflip);
@@ -190,14 +190,18 @@ def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code
     DROP_CODE of the codes dropped. class_weight > 0, where the classes are used (Partners.class_indices): the
     loss adds class_weight times the cross-entropy of a linear read-out of the partner's class from its code, so
     that the code is also trained to tell the class (docs/kind.md measures it: its variations vary more and keep
-    the species less often; the read-out is not stored). Adam, warm-up and cosine decay, a moving average of the weights
+    the species less often; the read-out is not stored). code_noise s > 0 adds N(0, s^2) to every number of
+    the partner's code before it is put back on the sphere (per number the code has variance 1), so that the
+    code carries at most (code_size / 2) log2(1 + 1 / s^2) bits, 8 for 16 numbers at s = 1, too few to rebuild
+    each training photo however long the fit; its variations draw the same noise around the photo's code
+    (KindPrior.vary). Adam, warm-up and cosine decay, a moving average of the weights
     (vae.fitting.fit_network). Then the codes of all training latents are fitted by a Gaussian mixture (sampling),
     averaged per class (sample --class) and their principal directions kept (traverse).
 
     Returns the state: {"kind": "kind", "latent_shape", "latent_dim", "code_size", "pairing", "partners" (how
     partners were chosen: classes, neighbours or self), "width", "num_blocks", "multipliers", "guidance",
     "network", "shift", "scale", "code_prior" (a gmm state), "classes", "class_codes", "code_mean",
-    "code_directions", "code_spread", "class_weight", "steps", "loss" (with the read-out's term)}.
+    "code_directions", "code_spread", "class_weight", "code_noise", "steps", "loss" (with the read-out's term)}.
     """
     device = torch.device(device)
     defaults = diffusion.ARCHITECTURE_DEFAULTS["unet"]
@@ -222,6 +226,8 @@ def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code
         eps = torch.randn(u0.shape, generator=generator, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             codes = network.encoder(means_u[partner])
+        if code_noise > 0:
+            codes = on_sphere(codes + code_noise * torch.randn(codes.shape, generator=generator, device=device))
         value = diffusion.denoising_loss(lambda noisy, times: network(noisy, times, codes, keep), u0, t, eps, amp)
         if labels is None:
             return value
@@ -245,6 +251,7 @@ def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code
         "network": {name: value.detach().cpu().clone() for name, value in network.state_dict().items()
                     if not name.startswith("class_head.")},
         "class_weight": float(class_weight if labels is not None else 0),
+        "code_noise": float(code_noise),
         "shift": state["shift"].cpu(),
         "scale": state["scale"].cpu(),
         **code_statistics(codes, classes, seed),
@@ -376,6 +383,9 @@ class KindPrior(NetworkSampler):
         if strength <= 0:
             return latents.clone()
         codes = self.codes(latents)
+        noise_level = self.state.get("code_noise", 0.0)  # fits made before code_noise have none
+        if noise_level > 0:  # the code as the fit saw it: a draw around the photo's
+            codes = on_sphere(codes + noise_level * diffusion.draw_noise(codes.shape, generator, codes.device))
         if strength >= KIND_STRENGTH:
             loosened = (float(strength) - KIND_STRENGTH) / (1 - KIND_STRENGTH)
             return self.draw(codes, generator, guidance=self.guidance * (1 - loosened)).to(latents.device)
