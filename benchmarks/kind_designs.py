@@ -11,8 +11,9 @@ Designs (--designs): "neighbour" (the code of another photo of the same class, o
 classes), "self" (the photo's own code: a diffusion autoencoder over the latent), "self-class" (the same, its code
 also trained to tell the photo's class through a linear read-out, where the photos have labels), "self-64" (the
 photo's own code of 64 numbers instead of 16) and "self-noise" (the photo's own code with noise of standard
-deviation 1 added to each of its numbers, in the fit and in variations: a code of at most 8 bits). --save-dir keeps each fitted checkpoint (kind-<design>.pt), so that
-the better one can be shipped without fitting it again. The last line printed is one JSON object.
+deviation 1 added to each of its numbers, in the fit and in variations: a code of at most 8 bits). --save-dir
+keeps each fitted checkpoint (kind-<design>.pt), so that the better one can be shipped without fitting it again.
+The last line printed is one JSON object.
 """
 
 import argparse

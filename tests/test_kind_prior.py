@@ -147,6 +147,9 @@ def test_code_noise_is_fitted_with_and_stored():
                            batch_size=32, amp=False, code_noise=1.0)
     assert state["code_noise"] == 1.0
     KindPrior(state).check(64)
+    for damaged in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="code noise"):
+            KindPrior({**state, "code_noise": damaged}).check(64)
 
 
 @pytest.mark.slow  # fits a kind prior for 300 steps

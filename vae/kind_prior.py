@@ -314,7 +314,8 @@ class KindPrior(NetworkSampler):
         return network.to(device).eval()
 
     def check(self, latent_dim):
-        """The network loads, and the codes' statistics have the code's size."""
+        """The network loads, the codes' statistics have the code's size, and the code noise is a standard
+        deviation."""
         super().check(latent_dim)
         state, size = self.state, self.state["code_size"]
         GaussianMixture(state["code_prior"]).check(size)
@@ -325,6 +326,8 @@ class KindPrior(NetworkSampler):
         if tuple(state["code_directions"].shape[1:]) != (size,) or \
                 len(state["code_spread"]) != len(state["code_directions"]):
             raise ValueError(f"code directions of shape {tuple(state['code_directions'].shape)}")
+        if not 0 <= state.get("code_noise", 0.0) < math.inf:
+            raise ValueError(f"code noise {state['code_noise']}: a standard deviation, 0 or more")
 
     @property
     def guidance(self):
