@@ -82,6 +82,14 @@ def on_sphere(codes):
     return math.sqrt(codes.shape[1]) * F.normalize(codes, dim=1)
 
 
+def around(codes, noise_level, generator):
+    """Codes (B, K) with N(0, noise_level^2) added to each number, put back on the sphere: the code noise of a fit
+    (fit_kind_prior's code_noise), in the fit and in the variations of a photo."""
+    if noise_level <= 0:
+        return codes
+    return on_sphere(codes + noise_level * diffusion.draw_noise(codes.shape, generator, codes.device))
+
+
 class KindDenoiser(nn.Module):
     """The code encoder and a U-Net whose v-prediction is conditioned on a code: (u_t, t, code) -> v."""
 
@@ -226,8 +234,7 @@ def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code
         eps = torch.randn(u0.shape, generator=generator, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             codes = network.encoder(means_u[partner])
-        if code_noise > 0:
-            codes = on_sphere(codes + code_noise * torch.randn(codes.shape, generator=generator, device=device))
+        codes = around(codes, code_noise, generator)
         value = diffusion.denoising_loss(lambda noisy, times: network(noisy, times, codes, keep), u0, t, eps, amp)
         if labels is None:
             return value
@@ -385,10 +392,8 @@ class KindPrior(NetworkSampler):
         draw whose guidance falls linearly to 0 at strength 1 (see the module's docstring)."""
         if strength <= 0:
             return latents.clone()
-        codes = self.codes(latents)
-        noise_level = self.state.get("code_noise", 0.0)  # fits made before code_noise have none
-        if noise_level > 0:  # the code as the fit saw it: a draw around the photo's
-            codes = on_sphere(codes + noise_level * diffusion.draw_noise(codes.shape, generator, codes.device))
+        # The code as the fit saw it: a draw around the photo's (fits made before code_noise have none).
+        codes = around(self.codes(latents), self.state.get("code_noise", 0.0), generator)
         if strength >= KIND_STRENGTH:
             loosened = (float(strength) - KIND_STRENGTH) / (1 - KIND_STRENGTH)
             return self.draw(codes, generator, guidance=self.guidance * (1 - loosened)).to(latents.device)
