@@ -28,7 +28,7 @@ from vae import inference
 from vae.config import RANGES, check_range
 from vae.device import DEVICES, model_device, pick_device
 from vae.errors import UserError
-from vae.kind_prior import KindPrior
+from vae.kind_prior import WALK_RANGE, KindPrior
 from vae.trained import load_model
 
 REPO = Path(__file__).resolve().parent
@@ -50,7 +50,7 @@ PAGE_LIMITS = {"num": (1, 32), "steps": (2, 16), "temperature": (0.0, 3.0), "str
 COUNT, STEPS, TEMPERATURE, STRENGTH, SEED = (PAGE_LIMITS[name] for name in ("num", "steps", "temperature", "strength",
                                                                              "seed"))
 WALK_ROWS = (1, 8)  # rows of the walk of the kind code: its principal directions
-WALK_STEPS, WALK_RANGE = 9, 2.0  # images per row; how far each row goes, in spreads of the training codes
+WALK_STEPS = 9  # images per row of a walk of the code; how far it goes: WALK_RANGE
 
 
 # ------------------------------------------------------------------------------------------ uploads
@@ -228,14 +228,14 @@ class Demo:
 
     def walk(self, upload, rows, seed, fixed_seed=False):
         """(a traversal of the code: a row per principal direction, around the uploaded photo's code or the
-        training photos' mean code; message; the seed used)."""
+        training photos' commonest code (KindPrior.typical_code); message; the seed used)."""
         try:
             seed = seed_for(seed, fixed_seed)
             kind = self.kind()
             rows = int(check_range("the number of rows", rows, WALK_ROWS))
             notes = []
             if upload is None:
-                code = kind.state["code_mean"][None]
+                code = kind.typical_code()
             else:
                 x, notes = self.read(upload)
                 code = inference.kind_codes(self.model, kind, x)

@@ -33,7 +33,7 @@ from vae.errors import MissingData, MissingSampler, UserError
 from vae.files import write_failure, write_text_atomically
 from vae.logs import log_projector, writer_thread_errors
 from vae.metrics import psnr_db
-from vae.kind_prior import KindPrior
+from vae.kind_prior import CODE_NOISE, DEFAULT_STEPS as KIND_STEPS, WALK_RANGE, KindPrior
 from vae.samplers import SAMPLERS, check_enough_images, fit_samplers, ranked
 from vae.threads import choose_threads, describe
 from vae.trained import load_model
@@ -93,8 +93,8 @@ def add_variation_mode(parser):
                         help=f"how variations are made. auto: the first of {', '.join(modes)} the checkpoint "
                              f"can run; {described}")
     parser.add_argument("--strength", type=float, default=inference.DEFAULT_STRENGTH,
-                        help="how far variations go from the photo, from 0 (its reconstruction) through about 0.3 "
-                             "(another flower of the same kind and colours, posed and shaped anew) to 1 (any flower)")
+                        help="how far variations go from the photo, from 0 (its reconstruction) through about 0.2 "
+                             "(another flower of the same kind, posed and shaped anew) to 1 (any flower)")
 
 
 def add_walk(parser, what):
@@ -181,7 +181,7 @@ def build_parser():
     traverse.add_argument("--image", default=None, help="sweep around this image's code or posterior mean (else "
                           "the training codes' mean, or z = 0)")
     traverse.add_argument("--range", type=float, default=None, help="each row goes from -RANGE to +RANGE: code "
-                          "spreads along a principal direction (default 2), or latent units (default 3)")
+                          f"spreads along a principal direction (default {WALK_RANGE:g}), or latent units (default 3)")
     traverse.add_argument("--steps", type=int, default=9, help="images per row")
     traverse.add_argument("--dims", type=int, default=None, help="rows: the DIMS principal directions of the code "
                           "(default 8), or the DIMS most active latent dimensions (largest held-out KL in the "
@@ -226,6 +226,11 @@ def build_parser():
     export.add_argument("--diffusion-steps", type=int, default=DIFFUSION_STEPS,
                         help="training steps of the diffusion prior (docs/prior.md has its curve of sample FID "
                              "against fitting minutes)")
+    export.add_argument("--kind-steps", type=int, default=KIND_STEPS,
+                        help="training steps of the kind sampler (docs/kind.md measures 3,000 to 24,000)")
+    export.add_argument("--kind-code-noise", type=float, default=CODE_NOISE,
+                        help="standard deviation added to each number of the kind sampler's code in its fit and its "
+                             "variations (0: none; docs/kind.md)")
     add_data(export, None, "training images")
     return parser
 
@@ -436,7 +441,7 @@ def run_traverse(args, trained):
 
 def traverse_code(args, trained):
     kind = trained.sampler(KindPrior.name)
-    value_range = 2.0 if args.range is None else args.range
+    value_range = WALK_RANGE if args.range is None else args.range
     size = kind.state["code_size"]
     rows = min(8, size) if args.dims is None else size if args.dims == 0 else min(args.dims, size)
     check_grid(args, trained, rows * args.steps)
@@ -444,8 +449,8 @@ def traverse_code(args, trained):
         code = inference.kind_codes(trained.model, kind, load_photos([args.image], trained))
         around = f"the code of {args.image}"
     else:
-        code = kind.state["code_mean"][None]
-        around = "the training photos' mean code"
+        code = kind.typical_code()
+        around = "the training photos' commonest code"
     images = inference.walk_code(trained.model, kind, code, value_range, args.steps, rows, generator_for(args))
     path = inference.save_grid(images, args.out, args.steps, args.scale)
     report_grid(path, len(images), args.steps, f"a row per principal direction of the code of the flower's kind "
@@ -566,12 +571,17 @@ def run_export(args, trained):
         print(f"fitting the {', '.join(kinds)} sampler(s) to the posteriors of the {described}")
         started = time.perf_counter()
         fitted = fit_samplers(trained.model, images, kinds, seed=args.seed, hflip=trained.config.hflip,
-                              steps={"diffusion": args.diffusion_steps, "kind": args.diffusion_steps}, progress=True,
+                              options={"diffusion": {"steps": args.diffusion_steps},
+                                       "kind": {"steps": args.kind_steps, "code_noise": args.kind_code_noise}},
+                              progress=True,
                               classes=flower_classes(data_dir_of(args, trained), names))
         print(f"fitted in {(time.perf_counter() - started) / 60:.1f} minutes")
         checkpoint = {**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), **fitted}}
         if "diffusion" in kinds:  # what the recipe's --diffusion-prior-steps does at the end of training
             checkpoint["config"] = {**checkpoint["config"], "diffusion_prior_steps": args.diffusion_steps}
+        if "kind" in kinds:  # and its --kind-prior-steps and --kind-code-noise
+            checkpoint["config"] = {**checkpoint["config"], "kind_prior_steps": args.kind_steps,
+                                    "kind_code_noise": args.kind_code_noise}
     stored = checkpoint.get("samplers") or {}
     if args.drop_samplers:
         missing = sorted(set(args.drop_samplers) - set(stored))

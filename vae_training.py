@@ -514,9 +514,8 @@ def finish_run(config, model, train_images, train_classes, eval_images, state, d
     --fid-samples, the best one's sample quality joins state.eval. Returns {name: state}. A stop request raises
     Stopped (see StopRequest.raising)."""
     options = fitted_after_training(config)
-    samplers = fit_samplers(model, train_images, options, seed=config.seed, hflip=config.hflip,
-                            steps={name: option.get("steps") for name, option in options.items()}, progress=True,
-                            classes=train_classes)
+    samplers = fit_samplers(model, train_images, options, seed=config.seed, hflip=config.hflip, options=options,
+                            progress=True, classes=train_classes)
     if config.fid_samples and eval_images is not None:
         best = load_sampler(samplers[next(iter(options))])
         quality = sample_quality(model, best, eval_images, config.fid_samples, 1.0,

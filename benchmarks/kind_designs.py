@@ -39,11 +39,11 @@ from vae.trained import load_model  # noqa: E402
 
 # Each design: the options of fit_kind_prior it fits with.
 DESIGNS = {
-    "neighbour": {"pairing": "neighbour", "class_weight": 0.0},
-    "self": {"pairing": "self", "class_weight": 0.0},
-    "self-class": {"pairing": "self", "class_weight": 0.1},
-    "self-64": {"pairing": "self", "class_weight": 0.0, "code_size": 64},
-    "self-noise": {"pairing": "self", "class_weight": 0.0, "code_noise": 1.0},
+    "neighbour": {"pairing": "neighbour", "class_weight": 0.0, "code_noise": 0.0},
+    "self": {"pairing": "self", "class_weight": 0.0, "code_noise": 0.0},
+    "self-class": {"pairing": "self", "class_weight": 0.1, "code_noise": 0.0},
+    "self-64": {"pairing": "self", "class_weight": 0.0, "code_size": 64, "code_noise": 0.0},
+    "self-noise": {"pairing": "self", "class_weight": 0.0, "code_noise": 1.0},  # the default of new fits
 }
 
 

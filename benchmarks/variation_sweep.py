@@ -46,7 +46,7 @@ def build_parser():
     parser.add_argument("--device", default="auto", help="where the model and Inception run")
     parser.add_argument("--plot", default="", help="PNG of species kept against diversity")
     parser.add_argument("--grid", default="", help="PNG: photos, each followed by variations at three strengths")
-    parser.add_argument("--grid-strengths", nargs=3, type=float, default=[0.2, inference.DEFAULT_STRENGTH, 0.5],
+    parser.add_argument("--grid-strengths", nargs=3, type=float, default=[0.1, inference.DEFAULT_STRENGTH, 0.35],
                         help="the grid's three strengths (of the first mode)")
     parser.add_argument("--grid-photos", type=int, default=6, help="photos in the grid (a seeded draw)")
     return parser

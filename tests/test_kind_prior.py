@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import real_flower_files
 
-from vae.kind_prior import (KIND_STRENGTH, KindDenoiser, KindPrior, Partners, fit_kind_prior, guided,
+from vae.inference import DEFAULT_STRENGTH
+from vae.kind_prior import (CODE_NOISE, KIND_STRENGTH, KindDenoiser, KindPrior, Partners, fit_kind_prior, guided,
                             nearest_neighbours, on_sphere)
 from vae.samplers import Posteriors
 from vae.trained import load_model
@@ -61,7 +62,7 @@ def test_a_class_read_out_adds_its_cross_entropy_and_learns_the_class_but_is_not
     latents, classes = two_kinds_of_latents(256)
     def fit(class_weight):
         return fit_kind_prior(latents, 0.1 * torch.ones_like(latents), SHAPE, classes, pairing="self", steps=150,
-                              batch_size=64, amp=False, class_weight=class_weight)
+                              batch_size=64, amp=False, class_weight=class_weight, code_noise=0.0)
     without, with_labels = fit(0.0), fit(1.0)
     assert without["class_weight"] == 0.0 and with_labels["class_weight"] == 1.0
     added = with_labels["loss"] - without["loss"]
@@ -101,7 +102,7 @@ def fitted():
     from pairs of one class alone."""
     latents, classes = two_kinds_of_latents(256)
     state = fit_kind_prior(latents, 0.1 * torch.ones_like(latents), SHAPE, classes, pairing="neighbour", steps=300,
-                           batch_size=64, amp=False)
+                           batch_size=64, amp=False, code_noise=0.0)
     return KindPrior(state), latents, classes
 
 
@@ -194,14 +195,37 @@ def test_the_walk_changes_only_the_code(fitted):
     assert all(not torch.allclose(row[0], row[-1], atol=1e-3) for row in rows)
 
 
+@pytest.mark.slow  # fits a kind prior for 300 steps
+def test_the_walk_turns_the_code_along_great_circles_through_a_typical_code(fitted, monkeypatch):
+    """Row r turns the start along the great circle towards principal direction r by an arc of v * spread[r]:
+    every code stays on the sphere, the middle of each row is the start, and the ends lie that angle away."""
+    kind, _, _ = fitted
+    seen = []
+    monkeypatch.setattr(KindPrior, "draw", lambda self, codes, *args, **kwargs: seen.append(codes) or
+                        torch.zeros(len(codes), 64))
+    start = kind.typical_code()
+    radius = math.sqrt(kind.state["code_size"])
+    assert start.norm().item() == pytest.approx(radius, rel=1e-5)
+    kind.walk(start, 3, 2.0, 5, torch.Generator().manual_seed(0))
+    codes = seen[-1].view(3, 5, -1)
+    assert codes.norm(dim=2).allclose(torch.full((3, 5), radius), rtol=1e-5)
+    assert codes[:, 2].allclose(start.expand(3, -1), atol=1e-5)
+    for r in range(3):
+        spread, direction = kind.state["code_spread"][r], kind.state["code_directions"][r]
+        for end, sign in ((codes[r, -1], 1), (codes[r, 0], -1)):
+            angle = torch.arccos(torch.clamp(end @ start[0] / radius ** 2, -1, 1))
+            assert angle.item() == pytest.approx(min(2.0 * spread.item() / radius, math.pi), abs=1e-3)
+            assert sign * ((end - start[0]) @ direction).item() > 0  # towards the direction, or away from it
+
+
 # ----------------------------------------------------------------------------------------- through the CLI
 
 @pytest.fixture(scope="module")
 def with_kind(checkpoint, flowers_root, tmp_path_factory):
     """The conftest run exported with a briefly fitted kind sampler, through the CLI."""
     exported = tmp_path_factory.mktemp("kind") / "kind.pt"
-    assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "kind", "--diffusion-steps", "30",
-                 "--data-dir", str(flowers_root), "--out", str(exported)]) == 0
+    assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "kind", "--kind-steps", "30",
+                 "--kind-code-noise", "0.5", "--data-dir", str(flowers_root), "--out", str(exported)]) == 0
     return exported
 
 
@@ -209,6 +233,9 @@ def test_kind_is_the_default_of_variations_and_samples(with_kind, flowers_root, 
     photo = sorted((flowers_root / "flowers-102" / "jpg").glob("*.jpg"))[0]
     stored = torch.load(with_kind, weights_only=True)["samplers"]["kind"]
     assert stored["kind"] == "kind" and stored["code_size"] == 16
+    assert stored["steps"] == 30 and stored["code_noise"] == 0.5  # export's --kind-steps and --kind-code-noise
+    config = torch.load(with_kind, weights_only=True)["config"]
+    assert config["kind_prior_steps"] == 30 and config["kind_code_noise"] == 0.5  # the run's settings say so
     # An export stores the samplers' networks in float16: half the bytes, loaded into float32 networks.
     assert all(value.dtype == torch.float16 for value in stored["network"].values() if value.is_floating_point())
     network = load_model(with_kind, "cpu").sampler("kind").network("cpu")
@@ -216,7 +243,7 @@ def test_kind_is_the_default_of_variations_and_samples(with_kind, flowers_root, 
     capsys.readouterr()
     assert main(["variations", "--checkpoint", str(with_kind), "--images", str(photo), "--num", "3", "--out",
                  str(tmp_path / "v.png")]) == 0
-    assert f"3 kind variations at strength {KIND_STRENGTH:g}" in capsys.readouterr().out
+    assert f"3 kind variations at strength {DEFAULT_STRENGTH:g}" in capsys.readouterr().out
     assert main(["sample", "--checkpoint", str(with_kind), "--num", "4", "--out", str(tmp_path / "s.png")]) == 0
     assert "kind samples" in capsys.readouterr().out
     assert main(["sample", "--checkpoint", str(with_kind), "--like", str(photo), "--num", "4", "--out",
@@ -274,7 +301,7 @@ def test_export_keeps_a_code_per_class_of_class_sub_folders(checkpoint, tmp_path
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, folder / f"{i}.jpg")
     out = tmp_path / "kind.pt"
-    assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "kind", "--diffusion-steps", "10",
+    assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "kind", "--kind-steps", "10",
                  "--data-dir", str(tmp_path / "photos"), "--out", str(out)]) == 0
     state = torch.load(out, weights_only=True)["samplers"]["kind"]
     assert state["pairing"] == "self" and state["classes"] == [1, 2] and state["class_codes"].shape == (2, 16)
@@ -307,10 +334,20 @@ def test_the_page_draws_more_like_the_photo_and_walks_the_code(with_kind, checkp
     assert "no kind sampler" in without.walk(photo, 2, 0, True)[1]
 
 
-def test_the_default_strength_is_where_all_but_the_kind_is_drawn_anew():
-    from vae.inference import DEFAULT_STRENGTH
+def test_the_default_strength_keeps_the_code_and_some_of_the_layout():
+    """The default strength lies below KIND_STRENGTH: SDEdit under the photo's code, not a new draw."""
+    assert 0 < DEFAULT_STRENGTH < KIND_STRENGTH
 
-    assert KIND_STRENGTH == DEFAULT_STRENGTH
+
+def test_a_training_run_fits_the_kind_sampler_with_its_own_steps_and_code_noise():
+    from vae.config import TrainConfig
+    from vae.samplers import fitted_after_training
+
+    assert "kind" not in fitted_after_training(TrainConfig())  # the tutorial fits no prior
+    kind = fitted_after_training(TrainConfig(diffusion_prior_steps=100))["kind"]
+    assert kind == {"steps": 100, "code_noise": CODE_NOISE}  # as many steps as the diffusion prior
+    config = TrainConfig(diffusion_prior_steps=100, kind_prior_steps=700, kind_code_noise=0.0)
+    assert fitted_after_training(config)["kind"] == {"steps": 700, "code_noise": 0.0}
 
 
 def test_many_draws_are_denoised_a_chunk_at_a_time_like_one_batch(with_kind, monkeypatch):

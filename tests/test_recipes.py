@@ -21,7 +21,8 @@ from vae.vae import VAE
 RESNET = ["--arch", "resnet", "--width", "8", "--latent-shape", "4", "4", "4", "--likelihood", "logistic",
           "--beta", "1", "--lr", "1e-3"]
 PRACTICE = ["--split", "train+val", "--holdout", "0.2", "--hflip", "--ema", "0.9", "--lr-schedule", "cosine",
-            "--lr-warmup-epochs", "1", "--grad-clip", "50", "--diffusion-prior-steps", "20"]
+            "--lr-warmup-epochs", "1", "--grad-clip", "50", "--diffusion-prior-steps", "20",
+            "--kind-prior-steps", "15", "--kind-code-noise", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,9 @@ def test_a_finished_run_stores_a_gmm_the_diffusion_prior_and_the_kind_sampler(re
     assert prior["kind"] == "diffusion" and prior["latent_shape"] == [4, 4, 4] and prior["steps"] == 20
     path = tmp_path / "c.pt"
     torch.save(recipe_runs["straight"], path)
-    kind = recipe_runs["straight"]["samplers"]["kind"]  # fitted with the diffusion prior, for as many steps
-    assert kind["kind"] == "kind" and kind["latent_shape"] == [4, 4, 4] and kind["steps"] == 20
+    kind = recipe_runs["straight"]["samplers"]["kind"]  # fitted with the diffusion prior, with its own settings
+    assert kind["kind"] == "kind" and kind["latent_shape"] == [4, 4, 4] and kind["steps"] == 15
+    assert kind["code_noise"] == 0.5
     trained = load_model(path, "cpu")
     assert trained.best_sampler() == "kind" and inference.variation_mode(trained.samplers) == "kind"
     generator = torch.Generator().manual_seed(0)

@@ -30,17 +30,19 @@ RANGES = {
     "seed": (0, 2 ** 32 - 1), "threads": (0, 1024), "batch_size": (1, 100_000), "fid_samples": (0, 100_000),
     "holdout": (0.0, 0.999),
     # training
-    "diffusion_prior_steps": (0, 1_000_000),
+    "diffusion_prior_steps": (0, 1_000_000), "kind_prior_steps": (0, 1_000_000), "kind_code_noise": (0.0, 100.0),
     # inference
     "num": (1, 10_000), "nrow": (1, 10_000), "steps": (1, 1_000), "scale": (1, 64), "dims": (0, 100_000),
     "class_": (1, 100_000),  # sample --class (class_: "class" is Python's)
     "temperature": (0.0, 100.0), "range": (0.0, 100.0), "holdout_seed": (0, 2 ** 32 - 1),
     "iw_samples": (1, 100_000), "variations": (0, 1_000), "strength": (0.0, 1.0), "diffusion_steps": (1, 1_000_000),
+    "kind_steps": (1, 1_000_000),
 }
 # Settings that may change when a run is resumed: where it runs, how long, and speed-only switches. Any other
 # difference would silently make it another run.
 RESUMABLE = {"epochs", "max_steps", "log_dir", "run_name", "num_workers", "device", "checkpoint_every", "data_dir",
-             "cache_dir", "amp", "compile", "fid_samples", "diffusion_prior_steps", "threads"}
+             "cache_dir", "amp", "compile", "fid_samples", "diffusion_prior_steps", "kind_prior_steps",
+             "kind_code_noise", "threads"}
 
 
 def _flag(default, help, **argparse_kwargs):
@@ -133,6 +135,12 @@ class TrainConfig:
     diffusion_prior_steps: int = _flag(0, "at the end, also fit the diffusion prior (new flowers, and variations "
                                        "of a photo) for this many steps, beside the GMM (0 = off; docs/results.md "
                                        "has its sample FID against fitting minutes)")
+    kind_prior_steps: int = _flag(0, "steps of the kind sampler fitted with the diffusion prior (0: as many as "
+                                  "--diffusion-prior-steps; docs/kind.md: its variations keep the species more "
+                                  "often after 12,000)")
+    kind_code_noise: float = _flag(1.0, "standard deviation added to each number of the kind sampler's code while "
+                                   "it is fitted and in variations, so that the code holds a kind, not a photo "
+                                   "(0: none; docs/kind.md)")
 
 
 def build_parser(config_class=TrainConfig, **parser_kwargs) -> argparse.ArgumentParser:

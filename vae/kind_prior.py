@@ -16,15 +16,18 @@ the denoising loss alone, in one of two designs ("pairing"):
              CVPR 2022). The code holds whatever helps to denoise that photo, layout included.
 
 docs/kind.md measures both: "self" kept a photo's species twice as often and gave better samples, so new fits use
-it; "neighbour" stays a choice of fit_kind_prior and of benchmarks/kind_designs.py. The code is dropped (the
-condition zeroed) for DROP_CODE of the training examples, so the same network is also the unconditional prior,
-and classifier-free guidance (Ho & Salimans 2021) sets how strongly a code is followed:
-v = v_uncond + w (v_cond - v_uncond).
+it; "neighbour" stays a choice of fit_kind_prior and of benchmarks/kind_designs.py. A code that rebuilds its own
+photo makes near-copies, so new fits also add CODE_NOISE to each of the code's numbers (fit_kind_prior's
+code_noise): the code then carries too few bits to rebuild a photo, only what many photos of a kind share, and a
+photo's variations draw the same noise around its code. The code is dropped (the condition zeroed) for DROP_CODE
+of the training examples, so the same network is also the unconditional prior, and classifier-free guidance (Ho &
+Salimans 2021) sets how strongly a code is followed: v = v_uncond + w (v_cond - v_uncond).
 
 One strength knob makes variations, from the photo to any flower:
-  0 .. KIND_STRENGTH   the photo's code is kept, its latent noised to depth t = strength / KIND_STRENGTH and
-                       denoised under guidance GUIDANCE (SDEdit): at KIND_STRENGTH, the default, everything but
-                       the code is drawn anew, a new flower of the photo's kind;
+  0 .. KIND_STRENGTH   the photo's code is kept (with the fit's code noise around it), its latent noised to depth
+                       t = strength / KIND_STRENGTH and denoised under guidance GUIDANCE (SDEdit): at the default,
+                       vae.inference.DEFAULT_STRENGTH = 0.2, a new flower of the photo's kind that keeps some of its
+                       layout; at KIND_STRENGTH everything but the code is drawn anew;
   KIND_STRENGTH .. 1   the guidance falls from GUIDANCE to 0: at 1 the code is ignored, a sample of any flower.
 Samples draw a code from a Gaussian mixture fitted to the training photos' codes, then the rest. The fitted state
 is plain tensors and numbers, stored in a checkpoint under "samplers"; sampling needs no data, and the Inception
@@ -50,9 +53,14 @@ MIN_CLASS_SIZE = 4  # latents per class on average (a photo and its mirror image
 NEIGHBOURS = 8  # without classes, a photo's partners are its 8 nearest neighbours (its mirror image among them)
 DROP_CODE = 0.1  # share of training examples whose code is dropped: the unconditional prior is learned with it
 GUIDANCE = 1.5  # classifier-free guidance scale of variations and samples (1: the conditional model as trained)
-KIND_STRENGTH = 0.35  # all but the photo's code drawn anew: the default strength of variations (vae.inference)
+KIND_STRENGTH = 0.35  # all but the photo's code drawn anew; below it, SDEdit under the code
+CODE_NOISE = 1.0  # standard deviation added to each code number in the fit and in variations (docs/kind.md)
 CODE_COMPONENTS = 16  # Gaussian mixture components of the codes' prior
-DEFAULT_STEPS = 4000
+# How far a walk of the code (traverse, the page) turns each way by default, in spreads of the training codes along
+# a direction: the code noise alone turns a photo's code by about 45 degrees, so a walk that changes the kind turns
+# further (4 spreads of 1.1 to 1.5 are arcs of 65 to 85 degrees).
+WALK_RANGE = 4.0
+DEFAULT_STEPS = 12000  # the noisy code's variations keep the species more often after 12,000 steps (docs/kind.md)
 
 
 class CodeEncoder(nn.Module):
@@ -187,7 +195,7 @@ def nearest_neighbours(points, count, chunk=1024):
 # --------------------------------------------------------------------------------------------------- fitting
 
 def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code_size=CODE_SIZE,
-                   class_weight=0.0, code_noise=0.0, steps=DEFAULT_STEPS, batch_size=128, lr=None, amp=None,
+                   class_weight=0.0, code_noise=CODE_NOISE, steps=DEFAULT_STEPS, batch_size=128, lr=None, amp=None,
                    seed=0, device="cpu", progress=False):
     """Fit the code encoder and the conditional denoiser together to the training images' posteriors.
 
@@ -302,14 +310,17 @@ class KindPrior(NetworkSampler):
     min_images = 2  # the code prior is a mixture fitted to the training codes
 
     @classmethod
-    def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
+    def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False, code_noise=CODE_NOISE):
         means, stds = posteriors.all()
         return cls(fit_kind_prior(means, stds, posteriors.latent_shape, posteriors.all_classes(),
-                                  steps=steps or DEFAULT_STEPS, seed=seed, device=device, progress=progress))
+                                  code_noise=code_noise, steps=steps or DEFAULT_STEPS, seed=seed, device=device,
+                                  progress=progress))
 
     @classmethod
-    def after_training(cls, config):  # fitted at the end of training with the diffusion prior, as many steps
-        return {"steps": config.diffusion_prior_steps} if config.diffusion_prior_steps else None
+    def after_training(cls, config):  # fitted at the end of training with the diffusion prior
+        if not config.diffusion_prior_steps:
+            return None
+        return {"steps": config.kind_prior_steps or config.diffusion_prior_steps, "code_noise": config.kind_code_noise}
 
     def load_network(self, device):
         """The code encoder and the conditional denoiser."""
@@ -404,15 +415,29 @@ class KindPrior(NetworkSampler):
         u = diffusion.denoise(guided(self.network(u.device), codes, self.guidance), u, t, method="ddim")
         return diffusion.unstandardise(u, self.state).flatten(1)
 
+    def typical_code(self):
+        """A code (1, code_size) where the training codes are densest: the mean of the codes' heaviest mixture
+        component, on the sphere. (Their overall mean can lie near the sphere's centre, a direction of no code.)"""
+        mixture = self.state["code_prior"]
+        return on_sphere(mixture["means"][mixture["weights"].argmax()][None].float())
+
     @torch.no_grad()
     def walk(self, center, rows, value_range, steps, generator=None):
-        """Latents (rows * steps, latent_dim) of a traversal of the code: row r moves the code `center`
-        (1, code_size) along the r-th principal direction of the training codes, from -value_range to
-        +value_range of their spread along it; every image starts from the same noise, so only the code changes."""
+        """Latents (rows * steps, latent_dim) of a traversal of the code: row r turns the code `center`
+        (1, code_size) along the great circle towards the r-th principal direction of the training codes, by
+        -value_range to +value_range of their spread along it (as an arc of the sphere); every image starts from
+        the same noise, so only the code changes."""
         directions, spread = self.state["code_directions"], self.state["code_spread"]
         rows = min(rows, len(directions))
-        values = torch.linspace(-value_range, value_range, steps)
-        codes = torch.cat([on_sphere(center + values[:, None] * spread[r] * directions[r]) for r in range(rows)])
+        values = torch.linspace(-value_range, value_range, steps)[:, None]
+        start = on_sphere(center)
+        radius = start.norm()
+        codes = []
+        for r in range(rows):  # the direction made orthogonal to the start, scaled to the sphere's radius
+            towards = radius * F.normalize(directions[r] - (directions[r] @ start[0]) * start[0] / radius ** 2, dim=0)
+            angle = values * spread[r] / radius
+            codes.append(torch.cos(angle) * start + torch.sin(angle) * towards)
+        codes = torch.cat(codes)
         noise = diffusion.draw_noise((1, *self.map_shape), generator, torch.device("cpu"))
         return self.draw(codes, generator, noise=noise.expand(len(codes), -1, -1, -1))
 

@@ -200,15 +200,15 @@ def _tensors_in(value, where="state"):
             yield from _tensors_in(item, f"{where}[{index}]")
 
 
-def fit_samplers(model, images_uint8, names, seed=0, hflip=False, steps=None, progress=False, classes=None):
+def fit_samplers(model, images_uint8, names, seed=0, hflip=False, options=None, progress=False, classes=None):
     """{name: state} of the samplers `names`, fitted to the posteriors of the training images (and their mirror
-    images with hflip, for the samplers that use them). steps: {name: training steps} for those that train a
-    network; the others take their defaults. classes: each image's class (0: unknown), for the samplers that
-    learn from them."""
+    images with hflip, for the samplers that use them). options: {name: {option: value}}, keywords of a
+    sampler's fit (such as "steps" for those that train a network); what is not given takes its default.
+    classes: each image's class (0: unknown), for the samplers that learn from them."""
     posteriors = Posteriors.of(model, images_uint8, hflip, classes)
     device = next(model.parameters()).device
-    return {name: SAMPLERS[name].fit(posteriors, seed=seed, steps=(steps or {}).get(name), device=device,
-                                     progress=progress).state for name in names}
+    return {name: SAMPLERS[name].fit(posteriors, seed=seed, device=device, progress=progress,
+                                     **(options or {}).get(name, {})).state for name in names}
 
 
 def check_enough_images(names, count, fix):
