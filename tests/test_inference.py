@@ -449,7 +449,7 @@ def test_sample_from_the_stored_gmm_and_a_missing_sampler_names_the_fix(checkpoi
 def test_export_fits_both_samplers_and_writes_a_small_inference_checkpoint(checkpoint, flowers_root, tmp_path):
     exported = tmp_path / "small.pt"
     assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "--data-dir", str(flowers_root),
-                 "--diffusion-steps", "100", "--out", str(exported)]) == 0
+                 "--diffusion-steps", "100", "--kind-steps", "100", "--out", str(exported)]) == 0
     small = torch.load(exported, weights_only=True)
     assert {"model", "config", "samplers", "git_sha"} <= small.keys() and "optimizer" not in small
     assert small["config"]["data_dir"] == "datasets" and small["config"]["log_dir"] == "runs"  # no machine paths
@@ -583,6 +583,9 @@ def test_each_shipped_model_is_a_plain_checkpoint_of_its_recipe(name):
         assert shipped["config"][key.replace("-", "_")] == value, key
     assert path.stat().st_size < 20e6  # the design's limit
     assert shipped["samplers"]["diffusion"]["kind"] == "diffusion"  # the recipe's prior, fitted on its images
+    config, kind = load_model(path, "cpu").config, shipped["samplers"]["kind"]  # fitted as the recipe says
+    assert kind["steps"] == (config.kind_prior_steps or config.diffusion_prior_steps)
+    assert kind.get("code_noise", 0.0) == config.kind_code_noise
     # A GMM of full covariances is 4 x D^2 numbers: 4 MB for flowers32's 512, 67 MB for flowers64's 2,048.
     assert ("gmm" in shipped["samplers"]) == (name == "flowers32")
     # No folder of the machine that trained it: inference falls back to the defaults a user has.
