@@ -189,7 +189,7 @@ def test_the_interpolation_starts_and_ends_near_the_photos(fitted):
 @pytest.mark.slow  # fits a kind prior for 300 steps
 def test_the_walk_changes_only_the_code(fitted):
     kind, _, _ = fitted
-    walk = kind.walk(kind.state["code_mean"][None], 3, 2.0, 5, torch.Generator().manual_seed(0))
+    walk = kind.walk(kind.typical_code(), 3, 2.0, 5, torch.Generator().manual_seed(0))
     assert walk.shape == (15, 64)
     rows = walk.view(3, 5, -1)
     assert all(not torch.allclose(row[0], row[-1], atol=1e-3) for row in rows)
@@ -354,7 +354,7 @@ def test_many_draws_are_denoised_a_chunk_at_a_time_like_one_batch(with_kind, mon
     import vae.kind_prior
 
     kind = load_model(with_kind, "cpu").sampler("kind")
-    codes = kind.state["code_mean"][None].repeat(5, 1) + torch.randn(5, kind.state["code_size"],
+    codes = kind.typical_code().repeat(5, 1) + torch.randn(5, kind.state["code_size"],
                                                                     generator=torch.Generator().manual_seed(0))
     whole = kind.draw(codes, torch.Generator().manual_seed(1))
     monkeypatch.setattr(vae.kind_prior, "DRAW_CHUNK", 2)  # 5 draws: chunks of 2, 2 and 1, from the same noise

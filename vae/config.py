@@ -15,6 +15,7 @@ from datasets.decoding import RESIZES
 from vae.device import DEVICES
 from vae.errors import UserError
 from vae.fid import inception_path
+from vae.kind_prior import CODE_NOISE
 from vae.layers import ARCHITECTURES
 from vae.likelihoods import LIKELIHOODS, TUTORIAL_SIGMA
 from vae.schedules import SCHEDULES
@@ -138,7 +139,7 @@ class TrainConfig:
     kind_prior_steps: int = _flag(0, "steps of the kind sampler fitted with the diffusion prior (0: as many as "
                                   "--diffusion-prior-steps; docs/kind.md: its variations keep the species more "
                                   "often after 12,000)")
-    kind_code_noise: float = _flag(1.0, "standard deviation added to each number of the kind sampler's code while "
+    kind_code_noise: float = _flag(CODE_NOISE, "standard deviation added to each number of the kind sampler's code while "
                                    "it is fitted and in variations, so that the code holds a kind, not a photo "
                                    "(0: none; docs/kind.md)")
 

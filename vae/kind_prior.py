@@ -216,7 +216,7 @@ def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code
 
     Returns the state: {"kind": "kind", "latent_shape", "latent_dim", "code_size", "pairing", "partners" (how
     partners were chosen: classes, neighbours or self), "width", "num_blocks", "multipliers", "guidance",
-    "network", "shift", "scale", "code_prior" (a gmm state), "classes", "class_codes", "code_mean",
+    "network", "shift", "scale", "code_prior" (a gmm state), "classes", "class_codes",
     "code_directions", "code_spread", "class_weight", "code_noise", "steps", "loss" (with the read-out's term)}.
     """
     device = torch.device(device)
@@ -277,8 +277,9 @@ def fit_kind_prior(means, stds, latent_shape, classes=None, pairing="self", code
 
 def code_statistics(codes, classes, seed=0):
     """What sampling and walking the codes need, from the training latents' codes (N, K): a Gaussian mixture of
-    them ("code_prior"), each class's mean code on the sphere ("classes", "class_codes"), and their mean, principal
-    directions (rows, largest spread first) and spread (standard deviation) along each."""
+    them ("code_prior"), each class's mean code on the sphere ("classes", "class_codes"), and their principal
+    directions about their mean (rows, largest spread first) and spread (standard deviation) along each. (Fits
+    made before typical_code() also stored the mean, "code_mean"; nothing reads it.)"""
     components = max(1, min(CODE_COMPONENTS, len(codes) // (4 * codes.shape[1])))
     known = sorted(set(classes.tolist()) - {0}) if classes is not None else []
     class_codes = torch.stack([on_sphere(codes[classes == c].mean(0, keepdim=True))[0] for c in known]) \
@@ -289,7 +290,6 @@ def code_statistics(codes, classes, seed=0):
         "code_prior": fit_gmm(codes, components, seed=seed),
         "classes": [int(c) for c in known],
         "class_codes": class_codes,
-        "code_mean": mean,
         "code_directions": directions.contiguous(),
         "code_spread": singular / max(1, len(codes) - 1) ** 0.5,
     }
