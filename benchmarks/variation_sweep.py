@@ -10,6 +10,7 @@ the whole sweep as one JSON line last.
 """
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -48,6 +49,11 @@ def build_parser():
     parser.add_argument("--grid", default="", help="PNG: photos, each followed by variations at three strengths")
     parser.add_argument("--grid-strengths", nargs=3, type=float, default=[0.1, inference.DEFAULT_STRENGTH, 0.35],
                         help="the grid's three strengths (of the first mode)")
+    parser.add_argument("--kind-code-noise", type=float, default=None,
+                        help="noise drawn around the photo's code by the kind mode (default: its fit's)")
+    parser.add_argument("--kind-candidates", type=int, default=1,
+                        help="the kind mode draws this many variations of a photo and keeps the one whose code is "
+                             "nearest the photo's")
     parser.add_argument("--grid-photos", type=int, default=6, help="photos in the grid (a seeded draw)")
     return parser
 
@@ -92,6 +98,12 @@ def main(argv=None):
         device = pick_device(args.device)
         trained = load_model(args.checkpoint, device)
         model, config = trained.model, trained.config
+        if args.kind_candidates < 1 or (args.kind_code_noise or 0) < 0:
+            raise UserError(f"--kind-candidates {args.kind_candidates}, --kind-code-noise {args.kind_code_noise}: "
+                            "give 1 or more candidates and a code noise of 0 or more")
+        if "kind" in trained.samplers:  # the knobs of the kind mode, for every variation it makes here
+            kind = trained.samplers["kind"]
+            kind.vary = functools.partial(kind.vary, code_noise=args.kind_code_noise, candidates=args.kind_candidates)
         if not config.holdout:
             raise UserError(f"{args.checkpoint} was trained without --holdout: it has no held-out photos to sweep on")
         common = dict(holdout=config.holdout, holdout_seed=config.seed, resize=config.resize)

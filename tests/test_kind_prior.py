@@ -177,6 +177,34 @@ def test_variations_of_a_noisy_code_draw_it_around_the_photos_code(fitted, monke
 
 
 @pytest.mark.slow  # fits a kind prior for 300 steps
+def test_variations_can_override_the_fits_code_noise(fitted, monkeypatch):
+    kind, latents, _ = fitted
+    photos = latents[:1].flatten(1).expand(64, -1)
+    seen = []
+    monkeypatch.setattr(KindPrior, "draw", lambda self, codes, *args, **kwargs: seen.append(codes) or
+                        torch.zeros(len(codes), 64))
+    noisy = KindPrior({**kind.state, "code_noise": 1.0})
+    noisy.vary(photos, 0.5, torch.Generator().manual_seed(0), code_noise=0.0)
+    assert torch.nn.functional.cosine_similarity(seen[-1], kind.codes(photos[:1])).min() > 0.9999
+    kind.vary(photos, 0.5, torch.Generator().manual_seed(0), code_noise=1.0)  # a fit without noise, drawn with it
+    assert torch.nn.functional.cosine_similarity(seen[-1], kind.codes(photos[:1])).max() < 0.99
+
+
+@pytest.mark.slow  # fits a kind prior for 300 steps
+def test_of_several_candidates_a_variation_is_the_one_whose_code_is_nearest_the_photos(fitted):
+    kind, latents, _ = fitted
+    photos = latents[:6].flatten(1)
+    kept = kind.vary(photos, 0.3, torch.Generator().manual_seed(0), candidates=3)
+    generator = torch.Generator().manual_seed(0)  # the same draws, one candidate at a time
+    drawn = [kind.vary(photos, 0.3, generator) for _ in range(3)]
+    photo_codes = kind.codes(photos)
+    distances = torch.stack([(kind.codes(candidate) - photo_codes).norm(dim=1) for candidate in drawn])
+    nearest = torch.stack([drawn[distances[:, row].argmin()][row] for row in range(len(photos))])
+    assert torch.allclose(kept, nearest, atol=1e-5)
+    assert not torch.allclose(drawn[0], drawn[1], atol=1e-3)  # the candidates differ: there was a choice
+
+
+@pytest.mark.slow  # fits a kind prior for 300 steps
 def test_the_interpolation_starts_and_ends_near_the_photos(fitted):
     kind, latents, _ = fitted
     a, b = latents[:1].flatten(1), latents[1:2].flatten(1)

@@ -398,13 +398,21 @@ class KindPrior(NetworkSampler):
         return self.draw(self.sample_codes(num, generator), generator, temperature)
 
     @torch.no_grad()
-    def vary(self, latents, strength, generator=None):
+    def vary(self, latents, strength, generator=None, code_noise=None, candidates=1):
         """Up to KIND_STRENGTH: SDEdit to depth strength / KIND_STRENGTH under the photo's code; above it, a new
-        draw whose guidance falls linearly to 0 at strength 1 (see the module's docstring)."""
+        draw whose guidance falls linearly to 0 at strength 1 (see the module's docstring). code_noise: the noise
+        drawn around the photo's code (default: the fit's). candidates > 1 draws that many variations of each photo
+        and keeps the one whose code is nearest the photo's (docs/kind.md measures both knobs)."""
         if strength <= 0:
             return latents.clone()
+        if candidates > 1:
+            drawn = torch.stack([self.vary(latents, strength, generator, code_noise) for _ in range(candidates)])
+            closeness = torch.einsum("cbk,bk->cb", self.codes(drawn.flatten(0, 1)).view(candidates, len(latents), -1),
+                                     self.codes(latents))  # codes share one norm: the nearest has the largest
+            return drawn[closeness.argmax(0), torch.arange(len(latents))]
         # The code as the fit saw it: a draw around the photo's (fits made before code_noise have none).
-        codes = around(self.codes(latents), self.state.get("code_noise", 0.0), generator)
+        codes = around(self.codes(latents), self.state.get("code_noise", 0.0) if code_noise is None else code_noise,
+                       generator)
         if strength >= KIND_STRENGTH:
             loosened = (float(strength) - KIND_STRENGTH) / (1 - KIND_STRENGTH)
             return self.draw(codes, generator, guidance=self.guidance * (1 - loosened)).to(latents.device)
