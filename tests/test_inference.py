@@ -559,10 +559,10 @@ def test_the_variation_sweep_measures_each_mode_and_draws_the_plot_and_grid(with
     assert png_size(grid) == expected_grid(2 * 13, 13)
     without_holdout = run_script("benchmarks/variation_sweep.py", "--checkpoint", with_diffusion_prior, "--data-dir",
                                  root)
+    assert without_holdout.returncode == 2 and "trained without --holdout" in error_line(without_holdout.stderr)
     no_candidates = run_script("benchmarks/variation_sweep.py", "--checkpoint", held_out, "--data-dir", root,
                                "--kind-candidates", "0")
     assert no_candidates.returncode == 2 and "--kind-candidates 0" in error_line(no_candidates.stderr)
-    assert without_holdout.returncode == 2 and "trained without --holdout" in error_line(without_holdout.stderr)
 
 
 def test_projector_writes_any_checkpoints_posterior_means_with_classes(checkpoint, flowers_root, tmp_path):

@@ -383,7 +383,7 @@ def test_many_draws_are_denoised_a_chunk_at_a_time_like_one_batch(with_kind, mon
 
     kind = load_model(with_kind, "cpu").sampler("kind")
     codes = kind.typical_code().repeat(5, 1) + torch.randn(5, kind.state["code_size"],
-                                                                    generator=torch.Generator().manual_seed(0))
+                                                           generator=torch.Generator().manual_seed(0))
     whole = kind.draw(codes, torch.Generator().manual_seed(1))
     monkeypatch.setattr(vae.kind_prior, "DRAW_CHUNK", 2)  # 5 draws: chunks of 2, 2 and 1, from the same noise
     assert torch.allclose(kind.draw(codes, torch.Generator().manual_seed(1)), whole, atol=1e-4)

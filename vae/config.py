@@ -139,9 +139,9 @@ class TrainConfig:
     kind_prior_steps: int = _flag(0, "steps of the kind sampler fitted with the diffusion prior (0: as many as "
                                   "--diffusion-prior-steps; docs/kind.md: its variations keep the species more "
                                   "often after 12,000)")
-    kind_code_noise: float = _flag(CODE_NOISE, "standard deviation added to each number of the kind sampler's code while "
-                                   "it is fitted and in variations, so that the code holds a kind, not a photo "
-                                   "(0: none; docs/kind.md)")
+    kind_code_noise: float = _flag(CODE_NOISE, "standard deviation added to each number of the kind sampler's code "
+                                   "while it is fitted and in variations, so that the code holds a kind, not a "
+                                   "photo (0: none; docs/kind.md)")
 
 
 def build_parser(config_class=TrainConfig, **parser_kwargs) -> argparse.ArgumentParser:
