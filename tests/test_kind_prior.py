@@ -1,12 +1,13 @@
 """The kind sampler (vae/kind_prior.py): a code of a flower's kind learned from pairs of photos of one kind, a
 prior conditioned on it, the one strength knob of its variations, and the commands that use it."""
 
+import json
 import math
 import shutil
 
 import pytest
 import torch
-from conftest import real_flower_files
+from conftest import make_flowers_root, real_flower_files, run_script
 
 from vae.inference import DEFAULT_STRENGTH
 from vae.kind_prior import (CODE_NOISE, KIND_STRENGTH, KindDenoiser, KindPrior, Partners, fit_kind_prior, guided,
@@ -255,6 +256,26 @@ def with_kind(checkpoint, flowers_root, tmp_path_factory):
     assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "kind", "--kind-steps", "30",
                  "--kind-code-noise", "0.5", "--data-dir", str(flowers_root), "--out", str(exported)]) == 0
     return exported
+
+
+@pytest.mark.slow  # Inception v3 on the CPU, and the sweep twice in its own process
+def test_the_sweeps_knobs_of_the_kind_mode_change_its_variations(with_kind, tmp_path):
+    root = make_flowers_root(tmp_path / "four", classes=4)
+    held_out = tmp_path / "holdout.pt"  # as if trained with a quarter of train+val held out: 10 photos to vary
+    checkpoint = torch.load(with_kind, weights_only=True)
+    checkpoint["config"].update(split="train+val", holdout=0.25)
+    torch.save(checkpoint, held_out)
+
+    def sweep(*knobs):
+        result = run_script("benchmarks/variation_sweep.py", "--checkpoint", held_out, "--data-dir", root,
+                            "--modes", "kind", "--strengths", "0.2", "--variations", "2", *knobs)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.splitlines()[-1])["points"][0]
+
+    as_fitted, knobbed = sweep(), sweep("--kind-code-noise", "0", "--kind-candidates", "2")
+    assert as_fitted["variation_mode"] == knobbed["variation_mode"] == "kind"
+    # One seed: the same variations unless the knobs reach them.
+    assert knobbed["variation_rmse_to_input"] != pytest.approx(as_fitted["variation_rmse_to_input"], rel=1e-6)
 
 
 def test_kind_is_the_default_of_variations_and_samples(with_kind, flowers_root, tmp_path, capsys):

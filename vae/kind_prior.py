@@ -405,11 +405,14 @@ class KindPrior(NetworkSampler):
         and keeps the one whose code is nearest the photo's (docs/kind.md measures both knobs)."""
         if strength <= 0:
             return latents.clone()
-        if candidates > 1:
-            drawn = torch.stack([self.vary(latents, strength, generator, code_noise) for _ in range(candidates)])
-            closeness = torch.einsum("cbk,bk->cb", self.codes(drawn.flatten(0, 1)).view(candidates, len(latents), -1),
-                                     self.codes(latents))  # codes share one norm: the nearest has the largest
-            return drawn[closeness.argmax(0), torch.arange(len(latents))]
+        if candidates == 1:
+            return self._vary_once(latents, strength, generator, code_noise)
+        drawn = torch.stack([self._vary_once(latents, strength, generator, code_noise) for _ in range(candidates)])
+        closeness = torch.einsum("cbk,bk->cb", self.codes(drawn.flatten(0, 1)).view(candidates, len(latents), -1),
+                                 self.codes(latents))  # codes share one norm: the nearest has the largest
+        return drawn[closeness.argmax(0), torch.arange(len(latents))]
+
+    def _vary_once(self, latents, strength, generator, code_noise):
         # The code as the fit saw it: a draw around the photo's (fits made before code_noise have none).
         codes = around(self.codes(latents), self.state.get("code_noise", 0.0) if code_noise is None else code_noise,
                        generator)
