@@ -405,16 +405,18 @@ class KindPrior(NetworkSampler):
         and keeps the one whose code is nearest the photo's (docs/kind.md measures both knobs)."""
         if strength <= 0:
             return latents.clone()
+        photo_codes = self.codes(latents)
         if candidates == 1:
-            return self._vary_once(latents, strength, generator, code_noise)
-        drawn = torch.stack([self._vary_once(latents, strength, generator, code_noise) for _ in range(candidates)])
+            return self._vary_once(latents, photo_codes, strength, generator, code_noise)
+        drawn = torch.stack([self._vary_once(latents, photo_codes, strength, generator, code_noise)
+                             for _ in range(candidates)])
         closeness = torch.einsum("cbk,bk->cb", self.codes(drawn.flatten(0, 1)).view(candidates, len(latents), -1),
-                                 self.codes(latents))  # codes share one norm: the nearest has the largest
+                                 photo_codes)  # codes share one norm: the nearest has the largest
         return drawn[closeness.argmax(0), torch.arange(len(latents))]
 
-    def _vary_once(self, latents, strength, generator, code_noise):
+    def _vary_once(self, latents, photo_codes, strength, generator, code_noise):
         # The code as the fit saw it: a draw around the photo's (fits made before code_noise have none).
-        codes = around(self.codes(latents), self.state.get("code_noise", 0.0) if code_noise is None else code_noise,
+        codes = around(photo_codes, self.state.get("code_noise", 0.0) if code_noise is None else code_noise,
                        generator)
         if strength >= KIND_STRENGTH:
             loosened = (float(strength) - KIND_STRENGTH) / (1 - KIND_STRENGTH)
