@@ -11,8 +11,10 @@ Designs (--designs): "neighbour" (the code of another photo of the same class, o
 classes), "self" (the photo's own code: a diffusion autoencoder over the latent), "self-class" (the same, its code
 also trained to tell the photo's class through a linear read-out, where the photos have labels), "self-64" (the
 photo's own code of 64 numbers instead of 16) and "self-noise" (the photo's own code with noise of standard
-deviation 1 added to each of its numbers, in the fit and in variations: a code of at most 8 bits). --save-dir
-keeps each fitted checkpoint (kind-<design>.pt), so that the better one can be shipped without fitting it again.
+deviation 1 added to each of its numbers, in the fit and in variations: a code of at most 8 bits). --code-noise S
+fits every chosen design with noise S instead (16 numbers of variance 1 then carry at most 8 log2(1 + 1/S^2) bits).
+--save-dir keeps each fitted checkpoint (kind-<design>.pt, kind-<design>-noise<S>.pt with --code-noise), so that the
+better one can be shipped without fitting it again.
 The last line printed is one JSON object.
 """
 
@@ -69,6 +71,8 @@ def main(argv=None):
                         help="classifier-free guidance scales to judge each design at (default: the fitted one)")
     parser.add_argument("--fid-samples", type=int, default=1000, help="samples per FID (0: none)")
     parser.add_argument("--reference-images", type=int, default=1000, help="photos of --split the FID compares with")
+    parser.add_argument("--code-noise", type=float, default=None,
+                        help="fit every design with this code noise instead of its own (at least 0)")
     parser.add_argument("--save-dir", default="", help="keep each fitted checkpoint here")
     parser.add_argument("--reuse", action="store_true", help="judge the checkpoints --save-dir holds from an earlier "
                         "run (kind-<design>.pt) instead of fitting again")
@@ -76,6 +80,8 @@ def main(argv=None):
                         help="also measure the checkpoint's own diffusion mode at the default strength")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.code_noise is not None and args.code_noise < 0:
+        parser.error(f"--code-noise must be at least 0 (got {args.code_noise}); 0 fits a code without noise")
 
     trained = load_model(args.checkpoint, "cpu")
     model = trained.model
@@ -119,15 +125,18 @@ def main(argv=None):
         measure("diffusion (the checkpoint's)", trained.samplers, "diffusion", [DEFAULT_STRENGTH],
                 trained.samplers["diffusion"], {})
     for design in args.designs:
-        path = Path(args.save_dir) / f"kind-{design}.pt"
+        options = dict(DESIGNS[design], **({} if args.code_noise is None else {"code_noise": args.code_noise}))
+        noise = "" if args.code_noise is None else f"-noise{args.code_noise:g}"
+        path = Path(args.save_dir) / f"kind-{design}{noise}.pt"
         if args.reuse:
             prior = load_model(path, "cpu").sampler("kind")
             measure(design, {"kind": prior}, "kind", args.strengths, prior,
-                    {"steps": prior.state["steps"], "partners": prior.state["partners"]})
+                    {"steps": prior.state["steps"], "partners": prior.state["partners"],
+                     "code_noise": prior.state.get("code_noise", 0.0)})
             continue
         means, stds = posteriors.all()
         start = time.perf_counter()
-        state = fit_kind_prior(means, stds, posteriors.latent_shape, posteriors.all_classes(), **DESIGNS[design],
+        state = fit_kind_prior(means, stds, posteriors.latent_shape, posteriors.all_classes(), **options,
                                steps=args.steps, seed=args.seed, progress=False)
         minutes = round((time.perf_counter() - start) / 60, 2)
         prior = KindPrior(state)
@@ -137,7 +146,8 @@ def main(argv=None):
             export_for_inference({**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), "kind": state}},
                                  path)
         measure(design, {"kind": prior}, "kind", args.strengths, prior,
-                {"steps": args.steps, "fit_minutes": minutes, "partners": state["partners"]})
+                {"steps": args.steps, "fit_minutes": minutes, "partners": state["partners"],
+                 "code_noise": options["code_noise"]})
     print(json.dumps(results))
 
 

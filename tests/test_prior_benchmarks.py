@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import run_script
 from vae.denoisers import build_denoiser
 from vae.diffusion_prior import ARCHITECTURE_DEFAULTS
+from vae.trained import load_model
 
 
 @pytest.mark.slow  # every network is built and timed, in its own process
@@ -84,14 +85,20 @@ def test_the_kind_designs_are_judged_on_the_runs_hold_out_at_each_guidance(flowe
     result = run_script("benchmarks/kind_designs.py", "--checkpoint", tmp_path / "h" / "checkpoint.pt",
                         "--data-dir", flowers_root, "--designs", "self", "self-class", "--steps", "10",
                         "--split", "holdout", "--variations", "2", "--guidances", "1", "3", "--fid-samples", "0",
-                        "--no-baseline")
+                        "--no-baseline", "--code-noise", "0.5", "--save-dir", tmp_path / "fitted")
     assert result.returncode == 0, result.stderr
     judged = json.loads(result.stdout.splitlines()[-1])
     assert judged["photos"] == 8  # the run's hold-out: a quarter of its 32 photos
-    assert [(point["design"], point["guidance"]) for point in judged["points"]] == [
-        ("self", 1), ("self", 3), ("self-class", 1), ("self-class", 3)]
+    assert [(point["design"], point["guidance"], point["code_noise"]) for point in judged["points"]] == [
+        ("self", 1, 0.5), ("self", 3, 0.5), ("self-class", 1, 0.5), ("self-class", 3, 0.5)]
+    # Each fit is kept under a name that says its code noise, and it samples with that noise.
+    for design in ("self", "self-class"):
+        assert load_model(tmp_path / "fitted" / f"kind-{design}-noise0.5.pt", "cpu").samplers["kind"].state[
+            "code_noise"] == 0.5
     # Eight photos of eight classes: species are judged (0 to 1), and FID is measured; diversity needs two photos
     # of one species.
     assert all(point["variation_strength"] == 0.35 and 0 <= point["species_kept"] <= 1 and point["variation_fid"] > 0
                for point in judged["points"])
     assert "the 8 images held out" in result.stdout
+    negative = run_script("benchmarks/kind_designs.py", "--data-dir", flowers_root, "--code-noise", "-1")
+    assert negative.returncode == 2 and "--code-noise must be at least 0" in negative.stderr.strip().splitlines()[-1]
