@@ -178,9 +178,29 @@ def _worker_signals():
     """Pool initializer. Ctrl-C in a terminal sends SIGINT to every process of the group; the workers ignore it, so
     only the main process raises KeyboardInterrupt (and ends them) instead of each worker printing a traceback.
     SIGTERM gets its default back (a fork inherits the main process's handler), so Pool.terminate() ends a worker
-    at once and silently."""
+    at once and silently; then the worker lets through the SIGTERM it was born holding (see _sigterm_held)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def _sigterm_held():
+    """Workers forked inside this block are born with SIGTERM blocked, until _worker_signals has run. Otherwise a
+    Pool.terminate() that comes right after the pool started (the first images are corrupt, on a busy machine)
+    can send its SIGTERM before the new worker's interpreter has finished forking: the handler inherited from this
+    process notes it, the interpreter then clears the signals that came in before it was ready, and the worker
+    lives on, idle, while terminate() waits for it forever. Blocked, the signal waits, and ends the worker as
+    soon as its initializer has set SIGTERM's default back."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no fork, no signals between processes
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
@@ -221,7 +241,8 @@ def decode_images(files, resolution, num_workers=1, skip_bad_images=False, descr
             stack.enter_context(_sigterm_as_interrupt())
             # Leaving the with block (done, an error, KeyboardInterrupt) calls pool.terminate(), which also waits
             # for the workers to exit, so none outlives the build.
-            pool = stack.enter_context(_pool_context().Pool(num_workers, initializer=_worker_signals))
+            with _sigterm_held():
+                pool = stack.enter_context(_pool_context().Pool(num_workers, initializer=_worker_signals))
             results = pool.imap(_decode_or_none, jobs, chunksize=chunksize)
         else:
             results = map(_decode_or_none, jobs)

@@ -1,5 +1,6 @@
 """Decoding images of every mode Pillow opens, the cache's checksum, signals during the cache build, subsets."""
 
+import multiprocessing
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from scipy.io import savemat
 from conftest import REPO, png_header
 from datasets.batches import holdout_split, random_subset
 from datasets.cache import cache_path, cached_images
+from datasets import decoding
 from datasets.decoding import decode_images, decode_rgb, load_image
 from datasets.flowers102 import flowers102_files
 from vae.errors import UserError
@@ -304,6 +306,30 @@ def test_a_signal_during_the_cache_build_ends_it_promptly_without_tracebacks(thr
     assert not list(cache_dir.glob("*.pt")), "an interrupted build must not leave a cache"
     with pytest.raises(ProcessLookupError):  # every worker has been ended and reaped, none is left over
         os.killpg(process.pid, 0)
+
+
+def initialised_late():
+    time.sleep(1)  # a worker not yet ready: the SIGTERM comes before its initializer has run
+    decoding._worker_signals()
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask") or "fork" not in multiprocessing.get_all_start_methods(),
+                    reason="needs fork and signal masks")
+def test_a_sigterm_that_reaches_a_worker_before_its_initializer_ends_it_once_the_initializer_has_run():
+    # Pool.terminate() right after the pool started (the first image corrupt, a busy machine) can reach a worker
+    # still under the main process's handler; that signal must end it, neither be lost (terminate() then waits
+    # forever) nor raise KeyboardInterrupt in the worker (a traceback).
+    with decoding._sigterm_as_interrupt(), decoding._sigterm_held():
+        worker = multiprocessing.get_context("fork").Process(target=initialised_late)
+        worker.start()
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the main process's mask is back
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(timeout=30)
+    if worker.exitcode is None:
+        worker.kill()
+        worker.join()
+    assert worker.exitcode == -signal.SIGTERM  # ended by the signal itself, once its default was back
 
 
 # ----------------------------------------------------------------------------------------------- subsets
