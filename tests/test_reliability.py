@@ -486,8 +486,11 @@ def test_ctrl_c_while_the_libraries_load_exits_at_once_with_one_line(script, flo
     arguments = {"vae_training.py": ["--data-dir", flowers_root, "--log-dir", tmp_path / "runs", *TINY],
                  "vae_inference.py": ["sample", "--out", tmp_path / "s.png"],
                  "vae_demo.py": ["--port", closed_port()]}[script]
+    # As in a terminal, SIGINT acts: started in the background of a non-interactive shell (a CI job), the tests,
+    # and every process they start, inherit it ignored.
     process = subprocess.Popen([sys.executable, script, *map(str, arguments)], cwd=REPO, env=ENV, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():
         assert process.poll() is None and time.monotonic() < deadline, "the script ended before it loaded PyTorch"
