@@ -19,9 +19,9 @@ from PIL import Image
 from scipy.io import savemat
 
 from conftest import REPO, png_header
+from datasets import decoding
 from datasets.batches import holdout_split, random_subset
 from datasets.cache import cache_path, cached_images
-from datasets import decoding
 from datasets.decoding import decode_images, decode_rgb, load_image
 from datasets.flowers102 import flowers102_files
 from vae.errors import UserError

@@ -487,10 +487,12 @@ def test_ctrl_c_while_the_libraries_load_exits_at_once_with_one_line(script, flo
                  "vae_inference.py": ["sample", "--out", tmp_path / "s.png"],
                  "vae_demo.py": ["--port", closed_port()]}[script]
     # As in a terminal, SIGINT acts: started in the background of a non-interactive shell (a CI job), the tests,
-    # and every process they start, inherit it ignored.
-    process = subprocess.Popen([sys.executable, script, *map(str, arguments)], cwd=REPO, env=ENV, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # and every process they start, inherit it ignored, and Python keeps it so. The script runs as __main__ once
+    # Python's own handler is back.
+    as_in_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, script, *map(str, arguments)], cwd=REPO,
+                               env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():
         assert process.poll() is None and time.monotonic() < deadline, "the script ended before it loaded PyTorch"
