@@ -95,15 +95,15 @@ def plot_sweep(points, path):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        device = pick_device(args.device)
-        trained = load_model(args.checkpoint, device)
-        model, config = trained.model, trained.config
         if args.kind_candidates < 1 or (args.kind_code_noise or 0) < 0:
             raise UserError(f"--kind-candidates {args.kind_candidates}, --kind-code-noise {args.kind_code_noise}: "
                             "give 1 or more candidates and a code noise of 0 or more")
         if (args.kind_candidates != 1 or args.kind_code_noise is not None) and "kind" not in args.modes:
             raise UserError(f"--kind-code-noise and --kind-candidates change the kind mode only, and --modes "
                             f"{' '.join(args.modes)} does not sweep it; add kind to --modes")
+        device = pick_device(args.device)
+        trained = load_model(args.checkpoint, device)
+        model, config = trained.model, trained.config
         if "kind" in trained.samplers:  # the knobs of the kind mode, for every variation it makes here
             kind = trained.samplers["kind"]
             kind.vary = functools.partial(kind.vary, code_noise=args.kind_code_noise, candidates=args.kind_candidates)
