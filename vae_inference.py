@@ -570,18 +570,15 @@ def run_export(args, trained):
         check_enough_images(kinds, len(images), "fit it on a --data-dir with more photos")
         print(f"fitting the {', '.join(kinds)} sampler(s) to the posteriors of the {described}")
         started = time.perf_counter()
+        options = {"diffusion": {"steps": args.diffusion_steps},
+                   "kind": {"steps": args.kind_steps, "code_noise": args.kind_code_noise}}
         fitted = fit_samplers(trained.model, images, kinds, seed=args.seed, hflip=trained.config.hflip,
-                              options={"diffusion": {"steps": args.diffusion_steps},
-                                       "kind": {"steps": args.kind_steps, "code_noise": args.kind_code_noise}},
-                              progress=True,
+                              options=options, progress=True,
                               classes=flower_classes(data_dir_of(args, trained), names))
         print(f"fitted in {(time.perf_counter() - started) / 60:.1f} minutes")
         checkpoint = {**checkpoint, "samplers": {**(checkpoint.get("samplers") or {}), **fitted}}
-        if "diffusion" in kinds:  # what the recipe's --diffusion-prior-steps does at the end of training
-            checkpoint["config"] = {**checkpoint["config"], "diffusion_prior_steps": args.diffusion_steps}
-        if "kind" in kinds:  # and its --kind-prior-steps and --kind-code-noise
-            checkpoint["config"] = {**checkpoint["config"], "kind_prior_steps": args.kind_steps,
-                                    "kind_code_noise": args.kind_code_noise}
+        for name in kinds:  # the config says how each sampler it holds was fitted, as a training run's does
+            checkpoint["config"] = {**checkpoint["config"], **SAMPLERS[name].config_of(options.get(name, {}))}
     stored = checkpoint.get("samplers") or {}
     if args.drop_samplers:
         missing = sorted(set(args.drop_samplers) - set(stored))

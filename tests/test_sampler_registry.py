@@ -117,3 +117,29 @@ def test_a_training_run_fits_a_gmm_at_its_end_only_where_its_covariances_are_sma
     assert "gmm" in samplers.fitted_after_training(small)
     assert "gmm" not in samplers.fitted_after_training(large)
     assert "gmm" in samplers.fitted_after_training(TrainConfig())  # the tutorial's 10 numbers
+
+
+
+@pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
+def test_the_settings_export_writes_for_a_fit_are_those_a_training_run_reads_back(name):
+    """config_of is after_training's inverse: the settings export writes into a checkpoint's config for a fit are
+    those under which a training run fits that sampler with the same keywords, so that the config says how its
+    sampler was fitted whichever of the two fitted it."""
+    import dataclasses
+
+    from vae.config import TrainConfig
+
+    sampler = samplers.SAMPLERS[name]
+    run = TrainConfig(arch="resnet", latent_shape=[8, 8, 8], diffusion_prior_steps=100, kind_prior_steps=700,
+                      kind_code_noise=0.5)
+    fitted = sampler.after_training(run)
+    if fitted is None:  # no run fits it, and export writes no setting for it
+        assert sampler.config_of({}) == {}
+        return
+    written = sampler.config_of(fitted)
+    assert {key: getattr(run, key) for key in written} == written
+    # Other settings, written for other keywords, are read back as those keywords.
+    other = {key: value * 3 for key, value in written.items()}
+    rerun = dataclasses.replace(run, **other)
+    assert sampler.config_of(sampler.after_training(rerun)) == other
+    assert sampler.after_training(rerun) != fitted or not other

@@ -254,6 +254,10 @@ class DiffusionPrior(NetworkSampler):
     def after_training(cls, config):
         return {"steps": config.diffusion_prior_steps} if config.diffusion_prior_steps else None
 
+    @classmethod
+    def config_of(cls, options):
+        return {"diffusion_prior_steps": options.get("steps") or DEFAULT_STEPS}
+
     @property
     def method(self):
         """How this prior samples: fits before DDIM sampled with DDPM's ancestral steps, and still do."""

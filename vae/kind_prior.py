@@ -322,6 +322,11 @@ class KindPrior(NetworkSampler):
             return None
         return {"steps": config.kind_prior_steps or config.diffusion_prior_steps, "code_noise": config.kind_code_noise}
 
+    @classmethod
+    def config_of(cls, options):
+        return {"kind_prior_steps": options.get("steps") or DEFAULT_STEPS,
+                "kind_code_noise": options.get("code_noise", CODE_NOISE)}
+
     def load_network(self, device):
         """The code encoder and the conditional denoiser."""
         state = self.state

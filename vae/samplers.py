@@ -79,7 +79,8 @@ class Sampler:
 
     Subclasses set `name`, `description` (for --help and the page) and `rank` (`auto` picks the lowest rank a
     checkpoint holds), and implement fit and sample; vary where the sampler can make variations of a photo.
-    after_training(config) says whether a training run fits it at its end, and with which options of fit.
+    after_training(config) says whether a training run fits it at its end, and with which options of fit;
+    config_of(options) maps those options back to the run's settings.
     """
 
     name = ""
@@ -102,6 +103,13 @@ class Sampler:
         """None when a training run with this config does not fit it at its end, else the keyword arguments of
         fit it then takes (e.g. {"steps": 3000})."""
         return None
+
+    @classmethod
+    def config_of(cls, options):
+        """The inverse of after_training: the run settings under which a training run fits this sampler with the
+        fit keywords `options` (e.g. {"diffusion_prior_steps": 3000}), which export writes into the checkpoint's
+        config when it fits one, so that the config says how the sampler it holds was fitted."""
+        return {}
 
     def sample(self, num, temperature=1.0, generator=None):
         """num latents (num, D), float32, on the generator's device (CPU without one); T scales the spread."""
