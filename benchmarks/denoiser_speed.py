@@ -10,9 +10,10 @@ it natively, else float32: emulated bf16 is no measure of the hardware).
 
 For each latent shape and design: parameters, FLOPs of one training step (forward and backward at batch 128, or
 --batch, counted by torch.utils.flop_counter) and fitting steps per second (the fit's own loss, Adam step and moving
-average, as vae.diffusion_prior fits it), in float32 and under bf16 autocast. A design's own setting (flat: the
-float32 of earlier fits; unet: bf16 where this CPU has it natively) gives its "as fitted" rate, and the ratio
-unet / flat is of those. Rounds alternate between the designs and the median of --rounds is reported, which
+average, as vae.diffusion_prior fits it), in float32 and, where the CPU has bf16 natively, under bf16 autocast
+(elsewhere bf16 is emulated, many times slower, and not timed). A design's own setting (flat: the float32 of
+earlier fits; unet: bf16 where this CPU has it natively) gives its "as fitted" rate, and the ratio unet / flat is
+of those. Rounds alternate between the designs and the median of --rounds is reported, which
 damps interference from other processes. Loss against fitting minutes, and the sample FID that decides the
 recipe's step count, are benchmarks/prior_curve.py's. The last line printed is one JSON object.
 """
@@ -38,6 +39,7 @@ from vae.training import amp_in_effect  # noqa: E402
 SHAPES = {"flowers32": (8, 8, 8), "flowers64": (8, 16, 16)}
 DESIGNS = {"flat": {"amp": False, "min_snr": False}, "unet": {"amp": True, "min_snr": True}}
 BATCH = 128
+TORCH_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 
 
 def make_fit_step(architecture, shape, amp, min_snr, channels_last=False, compiled=False, batch=BATCH):
@@ -72,6 +74,10 @@ def flops_of(network, shape, batch=BATCH):
     return counter.get_total_flops()
 
 
+def format_rate(steps_s):
+    return "    -" if steps_s is None else f"{steps_s:5.2f}"
+
+
 def rate(step, seconds):
     """Calls of step() per second."""
     return images_per_second(step, 1, seconds)
@@ -88,6 +94,10 @@ def main(argv=None):
                         help="also time the U-Net as fitted under torch.compile (a minute or two of compilation)")
     args = parser.parse_args(argv)
     bf16 = native_bf16()
+    # Without native bf16 the CPU emulates it, many times slower than float32: timing it would measure the
+    # emulation (and take most of the run), so only float32 is timed there.
+    amps = (False, True) if bf16 else (False,)
+    dtypes = ("float32", "bf16") if bf16 else ("float32",)
     median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
 
     vae_config = model_configs()["recipe"]
@@ -100,7 +110,7 @@ def main(argv=None):
         steps, flops, params = {}, {}, {}
         for shape_name, shape in SHAPES.items():
             for design in DESIGNS:
-                for amp in (False, True):
+                for amp in amps:
                     network, steps[(shape_name, design, amp)] = make_fit_step(
                         design, shape, amp, DESIGNS[design]["min_snr"], batch=args.batch)
                 flops[(shape_name, design)] = flops_of(network, shape, args.batch)
@@ -113,10 +123,10 @@ def main(argv=None):
                                                                            compiled=True, batch=args.batch)[1]
         steps[("vae", "recipe", vae_amp)] = make_step(vae_config, vae_x, vae_amp)
         measured = {key: [] for key in steps}
-        matmul = {"float32": [], "bf16": []}
+        matmul = {dtype: [] for dtype in dtypes}
         for _ in range(args.rounds):
-            matmul["float32"].append(matmul_gflops(args.seconds / 2))
-            matmul["bf16"].append(matmul_gflops(args.seconds / 2, dtype=torch.bfloat16))
+            for dtype in dtypes:
+                matmul[dtype].append(matmul_gflops(args.seconds / 2, dtype=TORCH_DTYPES[dtype]))
             for key, step in steps.items():
                 measured[key].append(rate(step, args.seconds))
         peak = {dtype: median(values) for dtype, values in matmul.items()}
@@ -125,7 +135,8 @@ def main(argv=None):
             row = {}
             for design, settings in DESIGNS.items():
                 as_fitted = settings["amp"] and bf16
-                float32, bf16_rate = (median(measured[(shape_name, design, amp)]) for amp in (False, True))
+                float32, bf16_rate = (median(measured[(shape_name, design, amp)]) if amp in amps else None
+                                      for amp in (False, True))
                 achieved = (bf16_rate if as_fitted else float32) * flops[(shape_name, design)] / 1e9
                 dtype = "bf16" if as_fitted else "float32"
                 row[design] = {"params": params[(shape_name, design)],
@@ -144,13 +155,14 @@ def main(argv=None):
         entry["vae_recipe"] = {"amp": vae_amp, "img_s": vae_rate * len(vae_x), "dtype": vae_dtype,
                                "share_of_matmul": vae_rate * vae_flops / 1e9 / peak[vae_dtype]}
         results["by_threads"][threads] = entry
-        print(f"{threads} thread(s): matmul {peak['float32']:.0f} GFLOP/s float32, {peak['bf16']:.0f} bf16")
+        print(f"{threads} thread(s): matmul {peak['float32']:.0f} GFLOP/s float32, "
+              + (f"{peak['bf16']:.0f} bf16" if bf16 else "bf16 not native here (not timed)"))
         for shape_name in SHAPES:
             row = entry[shape_name]
             for design in DESIGNS:
                 cell = row[design]
                 print(f"  {shape_name} {design:<5} {cell['params']:>9,} params {cell['gflop_per_step']:6.1f} GFLOP/step"
-                      f"  float32 {cell['float32_steps_s']:5.2f}  bf16 {cell['bf16_steps_s']:5.2f} steps/s;"
+                      f"  float32 {cell['float32_steps_s']:5.2f}  bf16 {format_rate(cell['bf16_steps_s'])} steps/s;"
                       f" as fitted {100 * cell['as_fitted_share_of_matmul']:.0f}% of the {cell['as_fitted_dtype']}"
                       f" matmul rate")
             print(f"  {shape_name}: the U-Net fits {row['unet_over_flat']:.2f}x the flat network's steps per second; "

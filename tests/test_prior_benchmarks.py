@@ -29,6 +29,9 @@ def test_the_denoiser_benchmark_times_both_designs_at_both_latents_and_the_vae_s
         # Against the matmul rate of the dtype it runs in: bf16 where native, else float32 (emulated bf16 is slow).
         assert row["unet"]["as_fitted_dtype"] == ("bf16" if results["native_bf16"] else "float32")
         assert row["flat"]["as_fitted_dtype"] == "float32"
+        # bf16 is timed only where it is native: emulated, it is many times slower and measures nothing.
+        assert (row["unet"]["bf16_steps_s"] is None) == (not results["native_bf16"])
+        assert ("bf16" in measured["matmul_gflops"]) == results["native_bf16"]
         assert 0 < row["unet"]["as_fitted_share_of_matmul"] < 5
     # The 16x16 latent has four times the positions of the 8x8 one: each step costs about four times the FLOPs.
     assert measured["flowers64"]["flat"]["gflop_per_step"] == pytest.approx(
@@ -68,11 +71,16 @@ def test_the_prior_curve_can_measure_against_the_runs_own_hold_out(flowers_root,
           *TINY)
     common = ["--checkpoint", tmp_path / "h" / "checkpoint.pt", "--data-dir", flowers_root, "--designs", "unet",
               "--minutes", "0.01", "--samples", "8", "--threads", "1", "--probe-seconds", "0.5", "--no-shipped"]
-    result = run_script("benchmarks/prior_curve.py", *common, "--reference-split", "holdout")
+    result = run_script("benchmarks/prior_curve.py", *common, "--reference-split", "holdout", "--batch", "16",
+                        "--lr", "5e-4")
     assert result.returncode == 0, result.stderr
     curve = json.loads(result.stdout.splitlines()[-1])
     assert curve["fid_reference_images"] == 8  # a quarter of the 32 training photos, all of them
     assert "the 8 images held out" in result.stdout
+    assert [(point["batch"], point["lr"]) for point in curve["points"]] == [(16, 5e-4)]
+    for flag, value in (("--batch", "0"), ("--lr", "0")):
+        refused = run_script("benchmarks/prior_curve.py", *common, flag, value)
+        assert refused.returncode == 2 and f"{flag} {value}:" in refused.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow  # a run of its own, two kind priors fitted, Inception v3 on the CPU
