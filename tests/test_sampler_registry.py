@@ -119,7 +119,6 @@ def test_a_training_run_fits_a_gmm_at_its_end_only_where_its_covariances_are_sma
     assert "gmm" in samplers.fitted_after_training(TrainConfig())  # the tutorial's 10 numbers
 
 
-
 @pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
 def test_the_settings_export_writes_for_a_fit_are_those_a_training_run_reads_back(name):
     """config_of is after_training's inverse: the settings export writes into a checkpoint's config for a fit are
