@@ -126,7 +126,8 @@ def main(argv=None):
                                            args.seed)}
         print(f"the checkpoint's own prior ({shipped.state['steps']} steps): {results['shipped']}", flush=True)
     for name in args.designs:
-        design = {**DESIGNS[name], "batch_size": args.batch, "lr": args.lr}
+        design = {**DESIGNS[name], "batch_size": args.batch,
+                  "lr": args.lr or ARCHITECTURE_DEFAULTS[DESIGNS[name]["architecture"]]["lr"]}
         rate = steps_per_second(means, stds, latent_shape, design, args.probe_seconds)
         print(f"{name}: {rate:.2f} steps/s", flush=True)
         for minutes in args.minutes:
@@ -134,8 +135,7 @@ def main(argv=None):
             start = time.perf_counter()
             prior = DiffusionPrior(fit_diffusion_prior(means, stds, latent_shape, steps=steps, seed=args.seed,
                                                        **design))
-            point = {"design": name, "batch": args.batch,
-                     "lr": args.lr or ARCHITECTURE_DEFAULTS[design["architecture"]]["lr"],
+            point = {"design": name, "batch": design["batch_size"], "lr": design["lr"],
                      "minutes_asked": minutes, "steps": steps,
                      "fit_minutes": round((time.perf_counter() - start) / 60, 2),
                      **sample_fid(trained.model, prior, reference_features, extractor, args.samples, args.seed)}
