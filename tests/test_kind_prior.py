@@ -397,6 +397,8 @@ def test_a_training_run_fits_the_kind_sampler_with_its_own_steps_and_code_noise(
     assert kind == {"steps": 100, "code_noise": CODE_NOISE}  # as many steps as the diffusion prior
     config = TrainConfig(diffusion_prior_steps=100, kind_prior_steps=700, kind_code_noise=0.0)
     assert fitted_after_training(config)["kind"] == {"steps": 700, "code_noise": 0.0}
+    alone = fitted_after_training(TrainConfig(kind_prior_steps=50))  # asked for by its own steps alone
+    assert alone["kind"] == {"steps": 50, "code_noise": CODE_NOISE} and "diffusion" not in alone
 
 
 def test_many_draws_are_denoised_a_chunk_at_a_time_like_one_batch(with_kind, monkeypatch):

@@ -136,9 +136,9 @@ class TrainConfig:
     diffusion_prior_steps: int = _flag(0, "at the end, also fit the diffusion prior (new flowers, and variations "
                                        "of a photo) for this many steps, beside the GMM (0 = off; docs/results.md "
                                        "has its sample FID against fitting minutes)")
-    kind_prior_steps: int = _flag(0, "steps of the kind sampler fitted with the diffusion prior (0: as many as "
-                                  "--diffusion-prior-steps; docs/kind.md: its variations keep the species more "
-                                  "often after 12,000)")
+    kind_prior_steps: int = _flag(0, "at the end, also fit the kind sampler for this many steps (0: as many as "
+                                  "--diffusion-prior-steps, if any; docs/kind.md: its variations keep the species "
+                                  "more often after 12,000)")
     kind_code_noise: float = _flag(CODE_NOISE, "standard deviation added to each number of the kind sampler's code "
                                    "while it is fitted and in variations, so that the code holds a kind, not a "
                                    "photo (0: none; docs/kind.md)")

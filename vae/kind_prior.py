@@ -317,8 +317,8 @@ class KindPrior(NetworkSampler):
                                   progress=progress))
 
     @classmethod
-    def after_training(cls, config):  # fitted at the end of training with the diffusion prior
-        if not config.diffusion_prior_steps:
+    def after_training(cls, config):  # fitted at the end of training with the diffusion prior, or on its own
+        if not (config.kind_prior_steps or config.diffusion_prior_steps):
             return None
         return {"steps": config.kind_prior_steps or config.diffusion_prior_steps, "code_noise": config.kind_code_noise}
 
