@@ -67,6 +67,19 @@ def sample_fid(model, prior, reference_features, extractor, num_samples, seed, b
             "sampling_seconds": round(sampling_seconds, 1)}
 
 
+def reference_photos(trained, data_dir, split, count, seed, parser):
+    """(count photos of `split` drawn with the seed, their description): photos the VAE never trained on; split
+    "holdout" is the run's own hold-out, for a run that trained on the test photos too (as the shipped models)."""
+    if split == "holdout":
+        if not trained.config.holdout:
+            parser.error(f"--reference-split holdout: {trained.path} was trained without --holdout")
+        photos, _, described = trained.data.evaluation_images(data_dir, holdout=trained.config.holdout)
+    else:
+        photos, _, described = trained.data.evaluation_images(data_dir, split=split)
+    chosen = torch.randperm(len(photos), generator=torch.Generator().manual_seed(seed))
+    return photos[chosen[:count]], described
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -101,16 +114,8 @@ def main(argv=None):
     posteriors = Posteriors.of(trained.model, images, hflip=trained.config.hflip)
     means, stds = posteriors.all()
     latent_shape = posteriors.latent_shape
-    if args.reference_split == "holdout":  # a run that trained on the test photos too: its own hold-out
-        if not trained.config.holdout:
-            parser.error(f"--reference-split holdout: {args.checkpoint} was trained without --holdout")
-        reference, _, reference_described = trained.data.evaluation_images(args.data_dir,
-                                                                           holdout=trained.config.holdout)
-    else:
-        reference, _, reference_described = trained.data.evaluation_images(args.data_dir,
-                                                                           split=args.reference_split)
-    chosen = torch.randperm(len(reference), generator=torch.Generator().manual_seed(args.seed))
-    reference = reference[chosen[:args.reference_images]]
+    reference, reference_described = reference_photos(trained, args.data_dir, args.reference_split,
+                                                      args.reference_images, args.seed, parser)
     print(f"fitting to {described}; {len(means)} posteriors of shape {latent_shape}; FID against "
           f"{len(reference)} photos of {reference_described}", flush=True)
     extractor = load_inception("cpu")

@@ -122,10 +122,11 @@ def test_min_snr_weights_the_v_error_as_the_paper_weights_the_clean_latents_erro
     assert torch.allclose(paper, ours, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+@pytest.mark.parametrize("method", diffusion_prior.METHODS)
 def test_the_reverse_process_with_an_exact_denoiser_ends_at_the_one_point_it_models(method):
-    """For data that is one point c, the exact v is known in closed form at every (u_t, t); both samplers must
-    then end at c from any noise (DDIM exactly, the ancestral one too: its noise has no effect at t = 0)."""
+    """For data that is one point c, the exact v is known in closed form at every (u_t, t); every sampler must
+    then end at c from any noise (DDIM and DPM-Solver exactly, the ancestral one too: its noise has no effect at
+    t = 0)."""
     c = torch.tensor([1.5, -0.5, 0.25]).view(1, 3, 1, 1)
 
     def exact_v(u, t):
@@ -138,16 +139,69 @@ def test_the_reverse_process_with_an_exact_denoiser_ends_at_the_one_point_it_mod
     assert torch.allclose(ended, c.expand_as(ended), atol=1e-4)
 
 
+def exact_gaussian_v(variance):
+    """The exact v-prediction for data u_0 ~ N(0, variance): E[u_0 | u_t] = sqrt(a) variance u_t / (a variance +
+    1 - a), and v = sqrt(a) eps - sqrt(1 - a) u_0 with eps = (u_t - sqrt(a) u_0) / sqrt(1 - a)."""
+    def v(u, t):
+        a = diffusion_prior.signal_level(t).double()[:, None, None, None]
+        u0 = a.sqrt() * variance / (a * variance + 1 - a) * u
+        return a.sqrt() * (u - a.sqrt() * u0) / (1 - a).sqrt() - (1 - a).sqrt() * u0
+    return v
+
+
+def test_dpm_solver_follows_the_deterministic_path_to_second_order_where_ddim_follows_it_to_first():
+    """For Gaussian data N(0, s^2) the probability-flow ODE that DDIM and DPM-Solver++ solve maps the noise u_T to
+    u_T s / sqrt(a_T s^2 + 1 - a_T) in closed form. Both reach it as the steps grow, DDIM's error falling as 1 / n
+    and DPM-Solver's as 1 / n^2."""
+    variance = 0.09
+    u = torch.randn(256, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a_T = diffusion_prior.signal_level(diffusion_prior.MAX_T).double()
+    exact = u * math.sqrt(variance) / (a_T * variance + 1 - a_T).sqrt()
+    error = {(method, n): (diffusion_prior.denoise(exact_gaussian_v(variance), u, diffusion_prior.MAX_T,
+                                                   method=method, steps=n) - exact).abs().max().item()
+             for method in ("ddim", "dpm") for n in (25, 100)}
+    assert 2.5 < error["ddim", 25] / error["ddim", 100] < 6  # first order: about 4 for 4 times the steps
+    assert error["dpm", 25] / error["dpm", 100] > 12  # second order: about 16 or more
+    assert error["dpm", 25] < error["ddim", 25] / 4
+
+
+def test_ancestral_samples_with_an_exact_denoiser_have_the_datas_spread():
+    """Standardised latents have unit variance: the ancestral sampler's draws have it too, up to the
+    discretisation of its steps, a few percent at SAMPLE_STEPS and nothing left at 1,000."""
+    u = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spread = {n: diffusion_prior.denoise(exact_gaussian_v(1.0), u, diffusion_prior.MAX_T,
+                                         torch.Generator().manual_seed(1), method="ddpm", steps=n).var().item()
+              for n in (diffusion_prior.SAMPLE_STEPS, 1000)}
+    assert 0.9 < spread[diffusion_prior.SAMPLE_STEPS] < 1.0
+    assert spread[1000] == pytest.approx(1.0, abs=0.03)
+
+
+def test_samples_are_drawn_with_ancestral_steps_and_variations_with_the_fits_method(monkeypatch):
+    state = diffusion_prior.fit_diffusion_prior(torch.randn(16, 2, 4, 4), torch.full((16, 2, 4, 4), 0.1),
+                                                (2, 4, 4), steps=2, width=8)
+    calls = []
+    original = diffusion_prior.denoise
+
+    def recording(*args, method="ddpm", steps=None, **kwargs):
+        calls.append((method, steps))
+        return original(*args, method=method, steps=steps, **kwargs)
+    monkeypatch.setattr(diffusion_prior, "denoise", recording)
+    prior = DiffusionPrior(state)
+    prior.sample(2, generator=torch.Generator().manual_seed(0))
+    prior.vary(torch.randn(2, 32), 0.5, torch.Generator().manual_seed(0))
+    assert calls == [("ddpm", diffusion_prior.SAMPLE_STEPS), ("ddim", None)]
+
+
 def test_checkpoints_fitted_before_the_unet_keep_their_network_and_sampler():
     # A fit made before the U-Net: the flat network, sampled ancestrally, stored with neither choice named.
     state = diffusion_prior.fit_diffusion_prior(torch.randn(16, 2, 4, 4), torch.full((16, 2, 4, 4), 0.1),
                                                 (2, 4, 4), steps=2, architecture="flat", width=8)
     state = {key: value for key, value in state.items() if key not in ("architecture", "sampling")}
     prior = DiffusionPrior(state)
-    assert prior.method == "ddpm" and type(prior.network("cpu")) is Denoiser  # its weights load into it
+    assert prior.variation_method == "ddpm" and type(prior.network("cpu")) is Denoiser  # its weights load into it
     fresh = diffusion_prior.fit_diffusion_prior(torch.randn(16, 2, 4, 4), torch.full((16, 2, 4, 4), 0.1),
                                                 (2, 4, 4), steps=2, width=8)
-    assert fresh["architecture"] == "unet" and DiffusionPrior(fresh).method == "ddim"
+    assert fresh["architecture"] == "unet" and DiffusionPrior(fresh).variation_method == "ddim"
 
 
 def test_the_gmm_step_leaves_its_component_unchanged():

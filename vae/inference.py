@@ -89,7 +89,7 @@ def samples_of_kind(model, kind, code, num_images, temperature, generator):
     """num_images decoded draws of the kind sampler given one code (1, code_size): new flowers of that kind
     (sample --like, --class). Returns (images, z)."""
     def draw(start, count):
-        z = kind.draw(code.expand(count, -1), generator, temperature).view(count, *model.latent_shape)
+        z = kind.sample_given(code.expand(count, -1), generator, temperature).view(count, *model.latent_shape)
         z = z.to(model_device(model))
         return model.decode(z), z
 

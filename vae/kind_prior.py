@@ -29,9 +29,11 @@ One strength knob makes variations, from the photo to any flower:
                        vae.inference.DEFAULT_STRENGTH = 0.2, a new flower of the photo's kind that keeps some of its
                        layout; at KIND_STRENGTH everything but the code is drawn anew;
   KIND_STRENGTH .. 1   the guidance falls from GUIDANCE to 0: at 1 the code is ignored, a sample of any flower.
-Samples draw a code from a Gaussian mixture fitted to the training photos' codes, then the rest. The fitted state
-is plain tensors and numbers, stored in a checkpoint under "samplers"; sampling needs no data, and the Inception
-network of the measurements is nowhere in it.
+Samples draw a code from a Gaussian mixture fitted to the training photos' codes, then the rest with ancestral
+steps (as the diffusion prior's samples); walks of the code and variations use DDIM, deterministic given the
+noise, so that a walk changes only what its code changes. The fitted state is plain tensors and numbers, stored in
+a checkpoint under "samplers"; sampling needs no data, and the Inception network of the measurements is nowhere in
+it.
 """
 
 import math
@@ -308,6 +310,7 @@ class KindPrior(NetworkSampler):
                   f"loosens"
     rank = 5
     min_images = 2  # the code prior is a mixture fitted to the training codes
+    sample_method, sample_steps = "ddpm", None  # as the diffusion prior's samples (None: its SAMPLE_STEPS)
 
     @classmethod
     def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False, code_noise=CODE_NOISE):
@@ -383,24 +386,32 @@ class KindPrior(NetworkSampler):
         return self.state["class_codes"][self.state["classes"].index(label)][None]
 
     @torch.no_grad()
-    def draw(self, codes, generator=None, temperature=1.0, guidance=None, noise=None):
+    def draw(self, codes, generator=None, temperature=1.0, guidance=None, noise=None, method="ddim", steps=None):
         """Latents (B, latent_dim) drawn given codes (B, code_size): noise (drawn unless given, scaled by the
-        temperature) denoised by DDIM under `guidance` (default the fitted one), on the generator's device."""
+        temperature) denoised under `guidance` (default the fitted one) by vae.diffusion_prior.denoise's `method`
+        and `steps` (default DDIM, deterministic given the noise), on the generator's device."""
         device = noise.device if noise is not None else generator.device if generator is not None else \
             torch.device("cpu")
         if noise is None:
             noise = temperature * diffusion.draw_noise((len(codes), *self.map_shape), generator, device)
         guidance = self.guidance if guidance is None else guidance
         network, codes, noise = self.network(device), codes.to(device), noise.to(device)
-        # DDIM is deterministic given the noise: DRAW_CHUNK latents at a time bound the memory of a long walk.
+        # DRAW_CHUNK latents at a time bound the memory of a long walk (the same latents as one batch with DDIM).
         u = torch.cat([diffusion.denoise(guided(network, codes[start:start + DRAW_CHUNK], guidance),
-                                         noise[start:start + DRAW_CHUNK], diffusion.MAX_T, method="ddim")
+                                         noise[start:start + DRAW_CHUNK], diffusion.MAX_T, generator, temperature,
+                                         method=method, steps=steps)
                        for start in range(0, len(codes), DRAW_CHUNK)])
         return diffusion.unstandardise(u, self.state).flatten(1)
 
+    def sample_given(self, codes, generator=None, temperature=1.0):
+        """New latents (B, latent_dim) given codes (B, code_size), drawn as samples are (sample_method and
+        sample_steps: ancestral steps, docs/prior.md)."""
+        return self.draw(codes, generator, temperature, method=self.sample_method,
+                         steps=self.sample_steps or diffusion.SAMPLE_STEPS)
+
     def sample(self, num, temperature=1.0, generator=None):
         """A code from the codes' prior, then the rest given it."""
-        return self.draw(self.sample_codes(num, generator), generator, temperature)
+        return self.sample_given(self.sample_codes(num, generator), generator, temperature)
 
     @torch.no_grad()
     def vary(self, latents, strength, generator=None, code_noise=None, candidates=1):

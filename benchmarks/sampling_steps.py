@@ -1,0 +1,81 @@
+"""Sample FID against the way a diffusion sampler draws its samples: ancestral (DDPM) or deterministic (DDIM,
+DPM-Solver++) steps, and how many, for a checkpoint's `kind` or `diffusion` sampler, in one run.
+
+    python benchmarks/sampling_steps.py --data-dir DIR --checkpoint pretrained/flowers32.pt \
+        --sampler kind --ways ddim:10 ddim:25 ddim:100 dpm:10 ddpm:50 ddpm:100 ddpm:250
+
+Each way is METHOD:STEPS, a method of vae/diffusion_prior.py's denoise and its number of reverse steps. Every way
+draws --samples samples from the same seed, and they are compared with the photos of --reference-split that the
+VAE never saw ('holdout': the run's own --holdout photos, as the shipped models were trained). Only the way of
+drawing changes: the fitted networks are the checkpoint's. The last line printed is one JSON object.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.prior_curve import reference_photos, sample_fid  # noqa: E402
+from vae.diffusion_prior import METHODS, SAMPLE_STEPS  # noqa: E402
+from vae.fid import inception_features, load_inception  # noqa: E402
+from vae.trained import load_model  # noqa: E402
+
+
+def way(text):
+    """METHOD:STEPS -> (method, steps), for argparse."""
+    method, _, steps = text.partition(":")
+    if method not in METHODS or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not METHOD:STEPS with a method of {', '.join(METHODS)} and "
+                                         f"at least one step, e.g. ddpm:100")
+    return method, int(steps)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", required=True, help="the data the checkpoint trained on (a Flowers102 root)")
+    parser.add_argument("--checkpoint", default="pretrained/flowers32.pt")
+    parser.add_argument("--sampler", default="kind", choices=["kind", "diffusion"])
+    parser.add_argument("--ways", nargs="+", type=way, default=[("ddim", 25), ("ddpm", 50), ("ddpm", 100)],
+                        metavar="METHOD:STEPS")
+    parser.add_argument("--samples", type=int, default=1000, help="samples per FID")
+    parser.add_argument("--reference-split", default="holdout",
+                        help="photos the VAE never trained on; 'holdout': the run's own --holdout photos")
+    parser.add_argument("--reference-images", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    trained = load_model(args.checkpoint, "cpu")
+    if args.sampler not in trained.samplers:
+        parser.error(f"--sampler {args.sampler}: {args.checkpoint} holds no such sampler; it holds "
+                     f"{', '.join(trained.samplers) or 'none'} (fit one with vae_inference.py export --fit-samplers)")
+    reference, described = reference_photos(trained, args.data_dir, args.reference_split, args.reference_images,
+                                            args.seed, parser)
+    print(f"{args.sampler} sampler of {args.checkpoint}; FID against {len(reference)} photos of {described}",
+          flush=True)
+    extractor = load_inception("cpu")
+    reference_features = inception_features(reference, extractor, progress=False)
+
+    sampler = trained.samplers[args.sampler]
+    results = {"checkpoint": Path(args.checkpoint).name, "sampler": args.sampler,
+               "default": f"{sampler.sample_method}:{sampler.sample_steps or SAMPLE_STEPS}",
+               "fid_samples": args.samples, "fid_reference_images": len(reference),
+               "threads": torch.get_num_threads(), "points": []}
+    for method, steps in args.ways:
+        sampler.sample_method, sampler.sample_steps = method, steps  # this instance only
+        point = {"method": method, "steps": steps,
+                 **sample_fid(trained.model, sampler, reference_features, extractor, args.samples, args.seed)}
+        results["points"].append(point)
+        print(point, flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
