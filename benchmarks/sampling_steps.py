@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.prior_curve import reference_photos, sample_fid  # noqa: E402
-from vae.diffusion_prior import METHODS, SAMPLE_STEPS  # noqa: E402
+from vae.diffusion_prior import DEFAULT_STEPS_OF, METHODS  # noqa: E402
 from vae.fid import inception_features, load_inception  # noqa: E402
 from vae.trained import load_model  # noqa: E402
 
@@ -32,6 +32,12 @@ def way(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not METHOD:STEPS with a method of {', '.join(METHODS)} and "
                                          f"at least one step, e.g. ddpm:100")
     return method, int(steps)
+
+
+def default_way(sampler):
+    """METHOD:STEPS of the sampler's own samples (the diffusion prior's: its fit's method, by default)."""
+    method = sampler.sample_method or sampler.method
+    return f"{method}:{sampler.sample_steps or DEFAULT_STEPS_OF[method]}"
 
 
 def main(argv=None):
@@ -65,7 +71,7 @@ def main(argv=None):
 
     sampler = trained.samplers[args.sampler]
     results = {"checkpoint": Path(args.checkpoint).name, "sampler": args.sampler,
-               "default": f"{sampler.sample_method}:{sampler.sample_steps or SAMPLE_STEPS}",
+               "default": default_way(sampler),
                "fid_samples": args.samples, "fid_reference_images": len(reference),
                "threads": torch.get_num_threads(), "points": []}
     for method, steps in args.ways:

@@ -167,18 +167,19 @@ def test_dpm_solver_follows_the_deterministic_path_to_second_order_where_ddim_fo
 
 def test_ancestral_samples_with_an_exact_denoiser_have_the_datas_spread():
     """Standardised latents have unit variance: the ancestral sampler's draws have it too, up to the
-    discretisation of its steps, a few percent at SAMPLE_STEPS and nothing left at 1,000."""
+    discretisation of its steps, a few percent at the kind sampler's SAMPLE_STEPS and nothing left at 1,000."""
+    from vae.kind_prior import SAMPLE_STEPS
+
     u = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     spread = {n: diffusion_prior.denoise(exact_gaussian_v(1.0), u, diffusion_prior.MAX_T,
                                          torch.Generator().manual_seed(1), method="ddpm", steps=n).var().item()
-              for n in (diffusion_prior.SAMPLE_STEPS, 1000)}
-    assert 0.9 < spread[diffusion_prior.SAMPLE_STEPS] < 1.0
+              for n in (SAMPLE_STEPS, 1000)}
+    assert 0.9 < spread[SAMPLE_STEPS] < 1.0
     assert spread[1000] == pytest.approx(1.0, abs=0.03)
 
 
-def test_samples_are_drawn_with_ancestral_steps_and_variations_with_the_fits_method(monkeypatch):
-    state = diffusion_prior.fit_diffusion_prior(torch.randn(16, 2, 4, 4), torch.full((16, 2, 4, 4), 0.1),
-                                                (2, 4, 4), steps=2, width=8)
+def recorded_methods(monkeypatch):
+    """The (method, steps) of every later call of denoise, recorded as it is called."""
     calls = []
     original = diffusion_prior.denoise
 
@@ -186,10 +187,19 @@ def test_samples_are_drawn_with_ancestral_steps_and_variations_with_the_fits_met
         calls.append((method, steps))
         return original(*args, method=method, steps=steps, **kwargs)
     monkeypatch.setattr(diffusion_prior, "denoise", recording)
+    return calls
+
+
+def test_the_diffusion_prior_samples_and_varies_with_its_fits_method_unless_told_otherwise(monkeypatch):
+    state = diffusion_prior.fit_diffusion_prior(torch.randn(16, 2, 4, 4), torch.full((16, 2, 4, 4), 0.1),
+                                                (2, 4, 4), steps=2, width=8)
+    calls = recorded_methods(monkeypatch)
     prior = DiffusionPrior(state)
     prior.sample(2, generator=torch.Generator().manual_seed(0))
     prior.vary(torch.randn(2, 32), 0.5, torch.Generator().manual_seed(0))
-    assert calls == [("ddpm", diffusion_prior.SAMPLE_STEPS), ("ddim", None)]
+    prior.sample_method, prior.sample_steps = "dpm", 7  # as benchmarks/sampling_steps.py sets them
+    prior.sample(2, generator=torch.Generator().manual_seed(0))
+    assert calls == [("ddim", None), ("ddim", None), ("dpm", 7)]
 
 
 def test_checkpoints_fitted_before_the_unet_keep_their_network_and_sampler():
@@ -198,10 +208,10 @@ def test_checkpoints_fitted_before_the_unet_keep_their_network_and_sampler():
                                                 (2, 4, 4), steps=2, architecture="flat", width=8)
     state = {key: value for key, value in state.items() if key not in ("architecture", "sampling")}
     prior = DiffusionPrior(state)
-    assert prior.variation_method == "ddpm" and type(prior.network("cpu")) is Denoiser  # its weights load into it
+    assert prior.method == "ddpm" and type(prior.network("cpu")) is Denoiser  # its weights load into it
     fresh = diffusion_prior.fit_diffusion_prior(torch.randn(16, 2, 4, 4), torch.full((16, 2, 4, 4), 0.1),
                                                 (2, 4, 4), steps=2, width=8)
-    assert fresh["architecture"] == "unet" and DiffusionPrior(fresh).variation_method == "ddim"
+    assert fresh["architecture"] == "unet" and DiffusionPrior(fresh).method == "ddim"
 
 
 def test_the_gmm_step_leaves_its_component_unchanged():

@@ -13,8 +13,7 @@ The process (DDPM, Ho et al. 2020) runs in continuous time t in [0, 1] on standa
 eps-prediction network's errors would be multiplied by near t = 1. A latent of shape
 (C, H, W) is modelled as a C-channel map; a dense latent (D,) as a (D, 1, 1) map. The network is one of
 vae/denoisers.py: new fits use the U-Net, trained under bf16 autocast where it is native and with min-SNR loss
-weighting, and make variations with DDIM; fits made before it keep their flat network and ancestral variations.
-Every fit draws its samples with ancestral steps, which give lower sample FIDs than DDIM (docs/prior.md).
+weighting, and sample with DDIM; fits made before it keep their flat network and ancestral sampling.
 Measured speeds and the FID-against-minutes curve: docs/prior.md.
 
 The fitted model is a plain dict of tensors, ints and floats (see fit_diffusion_prior), so it is stored in a
@@ -34,11 +33,11 @@ from vae.samplers import NetworkSampler, register
 
 SCHEDULE_OFFSET = 0.008  # s of the cosine schedule: keeps a(0) just below 1 so eps is defined at t = 0
 MAX_T = 0.999  # a(1) = 0 exactly would make sqrt(a) / sqrt(1 - a) degenerate; the last step starts just short
-SAMPLE_STEPS = 100  # ancestral reverse steps of a sample (docs/prior.md, "How samples are drawn")
-SAMPLING_STEPS = 50  # ancestral reverse steps of a full run with sampling "ddpm" (the variations of flat fits)
-DDIM_STEPS = 25  # deterministic steps of a full run with sampling "ddim" (variations, walks, inversion)
-DPM_STEPS = 10  # steps of DPM-Solver++(2M), a deterministic second-order solver of the same path as DDIM
-METHODS = ("ddpm", "ddim", "dpm")  # the ways of denoise: ancestral, DDIM, DPM-Solver++(2M)
+SAMPLING_STEPS = 50  # ancestral reverse steps of a full run; a variation at strength s takes about s times as many
+DDIM_STEPS = 25  # deterministic steps of a full run with DDIM
+DPM_STEPS = 10  # steps of a full run with DPM-Solver++(2M), a second-order solver of DDIM's path
+DEFAULT_STEPS_OF = {"ddpm": SAMPLING_STEPS, "ddim": DDIM_STEPS, "dpm": DPM_STEPS}  # the ways of denoise
+METHODS = tuple(DEFAULT_STEPS_OF)
 DEFAULT_STEPS = 6000  # training steps; recipes set their own (--diffusion-prior-steps), docs/prior.md the curve
 EMA_DECAY = 0.999
 MIN_SNR_GAMMA = 5.0  # the paper's choice
@@ -129,8 +128,8 @@ def fit_diffusion_prior(means, stds, latent_shape, steps=DEFAULT_STEPS, batch_si
     architecture: a network of vae/denoisers.py ("unet", or "flat", the network of earlier fits); width,
     num_blocks and multipliers default to that network's ARCHITECTURE_DEFAULTS. min_snr weights the loss by
     min_snr_weight. amp: bf16 autocast for the network (None: where it is native, on CUDA or a CPU with
-    AVX512-BF16 or AMX); the loss and the weights stay float32. sampling: how variations are denoised later,
-    "ddim" (deterministic, DDIM_STEPS) or "ddpm" (ancestral, SAMPLING_STEPS), stored with the state.
+    AVX512-BF16 or AMX); the loss and the weights stay float32. sampling: how samples are drawn later, "ddim"
+    (deterministic, DDIM_STEPS) or "ddpm" (ancestral, SAMPLING_STEPS), stored with the state.
 
     Fitted by vae.fitting.fit_network: Adam, its learning rate warmed up over the first 5% of `steps` and then
     cosine-annealed to 0, and a moving average of the weights (decay 0.999), which is what is stored. The
@@ -209,7 +208,7 @@ def denoise(network, u, t_start, generator=None, temperature=1.0, method="ddpm",
     previous step's, D = (1 + 1/2r) u_0 - (1/2r) u_0', r = h' / h (the first step: D = u_0, which is DDIM's step);
     steps defaults to DPM_STEPS.
     """
-    steps = steps or {"ddim": DDIM_STEPS, "dpm": DPM_STEPS}.get(method, SAMPLING_STEPS)
+    steps = steps or DEFAULT_STEPS_OF[method]
     num_steps = max(1, round(steps * t_start))
     times = torch.linspace(t_start, 0.0, num_steps + 1).tolist()
     previous = None  # DPM-Solver's last (predicted u_0, h)
@@ -260,9 +259,9 @@ class DiffusionPrior(NetworkSampler):
     description = "noise the photo's code part of the way and denoise it with the learned diffusion prior " \
                   "(SDEdit): new flowers of the photo's colours and layout"
     rank = 10
-    # How sample() draws: ancestral steps for every fit (lower sample FIDs than DDIM's 25 steps, docs/prior.md,
-    # "How samples are drawn"). An instance may be given others: benchmarks/sampling_steps.py compares them.
-    sample_method, sample_steps = "ddpm", None  # None: SAMPLE_STEPS
+    # How sample() draws; None: the fit's own method and its default steps. An instance may be given others:
+    # benchmarks/sampling_steps.py compares them (docs/prior.md, "How samples are drawn").
+    sample_method, sample_steps = None, None
 
     @classmethod
     def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False):
@@ -279,8 +278,8 @@ class DiffusionPrior(NetworkSampler):
         return {"diffusion_prior_steps": options.get("steps") or DEFAULT_STEPS}
 
     @property
-    def variation_method(self):
-        """How this prior denoises variations: fits before DDIM with DDPM's ancestral steps, and still do."""
+    def method(self):
+        """How this prior samples: fits before DDIM sampled with DDPM's ancestral steps, and still do."""
         return self.state.get("sampling", "ddpm")
 
     def load_network(self, device):
@@ -291,8 +290,8 @@ class DiffusionPrior(NetworkSampler):
         """Pure noise at t = MAX_T, scaled by the temperature (as is every ancestral step's noise), denoised."""
         device = generator.device if generator is not None else torch.device("cpu")
         u = temperature * draw_noise((num, *map_shape(self.state["latent_shape"])), generator, device)
-        u = denoise(self.network(device), u, MAX_T, generator, temperature, method=self.sample_method,
-                    steps=self.sample_steps or SAMPLE_STEPS)
+        u = denoise(self.network(device), u, MAX_T, generator, temperature, method=self.sample_method or self.method,
+                    steps=self.sample_steps)
         return unstandardise(u, self.state).flatten(1)
 
     @torch.no_grad()
@@ -305,5 +304,5 @@ class DiffusionPrior(NetworkSampler):
         u = standardise(latents.reshape(len(latents), *map_shape(self.state["latent_shape"])), self.state)
         a = float(signal_level(t))
         u = math.sqrt(a) * u + math.sqrt(1 - a) * draw_noise(u.shape, generator, u.device)
-        return unstandardise(denoise(self.network(u.device), u, t, generator, method=self.variation_method),
+        return unstandardise(denoise(self.network(u.device), u, t, generator, method=self.method),
                               self.state).flatten(1)
