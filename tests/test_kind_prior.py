@@ -401,22 +401,24 @@ def test_a_training_run_fits_the_kind_sampler_with_its_own_steps_and_code_noise(
     assert alone["kind"] == {"steps": 50, "code_noise": CODE_NOISE} and "diffusion" not in alone
 
 
-def test_samples_take_ancestral_steps_and_walks_of_the_code_ddim(with_kind, monkeypatch):
-    """Samples (and sample --like) are drawn with SAMPLE_STEPS ancestral steps; a walk is DDIM, deterministic
-    given its noise, so that two walks from one seed are the same images."""
+def test_samples_sample_like_and_walks_take_the_samplers_way_of_drawing(with_kind, monkeypatch):
+    """Samples and sample --like are drawn with the sampler's sample_method (DDIM unless an instance is told
+    otherwise, as benchmarks/sampling_steps.py tells it); a walk is DDIM, deterministic given its noise, so that
+    two walks from one seed are the same images."""
     from test_diffusion_prior import recorded_methods
-    from vae.kind_prior import SAMPLE_STEPS
 
     kind = load_model(with_kind, "cpu").sampler("kind")
     calls = recorded_methods(monkeypatch)
     kind.sample(3, generator=torch.Generator().manual_seed(0))
-    assert calls == [("ddpm", SAMPLE_STEPS)]
+    kind.sample_method, kind.sample_steps = "ddpm", 5
+    kind.sample(3, generator=torch.Generator().manual_seed(0))
+    assert calls == [("ddim", None), ("ddpm", 5)]
     walk = lambda: kind.walk(kind.typical_code(), 2, 1.0, 3, torch.Generator().manual_seed(0))  # noqa: E731
-    assert torch.equal(walk(), walk()) and calls[1:] == [("ddim", None)] * 2
+    assert torch.equal(walk(), walk()) and calls[2:] == [("ddim", None)] * 2
     calls.clear()
     assert main(["sample", "--checkpoint", str(with_kind), "--like", str(real_flower_files(1)[0]), "--num", "2",
                  "--out", str(with_kind.parent / "like.png")]) == 0
-    assert calls == [("ddpm", SAMPLE_STEPS)]
+    assert calls == [("ddim", None)]
 
 
 def test_many_draws_are_denoised_a_chunk_at_a_time_like_one_batch(with_kind, monkeypatch):

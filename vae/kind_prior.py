@@ -29,9 +29,8 @@ One strength knob makes variations, from the photo to any flower:
                        vae.inference.DEFAULT_STRENGTH = 0.2, a new flower of the photo's kind that keeps some of its
                        layout; at KIND_STRENGTH everything but the code is drawn anew;
   KIND_STRENGTH .. 1   the guidance falls from GUIDANCE to 0: at 1 the code is ignored, a sample of any flower.
-Samples draw a code from a Gaussian mixture fitted to the training photos' codes, then the rest with SAMPLE_STEPS
-ancestral steps (a lower sample FID than DDIM's, docs/prior.md); walks of the code and variations use DDIM,
-deterministic given the noise, so that a walk changes only what its code changes. The fitted state is plain tensors and numbers, stored in
+Samples draw a code from a Gaussian mixture fitted to the training photos' codes, then the rest, with DDIM (as do
+walks of the code and variations: deterministic given the noise, a walk changes only what its code changes). The fitted state is plain tensors and numbers, stored in
 a checkpoint under "samplers"; sampling needs no data, and the Inception network of the measurements is nowhere in
 it.
 """
@@ -300,8 +299,6 @@ def code_statistics(codes, classes, seed=0):
 # -------------------------------------------------------------------------------------------------- sampler
 
 DRAW_CHUNK = 256  # latents denoised at once by draw()
-# Samples take ancestral steps: on flowers32, 100 of them give FID 90.6 against 94.8 for DDIM's 25 (docs/prior.md).
-SAMPLE_STEPS = 100
 
 
 @register
@@ -312,7 +309,9 @@ class KindPrior(NetworkSampler):
                   f"loosens"
     rank = 5
     min_images = 2  # the code prior is a mixture fitted to the training codes
-    sample_method, sample_steps = "ddpm", SAMPLE_STEPS  # how sample() draws; benchmarks/sampling_steps.py varies it
+    # How sample() draws (None: the method's default steps). An instance may be given others:
+    # benchmarks/sampling_steps.py compares them (docs/prior.md, "How samples are drawn").
+    sample_method, sample_steps = "ddim", None
 
     @classmethod
     def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False, code_noise=CODE_NOISE):
@@ -407,7 +406,7 @@ class KindPrior(NetworkSampler):
 
     def sample_given(self, codes, generator=None, temperature=1.0):
         """New latents (B, latent_dim) given codes (B, code_size), drawn as samples are (sample_method and
-        sample_steps: SAMPLE_STEPS ancestral steps)."""
+        sample_steps)."""
         return self.draw(codes, generator, temperature, method=self.sample_method, steps=self.sample_steps)
 
     def sample(self, num, temperature=1.0, generator=None):
