@@ -30,9 +30,9 @@ One strength knob makes variations, from the photo to any flower:
                        layout; at KIND_STRENGTH everything but the code is drawn anew;
   KIND_STRENGTH .. 1   the guidance falls from GUIDANCE to 0: at 1 the code is ignored, a sample of any flower.
 Samples draw a code from a Gaussian mixture fitted to the training photos' codes, then the rest, with DDIM (as do
-walks of the code and variations: deterministic given the noise, a walk changes only what its code changes). The fitted state is plain tensors and numbers, stored in
-a checkpoint under "samplers"; sampling needs no data, and the Inception network of the measurements is nowhere in
-it.
+walks of the code and variations: deterministic given the noise, a walk changes only what its code changes). The
+fitted state is plain tensors and numbers, stored in a checkpoint under "samplers"; sampling needs no data, and the
+Inception network of the measurements is nowhere in it.
 """
 
 import math
