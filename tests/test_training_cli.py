@@ -78,6 +78,19 @@ def test_max_steps_stops_a_smoke_run_early(flowers_root, tmp_path):
     assert checkpoint["step"] == 2 and checkpoint["epoch"] == 0 and checkpoint["batch"] == 2
 
 
+def test_kind_prior_steps_alone_fits_the_kind_sampler_at_the_end(flowers_root, tmp_path):
+    """--kind-prior-steps without --diffusion-prior-steps: the run fits the kind sampler (and the GMM), not the
+    diffusion prior, and its config reads back as that fit."""
+    run_training("--data-dir", flowers_root, "--epochs", 1, "--batch-size", 8, "--kind-prior-steps", 5,
+                 "--kind-code-noise", 0.5, "--log-dir", tmp_path, "--run-name", "k", "--eval-split", "none",
+                 "--grid-size", 4, "--num-workers", 1)
+    checkpoint = torch.load(tmp_path / "k" / "checkpoint.pt", weights_only=True)
+    assert "kind" in checkpoint["samplers"] and "diffusion" not in checkpoint["samplers"]
+    kind = checkpoint["samplers"]["kind"]
+    assert kind["steps"] == 5 and kind["code_noise"] == 0.5
+    assert checkpoint["config"]["kind_prior_steps"] == 5 and checkpoint["config"]["diffusion_prior_steps"] == 0
+
+
 def test_same_seed_same_parameters_other_seed_differs(flowers_root, tmp_path):
     def final_parameters(name, seed):
         # One thread for all three: floating-point sums depend on the thread count, which the default would
