@@ -168,7 +168,6 @@ def test_dpm_solver_follows_the_deterministic_path_to_second_order_where_ddim_fo
 def test_ancestral_samples_with_an_exact_denoiser_have_the_datas_spread():
     """Standardised latents have unit variance: the ancestral sampler's draws have it too, up to the
     discretisation of its steps, a few percent at 100 and nothing left at 1,000."""
-
     u = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     spread = {n: diffusion_prior.denoise(exact_gaussian_v(1.0), u, diffusion_prior.MAX_T,
                                          torch.Generator().manual_seed(1), method="ddpm", steps=n).var().item()
