@@ -174,13 +174,23 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
+def _exit_quietly(signum, frame):
+    # SystemExit unwinds the worker's `with` blocks, so a lock of the pool's queues that it holds (an idle worker
+    # holds the task queue's while it waits for work) is released, and the process ends without a traceback.
+    raise SystemExit(128 + signum)
+
+
 def _worker_signals():
     """Pool initializer. Ctrl-C in a terminal sends SIGINT to every process of the group; the workers ignore it, so
     only the main process raises KeyboardInterrupt (and ends them) instead of each worker printing a traceback.
-    SIGTERM gets its default back (a fork inherits the main process's handler), so Pool.terminate() ends a worker
-    at once and silently; then the worker lets through the SIGTERM it was born holding (see _sigterm_held)."""
+
+    SIGTERM, from Pool.terminate() or sent to the whole group (a job scheduler, `kill -TERM -PGID`), ends a worker
+    silently by raising SystemExit (a fork inherits the main process's handler, which would raise
+    KeyboardInterrupt). Its default action would end the worker at once, and one ended while it waits for work
+    dies holding the task queue's lock: Pool.terminate() in the main process then waits for that lock forever.
+    Last, the worker lets through the SIGTERM it was born holding (see _sigterm_held)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _exit_quietly)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
@@ -192,7 +202,7 @@ def _sigterm_held():
     can send its SIGTERM before the new worker's interpreter has finished forking: the handler inherited from this
     process notes it, the interpreter then clears the signals that came in before it was ready, and the worker
     lives on, idle, while terminate() waits for it forever. Blocked, the signal waits, and ends the worker as
-    soon as its initializer has set SIGTERM's default back."""
+    soon as its initializer has set the worker's own SIGTERM handler."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no fork, no signals between processes
         yield
         return

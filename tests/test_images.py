@@ -308,6 +308,59 @@ def test_a_signal_during_the_cache_build_ends_it_promptly_without_tracebacks(thr
         os.killpg(process.pid, 0)
 
 
+# The first image is slow: one worker decodes it while the other, done with the rest, waits for more work holding
+# the task queue's lock. No file is read: the decoder is replaced.
+IDLE_WORKER = """
+import signal, sys, time
+import numpy as np
+from datasets import decoding
+signal.signal(signal.SIGINT, signal.default_int_handler)
+def decode(path, resolution, exif_orientation=False, resize="squash"):
+    if path == "0":
+        time.sleep(60)
+    if path == "127":
+        print("the rest decoded", file=sys.stderr, flush=True)
+    return np.zeros((4, 4, 3), np.uint8)
+decoding.decode_rgb = decode
+try:
+    decoding.decode_images([str(i) for i in range(128)], 4, num_workers=2)
+except KeyboardInterrupt:
+    print("interrupted; nothing to save", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
+def test_a_sigterm_to_the_group_that_ends_a_worker_waiting_for_work_still_ends_the_build(tmp_path):
+    # A worker ended by SIGTERM's default action while it waits for work dies holding the task queue's lock, and
+    # Pool.terminate() in the main process then waits for that lock forever.
+    process = subprocess.Popen([sys.executable, "-c", IDLE_WORKER], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+    stderr = bytearray()
+    reader = threading.Thread(target=collect, args=(process.stderr, stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while b"the rest decoded" not in stderr:
+            assert process.poll() is None and time.monotonic() < deadline, bytes(stderr).decode()[-2000:]
+            time.sleep(0.02)
+        time.sleep(0.5)  # the worker has sent its last results and waits for work
+        os.killpg(process.pid, signal.SIGTERM)
+        returncode = process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    reader.join(timeout=10)
+    text = bytes(stderr).decode(errors="replace")
+    assert "Traceback" not in text, text[-3000:]
+    assert returncode == 130 and "nothing to save" in text, (returncode, text[-2000:])
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)
+
+
 def initialised_late():
     time.sleep(1)  # a worker not yet ready: the SIGTERM comes before its initializer has run
     decoding._worker_signals()
@@ -329,7 +382,7 @@ def test_a_sigterm_that_reaches_a_worker_before_its_initializer_ends_it_once_the
     if worker.exitcode is None:
         worker.kill()
         worker.join()
-    assert worker.exitcode == -signal.SIGTERM  # ended by the signal itself, once its default was back
+    assert worker.exitcode == 128 + signal.SIGTERM  # ended by the signal, once the worker's own handler was set
 
 
 # ----------------------------------------------------------------------------------------------- subsets
