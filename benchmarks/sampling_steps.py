@@ -4,13 +4,16 @@ DPM-Solver++) steps, and how many, for a checkpoint's `kind` or `diffusion` samp
     python benchmarks/sampling_steps.py --data-dir DIR --checkpoint pretrained/flowers32.pt \
         --sampler kind --ways ddim:10 ddim:25 ddim:100 dpm:10 ddpm:50 ddpm:100 ddpm:250
 
-Each way is METHOD:STEPS, a method of vae/diffusion_prior.py's denoise and its number of reverse steps. Every way
-draws --samples samples from the same seed, and they are compared with the photos of --reference-split that the
-VAE never saw ('holdout': the run's own --holdout photos, as the shipped models were trained). Only the way of
-drawing changes: the fitted networks are the checkpoint's. The last line printed is one JSON object.
+Each way is METHOD:STEPS, a method of vae/diffusion_prior.py's denoise and its number of reverse steps. The kind
+sampler's ways are also measured at each of --code-noises: the noise drawn around each code its mixture gives, as
+the fit drew noise around the training codes. Every way draws --samples samples from the same seed, and they are
+compared with the photos of --reference-split that the VAE never saw ('holdout': the run's own --holdout photos,
+as the shipped models were trained). Only the way of drawing changes: the fitted networks are the checkpoint's.
+The last line printed is one JSON object.
 """
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -48,6 +51,10 @@ def main(argv=None):
     parser.add_argument("--sampler", default="kind", choices=["kind", "diffusion"])
     parser.add_argument("--ways", nargs="+", type=way, default=[("ddim", 25), ("ddpm", 50), ("ddpm", 100)],
                         metavar="METHOD:STEPS")
+    parser.add_argument("--code-noises", nargs="+", type=float, default=[0.0], metavar="S",
+                        help="kind sampler: each way is also measured with N(0, S^2) drawn around each of the "
+                             "mixture's codes, as its fit drew noise around the training codes (0: the codes as "
+                             "drawn, as samples are)")
     parser.add_argument("--samples", type=int, default=1000, help="samples per FID")
     parser.add_argument("--reference-split", default="holdout",
                         help="photos the VAE never trained on; 'holdout': the run's own --holdout photos")
@@ -55,6 +62,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if min(args.code_noises) < 0:
+        parser.error(f"--code-noises {min(args.code_noises):g}: a noise level is at least 0")
+    if args.sampler != "kind" and args.code_noises != [0.0]:
+        parser.error("--code-noises: only the kind sampler draws codes; leave it out with --sampler diffusion")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -74,10 +85,12 @@ def main(argv=None):
                "default": default_way(sampler),
                "fid_samples": args.samples, "fid_reference_images": len(reference),
                "threads": torch.get_num_threads(), "points": []}
-    for method, steps in args.ways:
+    for (method, steps), code_noise in itertools.product(args.ways, args.code_noises):
         sampler.sample_method, sampler.sample_steps = method, steps  # this instance only
-        point = {"method": method, "steps": steps,
-                 **sample_fid(trained.model, sampler, reference_features, extractor, args.samples, args.seed)}
+        point = {"method": method, "steps": steps}
+        if args.sampler == "kind":
+            sampler.sample_code_noise = point["code_noise"] = code_noise
+        point.update(sample_fid(trained.model, sampler, reference_features, extractor, args.samples, args.seed))
         results["points"].append(point)
         print(point, flush=True)
     print(json.dumps(results))

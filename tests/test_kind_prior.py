@@ -421,6 +421,23 @@ def test_samples_sample_like_and_walks_take_the_samplers_way_of_drawing(with_kin
     assert calls == [("ddim", None)]
 
 
+def test_samples_take_the_mixtures_codes_as_they_are_or_with_the_code_noise_they_are_given(with_kind, monkeypatch):
+    from vae.kind_prior import around
+
+    kind = load_model(with_kind, "cpu").sampler("kind")
+    given = []
+    monkeypatch.setattr(kind, "sample_given", lambda codes, generator, temperature: given.append(codes))
+    kind.sample(4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(given[-1], kind.sample_codes(4, torch.Generator().manual_seed(0)))  # the default: as drawn
+    kind.sample_code_noise = 1.0
+    kind.sample(4, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    expected = around(kind.sample_codes(4, generator), 1.0, generator)
+    assert torch.equal(given[-1], expected) and not torch.allclose(given[-1], given[-2], atol=0.1)
+    size = kind.state["code_size"]
+    assert torch.allclose(given[-1].norm(dim=1), torch.full((4,), size ** 0.5))  # back on the sphere
+
+
 def test_many_draws_are_denoised_a_chunk_at_a_time_like_one_batch(with_kind, monkeypatch):
     import vae.kind_prior
 

@@ -123,17 +123,25 @@ def test_the_sampling_benchmark_draws_each_way_from_the_checkpoints_own_networks
                  "--out", str(exported)]) == 0
     common = ["--checkpoint", exported, "--data-dir", flowers_root, "--samples", "8", "--reference-split", "test",
               "--reference-images", "6", "--threads", "1"]
-    for sampler in ("kind", "diffusion"):
+    ways = [("ddim", 4), ("dpm", 4), ("ddpm", 4)]
+    for sampler, more in (("kind", ["--code-noises", "0", "1"]), ("diffusion", [])):
         result = run_script("benchmarks/sampling_steps.py", *common, "--sampler", sampler,
-                            "--ways", "ddim:4", "dpm:4", "ddpm:4")
+                            "--ways", "ddim:4", "dpm:4", "ddpm:4", *more)
         assert result.returncode == 0, result.stderr
         measured = json.loads(result.stdout.splitlines()[-1])
         assert measured["sampler"] == sampler and measured["default"] == f"ddim:{DDIM_STEPS}"  # as fitted
-        assert [(point["method"], point["steps"]) for point in measured["points"]] == [
-            ("ddim", 4), ("dpm", 4), ("ddpm", 4)]
-        # From one seed, each way draws other samples: the way reached the sampler.
-        assert len({point["fid"] for point in measured["points"]}) == 3
+        if sampler == "kind":  # every way at every code noise
+            assert [(point["method"], point["steps"], point["code_noise"]) for point in measured["points"]] == [
+                (*way, noise) for way in ways for noise in (0.0, 1.0)]
+        else:
+            assert [(point["method"], point["steps"]) for point in measured["points"]] == ways
+        # From one seed, each way (and each code noise) draws other samples: they reached the sampler.
+        assert len({point["fid"] for point in measured["points"]}) == len(measured["points"])
         assert all(point["fid"] > 0 and point["sampling_seconds"] >= 0 for point in measured["points"])
+    no_codes = run_script("benchmarks/sampling_steps.py", *common, "--sampler", "diffusion", "--code-noises", "1")
+    assert no_codes.returncode == 2 and "only the kind sampler draws codes" in no_codes.stderr.strip().splitlines()[-1]
+    negative = run_script("benchmarks/sampling_steps.py", *common, "--code-noises", "-0.5")
+    assert negative.returncode == 2 and "a noise level is at least 0" in negative.stderr.strip().splitlines()[-1]
     bad = run_script("benchmarks/sampling_steps.py", *common, "--ways", "euler:10")
     assert bad.returncode == 2 and "is not METHOD:STEPS" in bad.stderr.strip().splitlines()[-1]
     plain = tmp_path / "plain.pt"

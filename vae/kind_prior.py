@@ -312,6 +312,9 @@ class KindPrior(NetworkSampler):
     # How sample() draws (None: the method's default steps). An instance may be given others:
     # benchmarks/sampling_steps.py compares them (docs/prior.md, "How samples are drawn").
     sample_method, sample_steps = "ddim", None
+    # Noise drawn around each code that sample() takes from the mixture, as the fit drew its code noise around the
+    # training codes (0: the mixture's codes as they are). docs/prior.md measures it; the benchmark sets it.
+    sample_code_noise = 0.0
 
     @classmethod
     def fit(cls, posteriors, seed=0, steps=None, device="cpu", progress=False, code_noise=CODE_NOISE):
@@ -410,8 +413,9 @@ class KindPrior(NetworkSampler):
         return self.draw(codes, generator, temperature, method=self.sample_method, steps=self.sample_steps)
 
     def sample(self, num, temperature=1.0, generator=None):
-        """A code from the codes' prior, then the rest given it."""
-        return self.sample_given(self.sample_codes(num, generator), generator, temperature)
+        """A code from the codes' prior (with sample_code_noise around it), then the rest given it."""
+        codes = around(self.sample_codes(num, generator), self.sample_code_noise, generator)
+        return self.sample_given(codes, generator, temperature)
 
     @torch.no_grad()
     def vary(self, latents, strength, generator=None, code_noise=None, candidates=1):
