@@ -54,6 +54,8 @@ def build_parser():
     parser.add_argument("--kind-candidates", type=int, default=1,
                         help="the kind mode draws this many variations of a photo and keeps the one whose code is "
                              "nearest the photo's")
+    parser.add_argument("--kind-guidance", type=float, default=None,
+                        help="classifier-free guidance of the kind mode (default: its fit's)")
     parser.add_argument("--grid-photos", type=int, default=6, help="photos in the grid (a seeded draw)")
     return parser
 
@@ -95,18 +97,22 @@ def plot_sweep(points, path):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.kind_candidates < 1 or (args.kind_code_noise or 0) < 0:
-            raise UserError(f"--kind-candidates {args.kind_candidates}, --kind-code-noise {args.kind_code_noise}: "
-                            "give 1 or more candidates and a code noise of 0 or more")
-        if (args.kind_candidates != 1 or args.kind_code_noise is not None) and "kind" not in args.modes:
-            raise UserError(f"--kind-code-noise and --kind-candidates change the kind mode only, and --modes "
-                            f"{' '.join(args.modes)} does not sweep it; add kind to --modes")
+        if args.kind_candidates < 1 or (args.kind_code_noise or 0) < 0 or (args.kind_guidance or 0) < 0:
+            raise UserError(f"--kind-candidates {args.kind_candidates}, --kind-code-noise {args.kind_code_noise}, "
+                            f"--kind-guidance {args.kind_guidance}: give 1 or more candidates, a code noise of 0 or "
+                            f"more and a guidance of 0 or more")
+        knobs = args.kind_candidates != 1 or args.kind_code_noise is not None or args.kind_guidance is not None
+        if knobs and "kind" not in args.modes:
+            raise UserError(f"--kind-code-noise, --kind-candidates and --kind-guidance change the kind mode only, "
+                            f"and --modes {' '.join(args.modes)} does not sweep it; add kind to --modes")
         device = pick_device(args.device)
         trained = load_model(args.checkpoint, device)
         model, config = trained.model, trained.config
         if "kind" in trained.samplers:  # the knobs of the kind mode, for every variation it makes here
             kind = trained.samplers["kind"]
             kind.vary = functools.partial(kind.vary, code_noise=args.kind_code_noise, candidates=args.kind_candidates)
+            if args.kind_guidance is not None:
+                kind.state["guidance"] = args.kind_guidance  # this run's copy only
         if not config.holdout:
             raise UserError(f"{args.checkpoint} was trained without --holdout: it has no held-out photos to sweep on")
         common = dict(holdout=config.holdout, holdout_seed=config.seed, resize=config.resize)

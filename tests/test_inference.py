@@ -564,8 +564,11 @@ def test_the_variation_sweep_measures_each_mode_and_draws_the_plot_and_grid(with
                                "--kind-candidates", "0")
     assert no_candidates.returncode == 2 and "--kind-candidates 0" in error_line(no_candidates.stderr)
     knob_unused = run_script("benchmarks/variation_sweep.py", "--checkpoint", held_out, "--data-dir", root,
-                             "--modes", "diffusion", "--kind-candidates", "2")
+                             "--modes", "diffusion", "--kind-guidance", "2")
     assert knob_unused.returncode == 2 and "add kind to --modes" in error_line(knob_unused.stderr)
+    negative = run_script("benchmarks/variation_sweep.py", "--checkpoint", held_out, "--data-dir", root,
+                          "--kind-guidance", "-1")
+    assert negative.returncode == 2 and "a guidance of 0 or more" in error_line(negative.stderr)
 
 
 def test_projector_writes_any_checkpoints_posterior_means_with_classes(checkpoint, flowers_root, tmp_path):

@@ -273,9 +273,11 @@ def test_the_sweeps_knobs_of_the_kind_mode_change_its_variations(with_kind, tmp_
         return json.loads(result.stdout.splitlines()[-1])["points"][0]
 
     as_fitted, knobbed = sweep(), sweep("--kind-code-noise", "0", "--kind-candidates", "2")
-    assert as_fitted["variation_mode"] == knobbed["variation_mode"] == "kind"
+    guided = sweep("--kind-guidance", "4")
+    assert as_fitted["variation_mode"] == knobbed["variation_mode"] == guided["variation_mode"] == "kind"
     # One seed: the same variations unless the knobs reach them.
-    assert knobbed["variation_rmse_to_input"] != pytest.approx(as_fitted["variation_rmse_to_input"], rel=1e-6)
+    for changed in (knobbed, guided):
+        assert changed["variation_rmse_to_input"] != pytest.approx(as_fitted["variation_rmse_to_input"], rel=1e-6)
 
 
 def test_kind_is_the_default_of_variations_and_samples(with_kind, flowers_root, tmp_path, capsys):
