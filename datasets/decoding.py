@@ -17,6 +17,8 @@ Inference (load_image) applies it, so a phone photo is used upright.
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
+import os
 import signal
 import struct
 import threading
@@ -174,9 +176,25 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
+def _sending(frame):
+    """Whether the code a signal interrupted is sending a message through a multiprocessing Connection."""
+    while frame is not None:
+        if frame.f_code.co_name == "send_bytes" and frame.f_code.co_filename == multiprocessing.connection.__file__:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _exit_quietly(signum, frame):
     # SystemExit unwinds the worker's `with` blocks, so a lock of the pool's queues that it holds (an idle worker
-    # holds the task queue's while it waits for work) is released, and the process ends without a traceback.
+    # holds the task queue's while it waits for work) is released, and the process ends without a traceback. In
+    # the middle of sending a chunk's images it would leave half a message, and the main process waiting for the
+    # rest: the signal comes again shortly, until the message is whole.
+    if _sending(frame):
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
+        return
     raise SystemExit(128 + signum)
 
 

@@ -361,6 +361,33 @@ def test_a_sigterm_to_the_group_that_ends_a_worker_waiting_for_work_still_ends_t
         os.killpg(process.pid, 0)
 
 
+def sends_a_long_message(connection):
+    decoding._worker_signals()
+    connection.send_bytes(b"x" * 8_000_000)  # far more than a pipe holds: it waits for the reader
+    time.sleep(60)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_sigterm_in_the_middle_of_a_workers_message_ends_it_once_the_message_is_whole():
+    # Ended in the middle, the worker would leave half a message, and the main process waiting for the rest.
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    worker = context.Process(target=sends_a_long_message, args=(writer,))
+    worker.start()
+    writer.close()
+    try:
+        assert reader.poll(60)  # the first bytes have come: the worker is in the middle of its message
+        os.kill(worker.pid, signal.SIGTERM)
+        time.sleep(0.2)
+        assert len(reader.recv_bytes()) == 8_000_000
+        worker.join(timeout=30)
+    finally:
+        if worker.exitcode is None:
+            worker.kill()
+            worker.join()
+    assert worker.exitcode == 128 + signal.SIGTERM
+
+
 def initialised_late():
     time.sleep(1)  # a worker not yet ready: the SIGTERM comes before its initializer has run
     decoding._worker_signals()
