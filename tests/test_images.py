@@ -281,18 +281,29 @@ def three_hundred_images(tmp_path_factory):
 def test_a_signal_during_the_cache_build_ends_it_promptly_without_tracebacks(three_hundred_images, tmp_path,
                                                                             signum, whole_group):
     cache_dir = tmp_path / "cache"
-    # A session of its own gives the build its own process group, as a terminal's foreground job has.
-    process = subprocess.Popen([sys.executable, "-c", BUILD_CACHE, str(three_hundred_images), str(cache_dir)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    # Once the progress bar has counted decoded images.
+    assert_signal_ends_it_cleanly([BUILD_CACHE, str(three_hundred_images), str(cache_dir)], rb" [1-9]\d*/300 ",
+                                  signum, whole_group)
+    assert not list(cache_dir.glob("*.pt")), "an interrupted build must not leave a cache"
+
+
+def assert_signal_ends_it_cleanly(script_and_args, ready, signum, whole_group, settle=0.0):
+    """Run a script (python -c) in a session of its own, which gives it its own process group as a terminal's
+    foreground job has; once its stderr matches `ready` (and `settle` seconds later) send it (or its whole group)
+    the signal. It must end promptly with 130, saying there is nothing to save, with no traceback, and leave no
+    process of its group behind."""
+    process = subprocess.Popen([sys.executable, "-c", *script_and_args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True,
                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
     stderr = bytearray()
     reader = threading.Thread(target=collect, args=(process.stderr, stderr), daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + 120
-        while not re.search(rb" [1-9]\d*/300 ", bytes(stderr)):  # the progress bar has counted decoded images
+        while not re.search(ready, bytes(stderr)):
             assert process.poll() is None and time.monotonic() < deadline, bytes(stderr).decode()[-2000:]
             time.sleep(0.02)
+        time.sleep(settle)
         (os.killpg if whole_group else os.kill)(process.pid, signum)
         returncode = process.wait(timeout=20)  # promptly: well before the build would have finished
     finally:
@@ -303,7 +314,6 @@ def test_a_signal_during_the_cache_build_ends_it_promptly_without_tracebacks(thr
     text = bytes(stderr).decode(errors="replace")
     assert "Traceback" not in text, text[-3000:]
     assert returncode == 130 and "nothing to save" in text, (returncode, text[-2000:])
-    assert not list(cache_dir.glob("*.pt")), "an interrupted build must not leave a cache"
     with pytest.raises(ProcessLookupError):  # every worker has been ended and reaped, none is left over
         os.killpg(process.pid, 0)
 
@@ -332,33 +342,11 @@ except KeyboardInterrupt:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
-def test_a_sigterm_to_the_group_that_ends_a_worker_waiting_for_work_still_ends_the_build(tmp_path):
+def test_a_sigterm_to_the_group_that_ends_a_worker_waiting_for_work_still_ends_the_build():
     # A worker ended by SIGTERM's default action while it waits for work dies holding the task queue's lock, and
-    # Pool.terminate() in the main process then waits for that lock forever.
-    process = subprocess.Popen([sys.executable, "-c", IDLE_WORKER], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
-    stderr = bytearray()
-    reader = threading.Thread(target=collect, args=(process.stderr, stderr), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 60
-        while b"the rest decoded" not in stderr:
-            assert process.poll() is None and time.monotonic() < deadline, bytes(stderr).decode()[-2000:]
-            time.sleep(0.02)
-        time.sleep(0.5)  # the worker has sent its last results and waits for work
-        os.killpg(process.pid, signal.SIGTERM)
-        returncode = process.wait(timeout=20)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    reader.join(timeout=10)
-    text = bytes(stderr).decode(errors="replace")
-    assert "Traceback" not in text, text[-3000:]
-    assert returncode == 130 and "nothing to save" in text, (returncode, text[-2000:])
-    with pytest.raises(ProcessLookupError):
-        os.killpg(process.pid, 0)
+    # Pool.terminate() in the main process then waits for that lock forever. Half a second after the rest is
+    # decoded, the worker has sent its last images and waits.
+    assert_signal_ends_it_cleanly([IDLE_WORKER], rb"the rest decoded", signal.SIGTERM, whole_group=True, settle=0.5)
 
 
 def sends_a_long_message(connection):
