@@ -176,10 +176,14 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
+# The two ways a multiprocessing Connection sends a message (the pool's queues use send_bytes).
+_SENDS = tuple(getattr(multiprocessing.connection.Connection, name).__code__ for name in ("send_bytes", "send"))
+
+
 def _sending(frame):
     """Whether the code a signal interrupted is sending a message through a multiprocessing Connection."""
     while frame is not None:
-        if frame.f_code.co_name == "send_bytes" and frame.f_code.co_filename == multiprocessing.connection.__file__:
+        if any(frame.f_code is code for code in _SENDS):
             return True
         frame = frame.f_back
     return False
