@@ -57,6 +57,9 @@ def build_parser():
     parser.add_argument("--kind-guidance", type=float, default=None,
                         help="classifier-free guidance of the kind mode (default: its fit's)")
     parser.add_argument("--grid-photos", type=int, default=6, help="photos in the grid (a seeded draw)")
+    parser.add_argument("--class-samples", type=int, default=0,
+                        help="also draw this many samples of each training class from the kind sampler "
+                             "(sample --class N) and give the share the species classifier puts in their class")
     return parser
 
 
@@ -101,6 +104,8 @@ def main(argv=None):
             raise UserError(f"--kind-candidates {args.kind_candidates}, --kind-code-noise {args.kind_code_noise}, "
                             f"--kind-guidance {args.kind_guidance}: give 1 or more candidates, a code noise of 0 or "
                             f"more and a guidance of 0 or more")
+        if args.class_samples < 0:
+            raise UserError(f"--class-samples {args.class_samples}: give 0 (none) or more samples per class")
         knobs = args.kind_candidates != 1 or args.kind_code_noise is not None or args.kind_guidance is not None
         if knobs and "kind" not in args.modes:
             raise UserError(f"--kind-code-noise, --kind-candidates and --kind-guidance change the kind mode only, "
@@ -133,6 +138,13 @@ def main(argv=None):
                                      torch.Generator().manual_seed(args.seed))
                 points.append(result)
                 print(json.dumps(result), flush=True)
+        by_class = None
+        if args.class_samples:
+            if "kind" not in trained.samplers:
+                raise UserError(f"--class-samples: {args.checkpoint} holds no kind sampler to draw classes from")
+            by_class = judge.class_samples(trained.samplers["kind"], args.class_samples,
+                                           torch.Generator().manual_seed(args.seed))
+            print(json.dumps(by_class), flush=True)
         if args.plot:
             plot_sweep(points, args.plot)
         if args.grid:
@@ -148,7 +160,8 @@ def main(argv=None):
                 rows.append(torch.cat(row))
             nrow = 1 + per_strength * len(args.grid_strengths)
             inference.save_grid(torch.cat(rows), args.grid, nrow, inference.readable_scale(model.image_resolution))
-        print(json.dumps({"checkpoint": args.checkpoint, "photos": len(photos), "points": points}))
+        print(json.dumps({"checkpoint": args.checkpoint, "photos": len(photos), "points": points,
+                          **({"class_samples": by_class} if by_class else {})}))
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

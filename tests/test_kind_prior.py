@@ -270,14 +270,25 @@ def test_the_sweeps_knobs_of_the_kind_mode_change_its_variations(with_kind, tmp_
         result = run_script("benchmarks/variation_sweep.py", "--checkpoint", held_out, "--data-dir", root,
                             "--modes", "kind", "--strengths", "0.2", "--variations", "2", *knobs)
         assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout.splitlines()[-1])["points"][0]
+        return json.loads(result.stdout.splitlines()[-1])
 
-    as_fitted, knobbed = sweep(), sweep("--kind-code-noise", "0", "--kind-candidates", "2")
-    guided = sweep("--kind-guidance", "4")
+    plain = sweep()
+    as_fitted, knobbed = plain["points"][0], sweep("--kind-code-noise", "0", "--kind-candidates", "2")["points"][0]
+    guided_run = sweep("--kind-guidance", "4", "--class-samples", "3")
+    guided = guided_run["points"][0]
     assert as_fitted["variation_mode"] == knobbed["variation_mode"] == guided["variation_mode"] == "kind"
     # One seed: the same variations unless the knobs reach them.
     for changed in (knobbed, guided):
         assert changed["variation_rmse_to_input"] != pytest.approx(as_fitted["variation_rmse_to_input"], rel=1e-6)
+    # sample --class N measured: 3 samples of each class the kind sampler was fitted on, judged by the classifier.
+    by_class = guided_run["class_samples"]
+    fitted_classes = load_model(held_out, "cpu").sampler("kind").state["classes"]
+    assert by_class["class_samples_per_class"] == 3 and by_class["classes"] == len(fitted_classes) >= 2
+    assert 0 <= by_class["class_samples_kept"] <= 1 and 0 <= by_class["species_accuracy_real"] <= 1
+    assert "class_samples" not in plain  # only when asked for
+    negative = run_script("benchmarks/variation_sweep.py", "--checkpoint", held_out, "--data-dir", root,
+                          "--class-samples", "-1")
+    assert negative.returncode == 2 and "--class-samples -1" in negative.stderr.strip().splitlines()[-1]
 
 
 def test_kind_is_the_default_of_variations_and_samples(with_kind, flowers_root, tmp_path, capsys):

@@ -20,7 +20,7 @@ from vae.losses import kl_per_dimension
 from vae.metrics import active_units, bits_per_dim, iwae_log_likelihood, psnr_db
 from vae.vae import eval_mode
 from vae.fid import cached_inception_features, fid_kid, frechet_distance, inception_features, load_inception
-from vae.inference import reconstruct, sample_images, variations
+from vae.inference import reconstruct, sample_images, samples_of_kind, variations
 from vae.metrics import mean_pairwise_rmse, same_class_pairwise_rmse
 
 # Decoded images held in memory at once while importance sampling: bounds memory for any K and resolution
@@ -316,3 +316,20 @@ class VariationJudge:
             **variation_distances(self.images, varied, self.training),
             "input_rmse_to_nearest_training": self.input_to_training,
         }
+
+    @torch.no_grad()
+    def class_samples(self, kind, per_class, generator):
+        """`sample --class N` measured: per_class samples of the kind sampler from each training class's mean code,
+        and the share that the species classifier puts in that class (class_samples_kept; chance is one over the
+        number of classes), beside its accuracy on the real photos (species_accuracy_real, the ceiling)."""
+        classes = kind.state["classes"]
+        if self.predict is None or not classes:
+            raise UserError("measuring class samples needs Flowers102 labels for the photos and a kind sampler "
+                            "fitted on labelled photos")
+        images = torch.cat([samples_of_kind(self.model, kind, kind.class_code(label), per_class, 1.0,
+                                            generator)[0].cpu() for label in classes])
+        labels = torch.tensor(classes).repeat_interleave(per_class)
+        return {"class_samples_per_class": per_class, "classes": len(classes),
+                "class_samples_kept": self._species_share(inception_features(images, self.extractor,
+                                                                             self.batch_size), labels),
+                "species_accuracy_real": self._species_share(self.real, self.classes)}
