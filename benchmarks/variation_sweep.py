@@ -118,6 +118,8 @@ def main(argv=None):
             kind.vary = functools.partial(kind.vary, code_noise=args.kind_code_noise, candidates=args.kind_candidates)
             if args.kind_guidance is not None:
                 kind.state["guidance"] = args.kind_guidance  # this run's copy only
+        if args.class_samples and "kind" not in trained.samplers:
+            raise UserError(f"--class-samples: {args.checkpoint} holds no kind sampler to draw classes from")
         if not config.holdout:
             raise UserError(f"{args.checkpoint} was trained without --holdout: it has no held-out photos to sweep on")
         common = dict(holdout=config.holdout, holdout_seed=config.seed, resize=config.resize)
@@ -129,6 +131,11 @@ def main(argv=None):
         if args.plot and (judge.predict is None or not judge.real_spread):
             raise UserError("the plot needs species kept and diversity: photos with Flowers102 labels, two of them "
                             "of one species among the held-out photos")
+        by_class = None
+        if args.class_samples:  # first: a model or data it cannot measure stops the run before the sweep
+            by_class = judge.class_samples(trained.samplers["kind"], args.class_samples,
+                                           torch.Generator().manual_seed(args.seed))
+            print(json.dumps(by_class), flush=True)
         points = []
         for mode in args.modes:
             inference.variation_mode(trained.samplers, mode, args.checkpoint)  # or a one-line error now
@@ -138,13 +145,6 @@ def main(argv=None):
                                      torch.Generator().manual_seed(args.seed))
                 points.append(result)
                 print(json.dumps(result), flush=True)
-        by_class = None
-        if args.class_samples:
-            if "kind" not in trained.samplers:
-                raise UserError(f"--class-samples: {args.checkpoint} holds no kind sampler to draw classes from")
-            by_class = judge.class_samples(trained.samplers["kind"], args.class_samples,
-                                           torch.Generator().manual_seed(args.seed))
-            print(json.dumps(by_class), flush=True)
         if args.plot:
             plot_sweep(points, args.plot)
         if args.grid:

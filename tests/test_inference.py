@@ -569,6 +569,9 @@ def test_the_variation_sweep_measures_each_mode_and_draws_the_plot_and_grid(with
     negative = run_script("benchmarks/variation_sweep.py", "--checkpoint", held_out, "--data-dir", root,
                           "--kind-guidance", "-1")
     assert negative.returncode == 2 and "a guidance of 0 or more" in error_line(negative.stderr)
+    no_kind = run_script("benchmarks/variation_sweep.py", "--checkpoint", held_out, "--data-dir", root, "--modes",
+                         "diffusion", "--class-samples", "2")
+    assert no_kind.returncode == 2 and "holds no kind sampler" in error_line(no_kind.stderr)
 
 
 def test_projector_writes_any_checkpoints_posterior_means_with_classes(checkpoint, flowers_root, tmp_path):
