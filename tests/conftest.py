@@ -144,6 +144,12 @@ def load_events(folder):
     return accumulator
 
 
+def collect(pipe, into):
+    """Append what the pipe delivers to `into` until it closes (in a thread of its own: reading blocks)."""
+    while chunk := os.read(pipe.fileno(), 4096):
+        into.extend(chunk)
+
+
 def error_line(stderr):
     """The one `error:` line of a failed command's stderr (tqdm's carriage-return lines aside); asserts there is
     exactly one and no traceback."""

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from conftest import REPO, png_header
+from conftest import REPO, collect, png_header
 from datasets import decoding
 from datasets.batches import holdout_split, random_subset
 from datasets.cache import cache_path, cached_images
@@ -258,12 +258,6 @@ except KeyboardInterrupt:
     print("interrupted before training started; nothing to save", file=sys.stderr)
     sys.exit(130)
 """
-
-
-def collect(pipe, into):
-    """Append what the pipe delivers to `into` until it closes (in a thread of its own: reading blocks)."""
-    while chunk := os.read(pipe.fileno(), 4096):
-        into.extend(chunk)
 
 
 @pytest.fixture(scope="module")

@@ -112,38 +112,32 @@ def test_a_folder_with_another_runs_files_is_not_restarted(flowers_root, tmp_pat
 ])
 def test_a_signal_at_the_end_of_a_run_stops_it_and_a_resume_finishes_it(during, signal_name, end_of_run, resume,
                                                                        flowers_root, tmp_path):
-    import os
     import signal
     import subprocess
     import sys
     import threading
     import time
 
-    from conftest import ONE_THREAD, REPO
+    from conftest import ONE_THREAD, REPO, collect
 
     command = [sys.executable, "vae_training.py", "--data-dir", str(flowers_root), "--log-dir", str(tmp_path),
                "--run-name", "end", "--epochs", "1", *end_of_run, *map(str, TINY)]
     process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    chunks = []  # stderr as it comes: the signal waits for the progress bar of the step it is meant to stop
-
-    def read_stderr():
-        while chunk := os.read(process.stderr.fileno(), 4096):
-            chunks.append(chunk)
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
+    stderr = bytearray()  # as it comes: the signal waits for the progress bar of the step it is meant to stop
+    reader = threading.Thread(target=collect, args=(process.stderr, stderr), daemon=True)
     reader.start()
     # Its progress bar (the kind sampler, the best one, is fitted first), however long the end of the run takes
     # to reach it on a busy machine.
     marker = {"the prior's fit": "kind prior", "FID": "inception features"}[during]
     deadline = time.monotonic() + 300
-    while marker.encode() not in b"".join(chunks) and process.poll() is None and time.monotonic() < deadline:
+    while marker.encode() not in stderr and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert marker.encode() in b"".join(chunks), b"".join(chunks)[-2000:]
+    assert marker.encode() in stderr, bytes(stderr[-2000:])
     sent = time.monotonic()
     process.send_signal(getattr(signal, signal_name))
     process.wait(timeout=60)
     reader.join(timeout=30)
-    err = b"".join(chunks).decode(errors="replace")
+    err = bytes(stderr).decode(errors="replace")
     checkpoint = tmp_path / "end" / "checkpoint.pt"
     assert process.returncode == 128 + getattr(signal, signal_name), err[-2000:]
     assert time.monotonic() - sent < 30, during  # promptly, not after the whole step
